@@ -1,0 +1,1436 @@
+"""Single-file GPT trainer for the NanoGPT speedrun (track 1: GPT-2 small class, target val loss 3.28).
+
+Run it
+    python train_gpt.py --preset tiny                          # CPU, built-in corpus, a couple of minutes
+    python train_gpt.py --preset a10                           # one 24 GB GPU, same global batch as 8xH100
+    torchrun --standalone --nproc_per_node=8 train_gpt.py      # the 8xH100 record settings (default preset)
+    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 --nproc_per_node=8 train_gpt.py
+    python train_gpt.py --help                                 # every hyper-parameter
+
+The global batch (seqs_per_step x train_seq_len tokens) does not depend on the number of processes: with 8 GPUs each
+takes one sequence per step, with 1 GPU it accumulates 8. Each run writes logs/<run_id>.txt (this file's source, the
+config, the environment, one line per step) and checkpoints/<run_id>/step_NNNNNN.pt when --save-every is set.
+
+Importing this module has no side effects: no CUDA call, no argument parsing, no process group. main() does the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import glob
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+BOS_ID = 50256  # <|endoftext|>: precedes every document
+FLEX_BLOCK_SIZE = 128
+TRACK1_TARGET = 3.28
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Hyper-parameters and presets
+
+
+@dataclass
+class Hyperparameters:
+    # data
+    data_dir: str = "data/fineweb10B"  # directory the file globs are relative to
+    train_files: str = "fineweb_train_*.bin"  # glob of train shards (relative to data_dir unless absolute)
+    val_files: str = "fineweb_val_*.bin"  # glob of validation shards
+    val_tokens: int = 10_485_760  # validation reads exactly this many tokens; fixed so results compare
+    # batch: the global batch is seqs_per_step x train_seq_len tokens for any number of processes
+    train_seq_len: int = 48 * 1024  # tokens in one flat, BOS-aligned training sequence (one micro-step)
+    val_seq_len: int = 4 * 64 * 1024  # tokens per validation forward
+    seqs_per_step: int = 8  # sequences per optimiser step over all processes (8 GPUs: one each)
+    max_batch_span_multiplier: float = 2.0  # a step's sequences lie within this x batch tokens of the stream
+    # schedule
+    num_iterations: int = 1695  # optimiser steps
+    cooldown_frac: float = 0.45  # last fraction of steps with linear decay to 0.1 x lr
+    window_start: int = 128  # long attention window at step 0 (tokens; short window is half)
+    window_end: int = 1792  # long attention window at the end of training, grown in 128-token blocks
+    # optimisers
+    muon_lr: float = 0.05  # Muon, for the 2-D weights inside the blocks
+    muon_momentum: float = 0.95
+    muon_momentum_start: float = 0.85  # momentum warm-up from this value ...
+    muon_momentum_warmup_steps: int = 300  # ... over this many steps
+    adam_lr: float = 0.6  # Adam, token embedding and value embeddings
+    head_lr: float = 0.008  # Adam, lm_head
+    scalar_lr: float = 0.04  # Adam, learned scalars (x0 mixing, value mixing, skip weights)
+    adam_beta1: float = 0.8
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-10
+    # model
+    vocab_size: int = 50304  # 50257 padded to a multiple of 128
+    num_layers: int = 12
+    model_dim: int = 768
+    num_heads: int = 6
+    head_dim: int = 128
+    no_attn_layer: int = 7  # index of the block without attention (-1: none)
+    # evaluation, logging, checkpoints
+    val_loss_every: int = 125  # steps between validations (0: only at the end)
+    train_loss_every: int = 0  # steps between train-loss lines (0: never; costs a sync)
+    target_val_loss: float = TRACK1_TARGET  # the track's target, reported in the summary
+    save_every: int = 0  # steps between checkpoints (0: only at the end)
+    save_final: bool = True  # write a checkpoint at the end
+    log_dir: str = "logs"
+    checkpoint_dir: str = "checkpoints"
+    run_name: str | None = None  # run id; generated when not given
+    resume: str | None = None  # checkpoint file or run directory; "auto": latest of run_name, else checkpoints/latest
+    wandb: bool = False  # log metrics and config to Weights & Biases (WANDB_MODE=offline works without network)
+    wandb_project: str = "nanogpt-speedrun"
+    # runtime
+    preset: str = "speedrun"
+    device: str = "auto"  # auto, cuda, cuda:N or cpu
+    compile: bool = True  # torch.compile the model (warm-up excluded from timing)
+    fp8: bool = True  # FP8 lm_head where the GPU supports it (compute capability >= 8.9)
+    attention: str = "auto"  # flex (FlexAttention, CUDA), dense (explicit mask, any device), auto
+    warmup_steps: int = -1  # compile warm-up steps before the timed run (-1: 3 when compiling, else 0)
+    seed: int = 0
+
+    @property
+    def global_batch_tokens(self) -> int:
+        return self.seqs_per_step * self.train_seq_len
+
+
+PRESETS: dict[str, dict] = {
+    # The 8xH100 record settings (record 28 era); also right for 1 to 8 H100s, which accumulate the same batch.
+    "speedrun": {},
+    # One 24 GB card (A10, 3090, 4090, L4): quarter-length sequences, four times the accumulation, same global batch.
+    "a10": dict(train_seq_len=12 * 1024, seqs_per_step=32, val_seq_len=64 * 1024),
+    # Trains on 2 CPU cores in a few minutes on the built-in corpus.
+    "tiny": dict(
+        data_dir="data/builtin", train_files="builtin_train_*.bin", val_files="builtin_val_*.bin",
+        val_tokens=32 * 1024, train_seq_len=1024, val_seq_len=4096, seqs_per_step=2, num_iterations=300,
+        cooldown_frac=0.4, window_start=128, window_end=512, val_loss_every=50, train_loss_every=10,
+        num_layers=6, model_dim=128, num_heads=2, head_dim=64, no_attn_layer=-1,
+        muon_momentum_warmup_steps=50, compile=False, target_val_loss=0.0,
+    ),
+}
+
+
+def preset_hyperparameters(name: str) -> Hyperparameters:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return dataclasses.replace(Hyperparameters(), preset=name, **PRESETS[name])
+
+
+class ConfigError(ValueError):
+    """A bad flag value or combination; main() prints it without a traceback."""
+
+
+def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
+    problems = []
+    if hp.seqs_per_step % world_size:
+        problems.append(f"--seqs-per-step {hp.seqs_per_step} must be a multiple of the number of processes "
+                        f"({world_size}) so every process accumulates the same number of sequences")
+    for name in ("train_seq_len", "val_seq_len", "val_tokens", "num_iterations", "seqs_per_step",
+                 "num_layers", "model_dim", "num_heads", "head_dim", "window_start", "window_end"):
+        if getattr(hp, name) <= 0:
+            problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(hp, name)}")
+    if hp.val_tokens % hp.val_seq_len:
+        problems.append(f"--val-tokens {hp.val_tokens} must be a multiple of --val-seq-len {hp.val_seq_len}")
+    if not 0.0 <= hp.cooldown_frac <= 1.0:
+        problems.append(f"--cooldown-frac must be in [0, 1], got {hp.cooldown_frac}")
+    if hp.max_batch_span_multiplier < 1.0:
+        problems.append(f"--max-batch-span-multiplier must be >= 1, got {hp.max_batch_span_multiplier}")
+    if hp.vocab_size <= BOS_ID:
+        problems.append(f"--vocab-size must exceed the BOS id {BOS_ID}, got {hp.vocab_size}")
+    if hp.attention not in ("auto", "flex", "dense"):
+        problems.append(f"--attention must be auto, flex or dense, got {hp.attention!r}")
+    if hp.attention == "flex":
+        for name in ("train_seq_len", "val_seq_len"):
+            if getattr(hp, name) % FLEX_BLOCK_SIZE:
+                problems.append(f"--{name.replace('_', '-')} must be a multiple of {FLEX_BLOCK_SIZE} for FlexAttention")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# FP8 matmul for lm_head: e4m3 operands forward, e5m2 gradient backward, per-tensor dynamic scales
+
+FP8_E4M3_MAX = 448.0
+FP8_E5M2_MAX = 57344.0
+
+
+def _to_fp8(x: Tensor, dtype: torch.dtype, fmax: float) -> tuple[Tensor, Tensor]:
+    """Cast to an FP8 dtype with a per-tensor scale so that the largest magnitude lands on the format's max."""
+    scale = (x.detach().abs().amax().float() / fmax).clamp(min=1e-12)
+    return (x / scale).to(dtype), scale
+
+
+class FP8Matmul(torch.autograd.Function):
+    """y = x @ w.T with both operands in float8_e4m3fn; the incoming gradient is cast to float8_e5m2.
+
+    torch._scaled_mm wants its first operand row-major and its second column-major, hence the transposes.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
+        x8, x_s = _to_fp8(x, torch.float8_e4m3fn, FP8_E4M3_MAX)
+        w8, w_s = _to_fp8(w, torch.float8_e4m3fn, FP8_E4M3_MAX)
+        ctx.save_for_backward(x8, x_s, w8, w_s)
+        ctx.x_dtype, ctx.w_dtype = x.dtype, w.dtype
+        return torch._scaled_mm(x8, w8.t(), scale_a=x_s, scale_b=w_s, out_dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        x8, x_s, w8, w_s = ctx.saved_tensors
+        g8, g_s = _to_fp8(grad.contiguous(), torch.float8_e5m2, FP8_E5M2_MAX)
+        grad_x = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=g_s, scale_b=w_s, out_dtype=ctx.x_dtype)
+        grad_w = torch._scaled_mm(g8.t().contiguous(), x8.t().contiguous().t(), scale_a=g_s, scale_b=x_s,
+                                  out_dtype=torch.float32).to(ctx.w_dtype)
+        return grad_x, grad_w
+
+
+def fp8_linear(x: Tensor, w: Tensor) -> Tensor:
+    shape = x.shape
+    return FP8Matmul.apply(x.reshape(-1, shape[-1]), w).view(*shape[:-1], w.size(0))
+
+
+def head_precision(device: torch.device, want_fp8: bool) -> str:
+    """fp8 on compute capability >= 8.9 (H100, L4, 4090), bf16 on other GPUs, fp32 on CPU."""
+    if device.type != "cuda":
+        return "fp32"
+    if want_fp8 and torch.cuda.get_device_capability(device) >= (8, 9):
+        return "fp8"
+    return "bf16"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Attention masks: causal AND same document AND within a sliding window, as FlexAttention BlockMasks or dense masks
+
+
+def document_ids(tokens: Tensor) -> Tensor:
+    """Document index of every position: a new document starts at each BOS token."""
+    return (tokens == BOS_ID).cumsum(0)
+
+
+def dense_attention_mask(docs: Tensor, window: Tensor | int) -> Tensor:
+    """(T, T) boolean mask, True where query i may attend to key j."""
+    pos = torch.arange(docs.numel(), device=docs.device)
+    dist_ = pos[:, None] - pos[None, :]
+    return (dist_ >= 0) & (dist_ < window) & (docs[:, None] == docs[None, :])
+
+
+def flex_block_mask(docs: Tensor, window: Tensor | int, block_size: int = FLEX_BLOCK_SIZE) -> BlockMask:
+    """The same mask as dense_attention_mask as a FlexAttention BlockMask, built from block-level bounds.
+
+    Documents ids never decrease along the sequence, so a block is described by its first and last document id.
+    A (query block, key block) pair is skipped when no pair of positions can attend, computed in full (no mask_mod)
+    when every pair can, and evaluated position by position otherwise.
+    """
+    num_blocks = docs.numel() // block_size
+    blocks = docs.view(num_blocks, block_size)
+    first, last = blocks[:, 0], blocks[:, -1]
+    blk = torch.arange(num_blocks, device=docs.device, dtype=torch.int32)
+    d = blk[:, None] - blk[None, :]  # query block - key block
+    any_pair = (d >= 0) & (first[:, None] <= last[None, :]) & ((d == 0) | ((d - 1) * block_size + 1 < window))
+    one_doc = first == last
+    all_pairs = ((d > 0) & one_doc[:, None] & one_doc[None, :] & (first[:, None] == first[None, :])
+                 & (d * block_size + block_size - 1 < window))
+    partial = any_pair & ~all_pairs
+
+    def as_kv_blocks(m: Tensor) -> tuple[Tensor, Tensor]:
+        num = m.sum(dim=-1, dtype=torch.int32)
+        idx = torch.argsort(m.to(torch.int32), dim=-1, descending=True, stable=True).to(torch.int32)
+        return num[None, None].contiguous(), idx[None, None].contiguous()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < window) & (docs[q_idx] == docs[kv_idx])
+
+    partial_num, partial_idx = as_kv_blocks(partial)
+    full_num, full_idx = as_kv_blocks(all_pairs)
+    return BlockMask.from_kv_blocks(partial_num, partial_idx, full_num, full_idx, BLOCK_SIZE=block_size,
+                                    mask_mod=mask_mod)
+
+
+_compiled_flex = None
+
+
+def _flex_attention_fn():
+    """flex_attention must be compiled to be fused; inside an already compiled model the raw function is traced."""
+    global _compiled_flex
+    if torch.compiler.is_compiling():
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+class AttentionMasks:
+    """The long- and short-window masks of one sequence, built once per forward and shared by all blocks."""
+
+    def __init__(self, tokens: Tensor, long_window: Tensor, impl: str, scale: float):
+        self.impl, self.scale = impl, scale
+        docs = document_ids(tokens)
+        windows = {"long": long_window, "short": long_window // 2}
+        if impl == "flex":
+            self.masks = {k: flex_block_mask(docs, w) for k, w in windows.items()}
+        else:
+            self.masks = {k: dense_attention_mask(docs, w) for k, w in windows.items()}
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, kind: str) -> Tensor:
+        """q, k, v: (B, heads, T, head_dim)."""
+        if self.impl == "flex":
+            fn = _flex_attention_fn() if q.is_cuda else flex_attention
+            return fn(q, k, v, block_mask=self.masks[kind], scale=self.scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.masks[kind], scale=self.scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304
+    num_layers: int = 12
+    model_dim: int = 768
+    num_heads: int = 6
+    head_dim: int = 128
+    no_attn_layer: int = 7  # -1: every block has attention
+    num_value_embeds: int = 3  # tables feeding the first three and the last three blocks
+    attn_scale: float = 0.12
+    logit_cap: float = 30.0  # logits = cap * sigmoid(raw / cap_div)
+    logit_cap_div: float = 7.5
+    rope_base: float = 1024.0
+
+    @classmethod
+    def from_hyperparameters(cls, hp: Hyperparameters) -> "GPTConfig":
+        return cls(vocab_size=hp.vocab_size, num_layers=hp.num_layers, model_dim=hp.model_dim,
+                   num_heads=hp.num_heads, head_dim=hp.head_dim, no_attn_layer=hp.no_attn_layer)
+
+
+def norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class CastedLinear(nn.Linear):
+    """Bias-free linear whose fp32 master weight is cast to the activation dtype for the matmul."""
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        with torch.no_grad():
+            if zero_init:
+                self.weight.zero_()
+            else:
+                bound = math.sqrt(3) * 0.5 / math.sqrt(in_features)
+                self.weight.uniform_(-bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (B, T, heads, head_dim); cos, sin: (T, head_dim // 2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float, device: torch.device, offset: int = 0):
+    inv_freq = base ** -(torch.arange(0, head_dim // 2, device=device, dtype=torch.float32) / (head_dim // 2))
+    pos = torch.arange(offset, offset + seq_len, device=device, dtype=torch.float32)
+    angles = pos[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        hdim = cfg.num_heads * cfg.head_dim
+        bound = math.sqrt(3) * 0.5 / math.sqrt(cfg.model_dim)
+        self.qkv_w = nn.Parameter(torch.empty(3, hdim, cfg.model_dim).uniform_(-bound, bound))
+        self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # mix of values and value embeddings
+        self.c_proj = CastedLinear(hdim, cfg.model_dim, zero_init=True)
+
+    def forward(self, x: Tensor, ve: Tensor | None, rope: tuple[Tensor, Tensor], masks: AttentionMasks,
+                kind: str) -> Tensor:
+        B, T = x.shape[:2]
+        qkv = F.linear(x, self.qkv_w.flatten(end_dim=1).to(x.dtype)).view(B, T, 3 * self.num_heads, self.head_dim)
+        q, k, v = qkv.chunk(3, dim=-2)
+        q, k = rotary(norm(q), *rope), rotary(norm(k), *rope)
+        v = self.lambdas[0] * v + (self.lambdas[1] * ve.view_as(v) if ve is not None else 0)
+        y = masks.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), kind)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.c_fc = CastedLinear(dim, 4 * dim)
+        self.c_proj = CastedLinear(4 * dim, dim, zero_init=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(cfg) if layer != cfg.no_attn_layer else None
+        self.mlp = MLP(cfg.model_dim)
+        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # mix of block input and initial embedding x0
+
+    def forward(self, x, ve, x0, rope, masks, kind):
+        x = self.lambdas[0] * x + self.lambdas[1] * x0
+        if self.attn is not None:
+            x = x + self.attn(norm(x), ve, rope, masks, kind)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        hdim = cfg.num_heads * cfg.head_dim
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.value_embeds = nn.ModuleList([nn.Embedding(cfg.vocab_size, hdim) for _ in range(cfg.num_value_embeds)])
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.num_layers)])
+        self.num_encoder = cfg.num_layers // 2  # U-net: outputs of these blocks feed the mirrored later blocks
+        self.skip_weights = nn.Parameter(torch.ones(self.num_encoder))
+        self.lm_head = CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True)
+        # Run-time choices, not weights: set by the trainer for the device at hand.
+        self.attn_impl = "dense"
+        self.head_precision = "fp32"
+        self.act_dtype = torch.float32
+
+    def configure(self, device: torch.device, attention: str = "auto", fp8: bool = True) -> "GPT":
+        self.attn_impl = ("flex" if device.type == "cuda" else "dense") if attention == "auto" else attention
+        self.head_precision = head_precision(device, fp8)
+        self.act_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        return self
+
+    def value_embed_layers(self) -> list[int | None]:
+        """Which value-embedding table each block mixes in: tables 0..n-1 for the first n and for the last n blocks."""
+        n, L = self.cfg.num_value_embeds, self.cfg.num_layers
+        return [i if i < n else (i - (L - n) if i >= L - n else None) for i in range(L)]
+
+    def head_logits(self, x: Tensor) -> Tensor:
+        """Soft-capped logits in fp32 from the final hidden state."""
+        if self.head_precision == "fp8":
+            raw = fp8_linear(x, self.lm_head.weight)
+        else:
+            raw = self.lm_head(x)
+        return self.cfg.logit_cap * torch.sigmoid(raw.float() / self.cfg.logit_cap_div)
+
+    def hidden(self, input_seq: Tensor, long_window: Tensor) -> Tensor:
+        """Final normalised hidden state (1, T, model_dim) of one flat sequence of token ids."""
+        cfg = self.cfg
+        x = x0 = norm(self.embed(input_seq)[None].to(self.act_dtype))
+        ve_tables = [e(input_seq)[None].to(self.act_dtype) for e in self.value_embeds]
+        ve = [ve_tables[t] if t is not None else None for t in self.value_embed_layers()]
+        rope = rotary_tables(input_seq.numel(), cfg.head_dim, cfg.rope_base, input_seq.device)
+        masks = AttentionMasks(input_seq, long_window, self.attn_impl, cfg.attn_scale)
+        skips = []
+        for i, block in enumerate(self.blocks):
+            j = i - (cfg.num_layers - self.num_encoder)
+            if 0 <= j < self.num_encoder:
+                x = x + self.skip_weights[j] * skips[self.num_encoder - 1 - j]
+            x = block(x, ve[i], x0, rope, masks, "long" if i % 2 == 0 else "short")
+            if i < self.num_encoder:
+                skips.append(x)
+        return norm(x)
+
+    def forward(self, input_seq: Tensor, target_seq: Tensor | None = None, long_window: Tensor | int = 1792,
+                loss_chunk: int = 16384) -> Tensor:
+        """Mean cross-entropy over the sequence when targets are given, else soft-capped logits (T, vocab).
+
+        Without gradients (validation) the loss is computed in chunks so that long sequences fit in memory.
+        """
+        if not isinstance(long_window, Tensor):
+            long_window = torch.tensor(long_window, device=input_seq.device, dtype=torch.int32)
+        x = self.hidden(input_seq, long_window)[0]
+        if target_seq is None:
+            return self.head_logits(x)
+        if torch.is_grad_enabled() or x.size(0) <= loss_chunk:
+            return F.cross_entropy(self.head_logits(x), target_seq)
+        total = x.new_zeros((), dtype=torch.float32)
+        for s in range(0, x.size(0), loss_chunk):
+            total = total + F.cross_entropy(self.head_logits(x[s:s + loss_chunk]), target_seq[s:s + loss_chunk],
+                                            reduction="sum")
+        return total / x.size(0)
+
+    def param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Muon takes the blocks' matrices; Adam the embeddings, the head and every scalar."""
+        groups = {"muon": [], "embed": [], "head": [], "scalar": []}
+        for name, p in self.named_parameters():
+            if name.startswith("blocks.") and p.ndim >= 2:
+                groups["muon"].append((name, p))
+            elif name.startswith(("embed.", "value_embeds.")):
+                groups["embed"].append((name, p))
+            elif name.startswith("lm_head."):
+                groups["head"].append((name, p))
+            else:
+                groups["scalar"].append((name, p))
+        return groups
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Optimisers: Muon and Adam, both sharded across processes (reduce-scatter gradients, update a share, all-gather)
+
+
+def dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
+    """Approximately orthogonalise G (singular values pushed into a band around 1) with a quintic iteration in bf16.
+
+    Works on the wide orientation and on batches of matrices (leading dimensions).
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16()
+    tall = G.size(-2) > G.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    return X.mT if tall else X
+
+
+class ShardedOptimizer(torch.optim.Optimizer):
+    """Shared machinery: parameters by name, and a gathered, process-count-independent state for checkpoints."""
+
+    def __init__(self, named_groups: list[dict], defaults: dict):
+        """named_groups: dicts with "params" as (name, parameter) pairs and optional per-group settings."""
+        self.names = {id(p): n for g in named_groups for n, p in g["params"]}
+        super().__init__([{**g, "params": [p for _, p in g["params"]]} for g in named_groups], defaults)
+        self.rank, self.world_size = dist_info()
+
+    def _owned_state(self, p: Tensor) -> dict[str, Tensor] | None:
+        """This process's state for p, or None where another process owns it."""
+        raise NotImplementedError
+
+    def full_state(self) -> dict[str, dict[str, Tensor]]:
+        """Every parameter's complete state on every process (a collective when distributed), keyed by name."""
+        raise NotImplementedError
+
+    def load_full_state(self, state: dict[str, dict[str, Tensor]]) -> None:
+        raise NotImplementedError
+
+    def _params(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                yield group, p
+
+
+class Muon(ShardedOptimizer):
+    """MomentUm Orthogonalized by Newton-schulz, for 2-D (or stacked 2-D) weights.
+
+    Nesterov momentum, then the update is orthogonalised and scaled by sqrt(max(1, rows / cols)). Parameters of one
+    shape are processed world_size at a time: the averaged gradient of parameter i of a chunk lands on process i
+    (reduce-scatter), which keeps its momentum and orthogonalises it; the new weights are all-gathered.
+    """
+
+    def __init__(self, named_params, lr: float = 0.05, momentum: float = 0.95, ns_steps: int = 5):
+        super().__init__([{"params": list(named_params)}], dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
+        params = [p for g in self.param_groups for p in g["params"]]
+        shapes = sorted({tuple(p.shape) for p in params})
+        # chunks of same-shape parameters, world_size at a time; the i-th of a chunk belongs to process i
+        self.chunks = []
+        for shape in shapes:
+            same = [p for p in params if tuple(p.shape) == shape]
+            self.chunks += [same[i:i + self.world_size] for i in range(0, len(same), self.world_size)]
+        self.owner = {id(p): i for chunk in self.chunks for i, p in enumerate(chunk)}
+
+    @torch.no_grad()
+    def step(self):
+        group = self.param_groups[0]
+        lr, momentum, ns_steps = group["lr"], group["momentum"], group["ns_steps"]
+        W, r = self.world_size, self.rank
+        pending = []
+        for chunk in self.chunks:  # launch every reduction first so communication overlaps the updates
+            mine = chunk[r] if r < len(chunk) else None
+            if W == 1:
+                pending.append((chunk, mine, mine.grad, None))
+                continue
+            grads = [p.grad.flatten() for p in chunk] + [torch.zeros_like(chunk[0]).flatten()] * (W - len(chunk))
+            g = torch.empty_like(chunk[0])
+            work = dist.reduce_scatter_tensor(g.view(-1), torch.cat(grads), op=dist.ReduceOp.AVG, async_op=True)
+            pending.append((chunk, mine, g, work))
+        gathers = []
+        for chunk, mine, g, work in pending:
+            if work is not None:
+                work.wait()
+            if mine is not None:
+                state = self.state[mine]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(g)
+                buf = state["momentum_buffer"]
+                buf.lerp_(g, 1 - momentum)
+                update = zeropower_via_newtonschulz5(g.lerp(buf, momentum), ns_steps)
+                scale = math.sqrt(max(1.0, g.size(-2) / g.size(-1)))
+                new = mine - (lr * scale) * update.to(mine.dtype)
+            else:
+                new = torch.zeros_like(chunk[0])
+            if W == 1:
+                mine.copy_(new)
+            else:
+                outs = [p.data for p in chunk] + [torch.empty_like(chunk[0]) for _ in range(W - len(chunk))]
+                gathers.append(dist.all_gather(outs, new, async_op=True))
+        for work in gathers:
+            work.wait()
+
+    def full_state(self):
+        out = {}
+        for chunk in self.chunks:
+            for i, p in enumerate(chunk):
+                buf = self.state[p].get("momentum_buffer") if i == self.rank else None
+                have = torch.tensor([buf is not None], dtype=torch.int32, device=p.device)
+                if self.world_size > 1:
+                    dist.broadcast(have, src=i)
+                if not have.item():
+                    continue
+                if buf is None:
+                    buf = torch.empty_like(p)
+                if self.world_size > 1:
+                    dist.broadcast(buf, src=i)
+                out[self.names[id(p)]] = {"momentum_buffer": buf.detach().cpu().clone()}
+        return out
+
+    def load_full_state(self, state):
+        self.state.clear()
+        for _, p in self._params():
+            s = state.get(self.names[id(p)])
+            if s is not None and self.owner[id(p)] == self.rank:
+                self.state[p]["momentum_buffer"] = s["momentum_buffer"].to(p.device, p.dtype).clone()
+
+
+class DistAdam(ShardedOptimizer):
+    """Adam without weight decay. Parameters whose first dimension divides by world_size are sharded along it
+    (reduce-scatter, update a slice, all-gather); small ones are all-reduced and updated everywhere."""
+
+    def __init__(self, named_groups: list[dict], lr: float, betas=(0.8, 0.95), eps: float = 1e-10):
+        super().__init__(named_groups, dict(lr=lr, betas=betas, eps=eps))
+
+    def _sharded(self, p: Tensor) -> bool:
+        return self.world_size > 1 and p.size(0) % self.world_size == 0 and p.numel() >= 1024
+
+    def _slice(self, p: Tensor) -> slice:
+        n = p.size(0) // self.world_size
+        return slice(self.rank * n, (self.rank + 1) * n)
+
+    @torch.no_grad()
+    def step(self):
+        W = self.world_size
+        pending = []
+        for group, p in self._params():
+            if p.grad is None:
+                continue
+            if W == 1:
+                pending.append((group, p, p.grad, None))
+            elif self._sharded(p):
+                g = torch.empty_like(p[self._slice(p)])
+                pending.append((group, p, g, dist.reduce_scatter_tensor(g, p.grad.contiguous(),
+                                                                        op=dist.ReduceOp.AVG, async_op=True)))
+            else:
+                g = p.grad
+                pending.append((group, p, g, dist.all_reduce(g, op=dist.ReduceOp.AVG, async_op=True)))
+        gathers = []
+        for group, p, g, work in pending:
+            if work is not None:
+                work.wait()
+            sharded = self._sharded(p)
+            target = p[self._slice(p)] if sharded else p
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(target)
+                state["exp_avg_sq"] = torch.zeros_like(target)
+            state["step"] += 1
+            t = state["step"].item()
+            beta1, beta2 = group["betas"]
+            state["exp_avg"].lerp_(g, 1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
+            step_size = group["lr"] / (1 - beta1 ** t)
+            if sharded:
+                new = target.addcdiv(state["exp_avg"], denom, value=-step_size)
+                gathers.append(dist.all_gather_into_tensor(p.data, new, async_op=True))
+            else:
+                p.addcdiv_(state["exp_avg"], denom, value=-step_size)
+        for work in gathers:
+            work.wait()
+
+    def full_state(self):
+        out = {}
+        for _, p in self._params():
+            state = self.state.get(p)
+            have = torch.tensor([bool(state)], dtype=torch.int32, device=p.device)
+            if self.world_size > 1:  # every process steps the same parameters, but ask rather than assume
+                dist.all_reduce(have, op=dist.ReduceOp.MIN)
+            if not have.item():
+                continue
+            entry = {"step": state["step"].clone()}
+            for key in ("exp_avg", "exp_avg_sq"):
+                t = state[key]
+                if self._sharded(p):
+                    full = torch.empty_like(p)
+                    dist.all_gather_into_tensor(full, t.contiguous())
+                    t = full
+                entry[key] = t.detach().cpu().clone()
+            out[self.names[id(p)]] = entry
+        return out
+
+    def load_full_state(self, state):
+        self.state.clear()
+        for _, p in self._params():
+            s = state.get(self.names[id(p)])
+            if s is None:
+                continue
+            sl = self._slice(p) if self._sharded(p) else slice(None)
+            self.state[p] = {"step": s["step"].clone().float(),
+                             "exp_avg": s["exp_avg"][sl].to(p.device, p.dtype).clone(),
+                             "exp_avg_sq": s["exp_avg_sq"][sl].to(p.device, p.dtype).clone()}
+
+
+def build_optimizers(model: GPT, hp: Hyperparameters) -> dict[str, ShardedOptimizer]:
+    groups = model.param_groups()
+    betas = (hp.adam_beta1, hp.adam_beta2)
+    adam = DistAdam([{"params": groups["embed"], "lr": hp.adam_lr}, {"params": groups["head"], "lr": hp.head_lr},
+                     {"params": groups["scalar"], "lr": hp.scalar_lr}], lr=hp.adam_lr, betas=betas, eps=hp.adam_eps)
+    muon = Muon(groups["muon"], lr=hp.muon_lr, momentum=hp.muon_momentum)
+    for opt in (adam, muon):
+        for g in opt.param_groups:
+            g["initial_lr"] = g["lr"]
+    return {"adam": adam, "muon": muon}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Schedules
+
+
+def lr_multiplier(step: int, hp: Hyperparameters) -> float:
+    """1 until the cool-down, then linear to 0.1 at the last step."""
+    progress = step / hp.num_iterations
+    if hp.cooldown_frac <= 0 or progress < 1 - hp.cooldown_frac:
+        return 1.0
+    w = (1 - progress) / hp.cooldown_frac
+    return w + (1 - w) * 0.1
+
+
+def muon_momentum(step: int, hp: Hyperparameters) -> float:
+    frac = min(step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps > 0 else 1.0
+    return (1 - frac) * hp.muon_momentum_start + frac * hp.muon_momentum
+
+
+def window_size(step: int, hp: Hyperparameters) -> int:
+    """Long attention window in tokens: grows linearly from window_start to window_end in 128-token blocks."""
+    frac = min(step / hp.num_iterations, 1.0)
+    blocks = lambda t: max(1, round(t / FLEX_BLOCK_SIZE))  # noqa: E731
+    start, end = blocks(hp.window_start), blocks(hp.window_end)
+    return int(round(start + (end - start) * frac)) * FLEX_BLOCK_SIZE
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: shard files, a BOS-aligned training stream, a fixed validation set
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+
+
+class DataError(ValueError):
+    """Missing, corrupt or too small data; the message names the file and what to do."""
+
+
+def read_shard_header(path: str | Path) -> int:
+    """Validate a shard's header and size; return its number of tokens."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read shard ({e.strerror})") from e
+    if header.size < HEADER_INTS:
+        raise DataError(f"{path}: file is {size} bytes, shorter than the {HEADER_BYTES}-byte header; "
+                        "it is a partial download: delete it and download again")
+    if header[0] != SHARD_MAGIC:
+        raise DataError(f"{path}: magic number {header[0]} is not {SHARD_MAGIC}; not a token shard in the "
+                        "speedrun format")
+    if header[1] != SHARD_VERSION:
+        raise DataError(f"{path}: shard version {header[1]} is not supported (expected {SHARD_VERSION})")
+    num_tokens = int(header[2])
+    expected = HEADER_BYTES + 2 * num_tokens
+    if size != expected:
+        raise DataError(f"{path}: file is {size} bytes but its header announces {num_tokens} tokens "
+                        f"({expected} bytes); it is corrupt or partially downloaded: delete it and download again")
+    return num_tokens
+
+
+def load_shard(path: str | Path) -> np.ndarray:
+    """Tokens of a validated shard as a read-only uint16 memory map."""
+    n = read_shard_header(path)
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+def find_shards(data_dir: str, pattern: str, what: str) -> list[str]:
+    full = pattern if os.path.isabs(pattern) else os.path.join(data_dir, pattern)
+    files = sorted(glob.glob(full))
+    if not files:
+        hint = ("download FineWeb with `python data/cached_fineweb10B.py 8`" if "fineweb" in full
+                else "check --data-dir and the file glob")
+        raise DataError(f"no {what} shards match {full}: {hint}")
+    return files
+
+
+class TokenStream:
+    """Several shards read as one stream of tokens."""
+
+    def __init__(self, files: list[str]):
+        self.files = list(files)
+        self.shards = [load_shard(f) for f in self.files]
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])
+        self.total = int(self.starts[-1])
+
+    def read(self, start: int, n: int) -> np.ndarray:
+        """Tokens [start, start + n); raises if that runs past the end."""
+        if start < 0 or start + n > self.total:
+            raise IndexError(f"token range [{start}, {start + n}) outside stream of {self.total}")
+        parts = []
+        i = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while n > 0:
+            off = start - int(self.starts[i])
+            take = min(n, len(self.shards[i]) - off)
+            parts.append(self.shards[i][off:off + take])
+            start, n, i = start + take, n - take, i + 1
+        return np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
+
+    def find_bos(self, start: int, limit: int) -> int:
+        """First position p in [start, start + limit] with a BOS token, or -1."""
+        end = min(start + limit + 1, self.total)
+        chunk = 1 << 16
+        for s in range(start, end, chunk):
+            hits = np.flatnonzero(self.read(s, min(chunk, end - s)) == BOS_ID)
+            if hits.size:
+                return s + int(hits[0])
+        return -1
+
+
+class TrainLoader:
+    """Deterministic BOS-aligned sequences for each step, the same for any split over processes and micro-steps.
+
+    A step takes seqs_per_step sequences of seq_len + 1 tokens (inputs and shifted targets) from the stream. Each
+    starts at the first BOS at or after where the previous one ended, as long as the step's sequences stay within
+    max_batch_span_multiplier x the batch's tokens; where no BOS is close enough the sequence starts unaligned.
+    Sequence j of a step goes to process j % world_size as its micro-step j // world_size. The position in the
+    stream (and the epoch, when the stream wraps) is the loader's whole state.
+    """
+
+    def __init__(self, files: list[str], seq_len: int, seqs_per_step: int, rank: int = 0, world_size: int = 1,
+                 span_multiplier: float = 2.0):
+        self.stream = TokenStream(files)
+        self.seq_len, self.seqs_per_step = seq_len, seqs_per_step
+        self.rank, self.world_size = rank, world_size
+        self.span = int(span_multiplier * seqs_per_step * seq_len)
+        if self.stream.total < seqs_per_step * seq_len + 1:
+            raise DataError(f"the train shards hold {self.stream.total} tokens, fewer than one step needs "
+                            f"({seqs_per_step * seq_len + 1}); add shards or lower --train-seq-len")
+        self.pos, self.epoch = 0, 0
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos, "epoch": self.epoch, "files": [os.path.basename(f) for f in self.stream.files]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos, self.epoch = int(state["pos"]), int(state["epoch"])
+
+    def step_starts(self) -> list[int]:
+        """Start positions of this step's sequences (advances the loader)."""
+        T, S = self.seq_len, self.seqs_per_step
+        if self.pos + self.span > self.stream.total and self.pos + S * (T + 1) > self.stream.total:
+            self.pos, self.epoch = 0, self.epoch + 1  # out of data: start another pass
+        step_start, pos, starts = self.pos, self.pos, []
+        for j in range(S):
+            room = step_start + self.span - pos - (S - j) * T  # how far this sequence may skip ahead
+            room = min(room, self.stream.total - pos - (S - j) * (T + 1))
+            found = self.stream.find_bos(pos, room) if room >= 0 else -1
+            start = found if found >= 0 else pos
+            starts.append(start)
+            pos = start + T
+        self.pos = pos + 1
+        return starts
+
+    def next_batch(self, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+        """This process's (inputs, targets) for every micro-step of the next step."""
+        starts = self.step_starts()
+        out = []
+        for start in starts[self.rank::self.world_size]:
+            buf = torch.from_numpy(self.stream.read(start, self.seq_len + 1).astype(np.int64))
+            if device.type == "cuda":
+                buf = buf.pin_memory().to(device, non_blocking=True)
+            out.append((buf[:-1].to(torch.int32), buf[1:]))
+        return out
+
+
+class ValidationSet:
+    """Exactly val_tokens tokens from the start of the validation stream, cut into val_seq_len chunks; chunk k goes to
+    process k % world_size, so the result is the same for any number of processes."""
+
+    def __init__(self, files: list[str], val_tokens: int, seq_len: int, rank: int = 0, world_size: int = 1):
+        self.stream = TokenStream(files)
+        if self.stream.total < val_tokens + 1:
+            raise DataError(f"the validation shards ({', '.join(files)}) hold {self.stream.total} tokens; "
+                            f"--val-tokens {val_tokens} needs {val_tokens + 1}")
+        self.val_tokens, self.seq_len = val_tokens, seq_len
+        self.rank, self.world_size = rank, world_size
+        self.num_chunks = val_tokens // seq_len
+
+    def batches(self, device: torch.device):
+        for k in range(self.rank, self.num_chunks, self.world_size):
+            buf = torch.from_numpy(self.stream.read(k * self.seq_len, self.seq_len + 1).astype(np.int64)).to(device)
+            yield buf[:-1].to(torch.int32), buf[1:]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+CHECKPOINT_FORMAT = "nanogpt-speedrun-kit/checkpoint"
+CHECKPOINT_VERSION = 1
+STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A missing, unreadable or incompatible checkpoint."""
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file in the same directory, flushed, then renamed over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def point_latest(checkpoint_dir: Path, target: Path) -> None:
+    """Make checkpoint_dir/latest a relative symlink to target, replaced atomically."""
+    link = checkpoint_dir / "latest"
+    tmp = checkpoint_dir / f".latest.tmp-{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(os.path.relpath(target, checkpoint_dir), tmp)
+    os.replace(tmp, link)
+
+
+def newest_step_file(run_dir: Path) -> Path | None:
+    best = None
+    for p in run_dir.iterdir() if run_dir.is_dir() else []:
+        m = STEP_FILE.match(p.name)
+        if m and (best is None or int(m.group(1)) > best[0]):
+            best = (int(m.group(1)), p)
+    return best[1] if best else None
+
+
+def resolve_checkpoint(spec: str, run_name: str | None = None, checkpoint_dir: str = "checkpoints") -> Path:
+    """A checkpoint file from a file, a run directory (its newest step) or "auto" (latest of run_name, or latest)."""
+    root = Path(checkpoint_dir)
+    if spec == "auto":
+        if run_name:
+            found = newest_step_file(root / run_name)
+            if found is None:
+                raise CheckpointError(f"no checkpoint of run {run_name!r} in {root / run_name}")
+            return found
+        spec = str(root / "latest")
+    path = Path(spec)
+    if path.is_dir():
+        found = newest_step_file(path)
+        if found is None:
+            raise CheckpointError(f"{path} holds no step_*.pt checkpoint")
+        return found
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist" +
+                              ("; no run has saved one yet (train with --save-every or let a run finish)"
+                               if path.name == "latest" else ""))
+    return path.resolve()
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load with weights_only=True: a checkpoint holds tensors and plain data, never code."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, foreign pickle, not a file at all
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} was not written by this trainer (no {CHECKPOINT_FORMAT!r} marker)")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {ckpt.get('version')}; this trainer reads "
+                              f"version {CHECKPOINT_VERSION}")
+    return ckpt
+
+
+def check_model_config(ckpt: dict, cfg: GPTConfig, path: Path) -> None:
+    saved = ckpt["model_config"]
+    diffs = [f"{k}={saved.get(k)} (this run: {v})" for k, v in asdict(cfg).items() if saved.get(k) != v]
+    if diffs:
+        raise CheckpointError(f"{path} holds a different model: " + ", ".join(diffs) +
+                              "; resume with the same --preset and model sizes as the run that wrote it")
+
+
+def model_state(model: nn.Module) -> dict[str, Tensor]:
+    """Weights without torch.compile's _orig_mod prefix, on the CPU."""
+    base = getattr(model, "_orig_mod", model)
+    return {k: v.detach().cpu().clone() for k, v in base.state_dict().items()}
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Logging
+
+
+class RunLog:
+    """Prints on process 0 and appends to logs/<run_id>.txt."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, text: str, console: bool = True) -> None:
+        if self.path is None:
+            return
+        if console:
+            print(text, flush=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+
+def environment_report(device: torch.device) -> str:
+    lines = [f"python {platform.python_version()} ({sys.executable})", f"platform {platform.platform()}",
+             f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN "
+             f"{torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}"]
+    if device.type == "cuda":
+        n = torch.cuda.device_count()
+        names = [torch.cuda.get_device_name(i) for i in range(n)]
+        lines.append(f"gpus {n}: {', '.join(names)}")
+        if shutil.which("nvidia-smi"):
+            try:
+                lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                lines.append(f"nvidia-smi failed: {e}")
+    else:
+        lines.append(f"cpu threads {torch.get_num_threads()}")
+    return "\n".join(lines)
+
+
+def peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return (f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated, "
+                f"{torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved")
+    import resource
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB max resident (process)"
+
+
+class WandbLogger:
+    def __init__(self, hp: Hyperparameters, run_id: str, resumed: bool):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ConfigError("--wandb needs the wandb package: pip install wandb") from e
+        self.wandb = wandb
+        self.run = wandb.init(project=hp.wandb_project, name=run_id, id=re.sub(r"[^A-Za-z0-9_-]", "-", run_id),
+                              resume="allow" if resumed else None, config=asdict(hp), dir=hp.log_dir)
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.wandb.log(metrics, step=step)
+
+    def finish(self, log_path: Path | None) -> None:
+        if log_path is not None and log_path.exists():
+            art = self.wandb.Artifact(f"log-{self.run.id}", type="run-log")
+            art.add_file(str(log_path))
+            self.run.log_artifact(art)
+        self.run.finish()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def resolve_device(spec: str, local_rank: int) -> torch.device:
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but no CUDA GPU is visible (use --device cpu)")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(f"process {local_rank} needs GPU {device.index} but only "
+                              f"{torch.cuda.device_count()} are visible")
+        torch.cuda.set_device(device)
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Trainer:
+    """Model, optimisers, data and step function of one run, usable by main() and by benchmarks."""
+
+    def __init__(self, hp: Hyperparameters, device: torch.device, rank: int = 0, world_size: int = 1,
+                 train_files: list[str] | None = None):
+        self.hp, self.device, self.rank, self.world_size = hp, device, rank, world_size
+        self.grad_accum = hp.seqs_per_step // world_size
+        torch.manual_seed(hp.seed)
+        self.cfg = GPTConfig.from_hyperparameters(hp)
+        self.model = GPT(self.cfg).to(device).configure(device, hp.attention, hp.fp8)
+        if world_size > 1:  # identical by seed already; make it certain
+            for p in self.model.parameters():
+                dist.broadcast(p.data, src=0)
+        self.initial_weights = model_state(self.model)
+        self.optimizers = build_optimizers(self.model, hp)
+        self.forward = torch.compile(self.model, dynamic=False) if hp.compile else self.model
+        self.loader = (TrainLoader(train_files, hp.train_seq_len, hp.seqs_per_step, rank, world_size,
+                                   hp.max_batch_span_multiplier) if train_files is not None else None)
+        self.step = 0
+        self.train_time_ms = 0.0
+
+    def window_tensor(self, step: int) -> Tensor:
+        return torch.tensor(window_size(step, self.hp), dtype=torch.int32, device=self.device)
+
+    def train_step(self, batch: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """One optimiser step on this process's micro-batches; returns the mean loss (on device, not synced)."""
+        step, hp = self.step, self.hp
+        window = self.window_tensor(step)
+        total = torch.zeros((), device=self.device)
+        for inputs, targets in batch:
+            loss = self.forward(inputs, targets, window)
+            (loss / len(batch)).backward()
+            total += loss.detach()
+        mult = lr_multiplier(step, hp)
+        for opt in self.optimizers.values():
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] * mult
+        self.optimizers["muon"].param_groups[0]["momentum"] = muon_momentum(step, hp)
+        for opt in self.optimizers.values():
+            opt.step()
+        self.model.zero_grad(set_to_none=True)
+        self.step += 1
+        return total / len(batch)
+
+    @torch.no_grad()
+    def validate(self, val: ValidationSet) -> float:
+        window = self.window_tensor(self.step)
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        for inputs, targets in val.batches(self.device):
+            total += self.forward(inputs, targets, window).double() * inputs.numel()
+        if self.world_size > 1:
+            dist.all_reduce(total)
+        return total.item() / val.val_tokens
+
+    def reset(self) -> None:
+        """Back to the initial weights and fresh optimisers (after compile warm-up)."""
+        with torch.no_grad():
+            self.model.load_state_dict(self.initial_weights)
+        self.optimizers = build_optimizers(self.model, self.hp)
+        self.model.zero_grad(set_to_none=True)
+        self.step = 0
+
+    def checkpoint(self, run_id: str) -> dict:
+        """Everything a resume needs; a collective when distributed (optimiser state is gathered)."""
+        return {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "run_id": run_id,
+            "step": self.step, "train_time_ms": self.train_time_ms,
+            "model_config": asdict(self.cfg), "hyperparameters": asdict(self.hp),
+            "model": model_state(self.model),
+            "optimizers": {k: opt.full_state() for k, opt in self.optimizers.items()},
+            "loader": self.loader.state_dict() if self.loader else None,
+            "rng": rng_state(),
+        }
+
+    def restore(self, ckpt: dict, path: Path) -> None:
+        check_model_config(ckpt, self.cfg, path)
+        with torch.no_grad():
+            self.model.load_state_dict(ckpt["model"])
+        for k, opt in self.optimizers.items():
+            opt.load_full_state(ckpt["optimizers"][k])
+        if self.loader is not None and ckpt.get("loader"):
+            self.loader.load_state_dict(ckpt["loader"])
+        self.step = int(ckpt["step"])
+        self.train_time_ms = float(ckpt["train_time_ms"])
+        set_rng_state(ckpt["rng"])
+
+
+def new_run_id(hp: Hyperparameters) -> str:
+    return f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{hp.preset}-{uuid.uuid4().hex[:6]}"
+
+
+def broadcast_object(obj, src: int = 0):
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def train(hp: Hyperparameters, source: str | None = None) -> dict:
+    """Run (or resume) a training run; returns the summary. Expects the process group to be set up if distributed."""
+    rank, world_size = dist_info()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = resolve_device(hp.device, local_rank)
+    if hp.attention == "auto":
+        hp = dataclasses.replace(hp, attention="flex" if device.type == "cuda" else "dense")
+    check_hyperparameters(hp, world_size)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    train_files = find_shards(hp.data_dir, hp.train_files, "train")
+    val_files = find_shards(hp.data_dir, hp.val_files, "validation")
+    val = ValidationSet(val_files, hp.val_tokens, hp.val_seq_len, rank, world_size)
+
+    ckpt, ckpt_path = None, None
+    if hp.resume:
+        ckpt_path = resolve_checkpoint(hp.resume, hp.run_name, hp.checkpoint_dir)
+        ckpt = load_checkpoint(ckpt_path)
+    run_id = hp.run_name or (ckpt["run_id"] if ckpt else broadcast_object(new_run_id(hp)))
+    log = RunLog(Path(hp.log_dir) / f"{run_id}.txt" if rank == 0 else None)
+    rule = "=" * 100
+    if ckpt is None:
+        log.write(source if source is not None else Path(__file__).read_text(encoding="utf-8"), console=False)
+    else:
+        log.write(f"{rule}\nresumed from {ckpt_path} at step {ckpt['step']}", console=True)
+    log.write(f"{rule}\nconfig {json.dumps(asdict(hp), indent=1)}", console=False)
+    log.write(f"{rule}\n{environment_report(device)}\n{rule}", console=False)
+
+    trainer = Trainer(hp, device, rank, world_size, train_files)
+    log.write(f"run {run_id}: {world_size} process(es) on {device.type}, {trainer.grad_accum} micro-step(s) of "
+              f"{hp.train_seq_len} tokens each, global batch {hp.global_batch_tokens} tokens; attention "
+              f"{trainer.model.attn_impl}, lm_head {trainer.model.head_precision}, "
+              f"compile {'on' if hp.compile else 'off'}; "
+              f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters")
+    wandb_log = WandbLogger(hp, run_id, ckpt is not None) if hp.wandb and rank == 0 else None
+
+    # Compile warm-up on real batches, then back to the initial state: the timed run starts from the same weights.
+    warmup = hp.warmup_steps if hp.warmup_steps >= 0 else (3 if hp.compile else 0)
+    if warmup:
+        t0 = time.perf_counter()
+        warm_loader = TrainLoader(train_files, hp.train_seq_len, hp.seqs_per_step, rank, world_size,
+                                  hp.max_batch_span_multiplier)
+        for _ in range(warmup):
+            trainer.train_step(warm_loader.next_batch(device))
+        with torch.no_grad():
+            inputs, targets = next(ValidationSet(val_files, hp.val_seq_len, hp.val_seq_len).batches(device))
+            trainer.forward(inputs, targets, trainer.window_tensor(0))
+        synchronize(device)
+        trainer.reset()
+        log.write(f"warm-up: {warmup} steps and a validation forward in {time.perf_counter() - t0:.1f}s "
+                  "(not timed; weights and optimisers reset)")
+    torch.manual_seed(hp.seed)
+    if ckpt is not None:
+        trainer.restore(ckpt, ckpt_path)
+        del ckpt
+
+    ckpt_root = Path(hp.checkpoint_dir)
+    N, start_step = hp.num_iterations, trainer.step
+    val_loss, last_val_step = float("nan"), -1
+    synchronize(device)
+    t0 = time.perf_counter()
+    for step in range(start_step, N + 1):
+        last = step == N
+        if last or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0):
+            synchronize(device)
+            trainer.train_time_ms += 1000 * (time.perf_counter() - t0)
+            val_loss, last_val_step = trainer.validate(val), step
+            avg = trainer.train_time_ms / max(step, 1)
+            log.write(f"step:{step}/{N} val_loss:{val_loss:.4f} train_time:{trainer.train_time_ms:.0f}ms "
+                      f"step_avg:{avg:.2f}ms")
+            if wandb_log:
+                wandb_log.log({"val/loss": val_loss, "train_time_ms": trainer.train_time_ms}, step=step)
+            synchronize(device)
+            t0 = time.perf_counter()
+        if step > start_step and ((last and hp.save_final) or (hp.save_every > 0 and step % hp.save_every == 0)):
+            synchronize(device)
+            trainer.train_time_ms += 1000 * (time.perf_counter() - t0)
+            state = trainer.checkpoint(run_id)
+            if rank == 0:
+                path = ckpt_root / run_id / f"step_{step:06d}.pt"
+                atomic_save(state, path)
+                point_latest(ckpt_root, path)
+                log.write(f"saved checkpoint {path}", console=True)
+            del state
+            if world_size > 1:
+                dist.barrier()
+            t0 = time.perf_counter()
+        if last:
+            break
+        loss = trainer.train_step(trainer.loader.next_batch(device))
+        synchronize(device)
+        now = time.perf_counter()
+        elapsed = trainer.train_time_ms + 1000 * (now - t0)
+        line = f"step:{step + 1}/{N}"
+        if hp.train_loss_every > 0 and (step + 1) % hp.train_loss_every == 0:
+            if world_size > 1:
+                dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+            train_loss = loss.item()
+            line += f" train_loss:{train_loss:.4f}"
+            if wandb_log:
+                wandb_log.log({"train/loss": train_loss, "lr_multiplier": lr_multiplier(step, hp),
+                               "window": window_size(step, hp), "train_time_ms": elapsed,
+                               "tokens_per_s": (step + 1) * hp.global_batch_tokens / (elapsed / 1000)}, step=step + 1)
+        log.write(f"{line} train_time:{elapsed:.0f}ms step_avg:{elapsed / (step + 1):.2f}ms")
+
+    steps_done = N
+    tokens = steps_done * hp.global_batch_tokens
+    seconds = trainer.train_time_ms / 1000
+    summary = {
+        "run_id": run_id, "final_val_loss": val_loss, "val_step": last_val_step, "steps": steps_done,
+        "train_time_s": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds if seconds > 0 else float("nan"),
+        "peak_memory": peak_memory(device), "world_size": world_size, "device": device.type,
+        "reached_target": bool(val_loss <= hp.target_val_loss),
+    }
+    log.write(f"{rule}\nfinal val_loss:{val_loss:.4f} train_time:{seconds:.1f}s ({steps_done} steps, "
+              f"{tokens / 1e6:.1f}M tokens, {summary['tokens_per_s'] / 1e6:.3f}M tokens/s) "
+              f"peak memory: {summary['peak_memory']}; target {hp.target_val_loss}: "
+              f"{'reached' if summary['reached_target'] else 'not reached'}")
+    if wandb_log:
+        wandb_log.log({"final/val_loss": val_loss, "final/train_time_s": seconds,
+                       "final/tokens_per_s": summary["tokens_per_s"]}, step=N)
+        wandb_log.finish(log.path)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+def _field_help() -> dict[str, str]:
+    """The trailing comment of each Hyperparameters field, so --help and the dataclass never disagree."""
+    helps = {}
+    try:
+        import inspect
+        src = inspect.getsource(Hyperparameters)
+    except (OSError, TypeError):
+        return helps
+    for line in src.splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+        if m:
+            helps[m.group(1)] = m.group(2)
+    return helps
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train_gpt.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a GPT on FineWeb shards (NanoGPT speedrun track 1). Flags override the preset's values.",
+        argument_default=argparse.SUPPRESS)
+    helps = _field_help()
+    defaults = Hyperparameters()
+    special = {"compile", "fp8", "save_final", "wandb", "resume", "preset", "attention"}
+    parser.add_argument("--preset", choices=list(PRESETS), help="starting values for every flag (default speedrun)")
+    for f in fields(Hyperparameters):
+        if f.name in special:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = {"int": int, "float": float, "str": str, "str | None": str}[str(f.type)]
+        parser.add_argument(flag, type=kind, metavar=f.name.upper(),
+                            help=f"{helps.get(f.name, '')} (speedrun default: {getattr(defaults, f.name)})")
+    parser.add_argument("--attention", choices=["auto", "flex", "dense"],
+                        help="attention implementation: flex needs CUDA for training; auto picks flex on CUDA")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="do not torch.compile the model")
+    parser.add_argument("--no-fp8", dest="fp8", action="store_false", help="bf16 lm_head even where FP8 is available")
+    parser.add_argument("--no-save-final", dest="save_final", action="store_false",
+                        help="do not write a checkpoint at the end")
+    parser.add_argument("--wandb", action="store_true", help=helps.get("wandb"))
+    parser.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
+                        help="continue from a checkpoint file or run directory; without PATH: the newest checkpoint "
+                             "of --run-name, else checkpoints/latest. Settings come from the checkpoint unless "
+                             "given as flags")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> Hyperparameters:
+    """Preset (or the resumed checkpoint's settings), then the flags given explicitly."""
+    given = vars(build_arg_parser().parse_args(argv))
+    if "resume" in given and "preset" not in given:
+        path = resolve_checkpoint(given["resume"], given.get("run_name"), given.get("checkpoint_dir", "checkpoints"))
+        saved = load_checkpoint(path)["hyperparameters"]
+        known = {f.name for f in fields(Hyperparameters)}
+        hp = Hyperparameters(**{k: v for k, v in saved.items() if k in known})
+        hp = dataclasses.replace(hp, resume=None)
+    else:
+        hp = preset_hyperparameters(given.get("preset", "speedrun"))
+    return dataclasses.replace(hp, **given)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        hp = parse_args(argv)
+    except (ConfigError, CheckpointError) as e:
+        print(f"train_gpt.py: error: {e}", file=sys.stderr)
+        return 2
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    try:
+        if distributed:
+            backend = "nccl" if torch.cuda.is_available() and hp.device != "cpu" else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend=backend)
+        train(hp)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"train_gpt.py: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _reexec_with_cpu_malloc_settings() -> None:
+    """On CPU, glibc returns every large tensor's pages to the kernel and faults them in again on the next step,
+    which doubles the step time of the tiny preset. Keep freed memory in the heap instead (set before start-up)."""
+    if os.environ.get("MALLOC_MMAP_MAX_") is None and not torch.cuda.is_available() and sys.platform == "linux":
+        env = dict(os.environ, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40))
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+if __name__ == "__main__":
+    _reexec_with_cpu_malloc_settings()
+    sys.exit(main())
