@@ -69,21 +69,21 @@ class Hyperparameters:
     window_end: int = 1792  # long attention window at the end of training, grown in 128-token blocks
     # optimisers
     muon_lr: float = 0.05  # Muon, for the 2-D weights inside the blocks
-    muon_momentum: float = 0.95
+    muon_momentum: float = 0.95  # Muon momentum after the warm-up (Nesterov)
     muon_momentum_start: float = 0.85  # momentum warm-up from this value ...
     muon_momentum_warmup_steps: int = 300  # ... over this many steps
     adam_lr: float = 0.6  # Adam, token embedding and value embeddings
     head_lr: float = 0.008  # Adam, lm_head
     scalar_lr: float = 0.04  # Adam, learned scalars (x0 mixing, value mixing, skip weights)
-    adam_beta1: float = 0.8
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-10
+    adam_beta1: float = 0.8  # Adam betas and eps for every Adam group
+    adam_beta2: float = 0.95  # second-moment decay
+    adam_eps: float = 1e-10  # added to the root of the second moment
     # model
     vocab_size: int = 50304  # 50257 padded to a multiple of 128
-    num_layers: int = 12
-    model_dim: int = 768
-    num_heads: int = 6
-    head_dim: int = 128
+    num_layers: int = 12  # transformer blocks
+    model_dim: int = 768  # residual stream width
+    num_heads: int = 6  # attention heads per block
+    head_dim: int = 128  # width of one head
     no_attn_layer: int = 7  # index of the block without attention (-1: none)
     # evaluation, logging, checkpoints
     val_loss_every: int = 125  # steps between validations (0: only at the end)
@@ -91,20 +91,20 @@ class Hyperparameters:
     target_val_loss: float = TRACK1_TARGET  # the track's target, reported in the summary
     save_every: int = 0  # steps between checkpoints (0: only at the end)
     save_final: bool = True  # write a checkpoint at the end
-    log_dir: str = "logs"
-    checkpoint_dir: str = "checkpoints"
+    log_dir: str = "logs"  # run logs: <log_dir>/<run_id>.txt
+    checkpoint_dir: str = "checkpoints"  # checkpoints: <checkpoint_dir>/<run_id>/step_NNNNNN.pt and latest
     run_name: str | None = None  # run id; generated when not given
     resume: str | None = None  # checkpoint file or run directory; "auto": latest of run_name, else checkpoints/latest
     wandb: bool = False  # log metrics and config to Weights & Biases (WANDB_MODE=offline works without network)
-    wandb_project: str = "nanogpt-speedrun"
+    wandb_project: str = "nanogpt-speedrun"  # Weights & Biases project for --wandb
     # runtime
-    preset: str = "speedrun"
+    preset: str = "speedrun"  # which preset the values started from
     device: str = "auto"  # auto, cuda, cuda:N or cpu
     compile: bool = True  # torch.compile the model (warm-up excluded from timing)
     fp8: bool = True  # FP8 lm_head where the GPU supports it (compute capability >= 8.9)
     attention: str = "auto"  # flex (FlexAttention, CUDA), dense (explicit mask, any device), auto
     warmup_steps: int = -1  # compile warm-up steps before the timed run (-1: 3 when compiling, else 0)
-    seed: int = 0
+    seed: int = 0  # initial weights; data order is fixed by the shards
 
     @property
     def global_batch_tokens(self) -> int:
@@ -303,10 +303,10 @@ class AttentionMasks:
 @dataclass
 class GPTConfig:
     vocab_size: int = 50304
-    num_layers: int = 12
-    model_dim: int = 768
-    num_heads: int = 6
-    head_dim: int = 128
+    num_layers: int = 12  # transformer blocks
+    model_dim: int = 768  # residual stream width
+    num_heads: int = 6  # attention heads per block
+    head_dim: int = 128  # width of one head
     no_attn_layer: int = 7  # -1: every block has attention
     num_value_embeds: int = 3  # tables feeding the first three and the last three blocks
     attn_scale: float = 0.12
@@ -1234,9 +1234,9 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
     run_id = hp.run_name or (ckpt["run_id"] if ckpt else broadcast_object(new_run_id(hp)))
     log = RunLog(Path(hp.log_dir) / f"{run_id}.txt" if rank == 0 else None)
     rule = "=" * 100
-    if ckpt is None:
+    if log.path is not None and not log.path.exists():  # a new log file always begins with the code
         log.write(source if source is not None else Path(__file__).read_text(encoding="utf-8"), console=False)
-    else:
+    if ckpt is not None:
         log.write(f"{rule}\nresumed from {ckpt_path} at step {ckpt['step']}", console=True)
     log.write(f"{rule}\nconfig {json.dumps(asdict(hp), indent=1)}", console=False)
     log.write(f"{rule}\n{environment_report(device)}\n{rule}", console=False)

@@ -1,0 +1,198 @@
+"""Training throughput of a preset: tokens/s, step time, model FLOPs utilisation, compile time, peak memory.
+
+    python bench/bench_train.py                          # tiny preset on whatever device there is (CPU here)
+    python bench/bench_train.py --preset speedrun        # track-1 model, compiled, 1 GPU accumulating 8 sequences
+    python bench/bench_train.py --preset speedrun --no-fp8 --steps 100 --json records/bench.json
+    python bench/bench_train.py --preset speedrun --data-dir data/fineweb10B   # real shards instead of synthetic
+
+Model FLOPs per token (training = 3 x forward):
+    6 * (block matrix parameters + lm_head parameters)                       # every matmul weight, fwd + bwd
+  + 12 * head_dim * num_heads * mean attended keys per query, per attention block   # QK^T and AV, fwd + bwd
+The mean attended keys come from the actual masks of the batch (causal, same document, sliding window), so
+sparse document masks are not counted as dense attention. Embedding lookups count as zero.
+MFU = achieved model FLOP/s / peak; peak defaults to 800 TFLOP/s for an H100 (measured bf16 dense matmul),
+125 for an A10 (datasheet); on other devices pass --peak-tflops or MFU is not reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
+
+PEAK_TFLOPS = {"H100": 800.0, "H200": 800.0, "A10": 125.0}
+
+
+def synthetic_tokens(n: int, mean_doc_len: int, seed: int) -> np.ndarray:
+    """Random tokens cut into documents of geometric length, each preceded by BOS, like packed FineWeb."""
+    rng = np.random.default_rng(seed)
+    toks = rng.integers(0, tg.BOS_ID, size=n, dtype=np.int64)
+    toks[rng.random(n) < 1.0 / mean_doc_len] = tg.BOS_ID
+    toks[0] = tg.BOS_ID
+    return toks
+
+
+def mean_attended_keys(tokens: np.ndarray, window: int) -> float:
+    """Mean over queries of the number of keys a query may attend to: min(position in document + 1, window)."""
+    pos = np.arange(tokens.size)
+    starts = np.where(tokens == tg.BOS_ID, pos, 0)
+    doc_start = np.maximum.accumulate(starts)
+    return float(np.minimum(pos - doc_start + 1, window).mean())
+
+
+def flops_per_token(model: tg.GPT, tokens: np.ndarray, long_window: int) -> float:
+    cfg = model.cfg
+    matmul = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim >= 2)
+    matmul += model.lm_head.weight.numel()
+    hdim = cfg.num_heads * cfg.head_dim
+    attn = 0.0
+    for i, block in enumerate(model.blocks):
+        if block.attn is not None:
+            window = long_window if i % 2 == 0 else long_window // 2
+            attn += 12 * hdim * mean_attended_keys(tokens, window)
+    return 6 * matmul + attn
+
+
+def gpu_driver_version() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+class SyntheticBatches:
+    def __init__(self, hp: tg.Hyperparameters, grad_accum: int, device: torch.device, seed: int):
+        self.hp, self.grad_accum, self.device = hp, grad_accum, device
+        self.tokens = synthetic_tokens(hp.train_seq_len * grad_accum * 4 + 1, 1024, seed)
+        self.i = 0
+
+    def next_batch(self, device):
+        out = []
+        T = self.hp.train_seq_len
+        for _ in range(self.grad_accum):
+            s = (self.i % (len(self.tokens) // T - 1)) * T
+            self.i += 1
+            buf = torch.from_numpy(self.tokens[s:s + T + 1]).to(device)
+            out.append((buf[:-1].to(torch.int32), buf[1:]))
+        return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny", choices=list(tg.PRESETS))
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default: 50 on GPU, 5 on CPU)")
+    ap.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first (compile happens here)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-fp8", action="store_true")
+    ap.add_argument("--data-dir", default=None, help="read real train shards from here instead of synthetic tokens")
+    ap.add_argument("--train-files", default=None)
+    ap.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: known GPUs only)")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = ap.parse_args(argv)
+
+    hp = tg.preset_hyperparameters(args.preset)
+    over = {}
+    if args.no_compile:
+        over["compile"] = False
+    if args.no_fp8:
+        over["fp8"] = False
+    if args.data_dir:
+        over["data_dir"] = args.data_dir
+    if args.train_files:
+        over["train_files"] = args.train_files
+    hp = dataclasses.replace(hp, device=args.device, **over)
+    device = tg.resolve_device(hp.device, 0)
+    hp = dataclasses.replace(hp, attention="flex" if device.type == "cuda" else "dense")
+    tg.check_hyperparameters(hp, 1)
+    steps = args.steps if args.steps is not None else (50 if device.type == "cuda" else 5)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    if args.data_dir:
+        files = tg.find_shards(hp.data_dir, hp.train_files, "train")
+        trainer = tg.Trainer(hp, device, train_files=files)
+        batches = trainer.loader
+    else:
+        trainer = tg.Trainer(hp, device)
+        batches = SyntheticBatches(hp, trainer.grad_accum, device, hp.seed)
+    model = trainer.model
+    print(f"preset {hp.preset}: {hp.num_layers}x{hp.model_dim}, {hp.global_batch_tokens} tokens per step "
+          f"({trainer.grad_accum} micro-steps of {hp.train_seq_len}) on {device}"
+          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}; attention "
+          f"{model.attn_impl}, lm_head {model.head_precision}, compile {hp.compile}", flush=True)
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup_steps):
+        trainer.train_step(batches.next_batch(device))
+    tg.synchronize(device)
+    warmup_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # time at the end-of-training window (the most expensive attention); losses are not synced inside the loop
+    trainer.step = hp.num_iterations - 1
+    window = tg.window_size(trainer.step, hp)
+    times, last_batch = [], None
+    for _ in range(steps):
+        batch = batches.next_batch(device)
+        tg.synchronize(device)
+        t = time.perf_counter()
+        loss = trainer.train_step(batch)
+        tg.synchronize(device)
+        times.append(time.perf_counter() - t)
+        trainer.step = hp.num_iterations - 1
+        last_batch = batch
+    tokens_np = np.concatenate([x.cpu().numpy() for x, _ in last_batch])
+    fpt = flops_per_token(model, tokens_np, window)
+    step_s = statistics.median(times)
+    tok_s = hp.global_batch_tokens / step_s
+    achieved = fpt * tok_s
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    result = {
+        "preset": hp.preset, "device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
+        "date": time.strftime("%Y-%m-%d"), "compile": hp.compile, "lm_head": model.head_precision,
+        "attention": model.attn_impl, "global_batch_tokens": hp.global_batch_tokens,
+        "grad_accum": trainer.grad_accum, "timed_steps": steps, "warmup_steps": args.warmup_steps,
+        "warmup_s": round(warmup_s, 2), "step_ms_median": round(1000 * step_s, 2),
+        "step_ms_mean": round(1000 * statistics.mean(times), 2), "tokens_per_s": round(tok_s),
+        "model_flops_per_token": round(fpt), "achieved_tflops": round(achieved / 1e12, 3),
+        "peak_tflops": peak, "mfu": round(achieved / (peak * 1e12), 4) if peak else None,
+        "peak_memory": tg.peak_memory(device), "final_loss": round(loss.item(), 4), "window": window,
+        "driver": None,
+    }
+    if device.type == "cuda":
+        result["driver"] = gpu_driver_version()
+        result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
+    print(f"warm-up {args.warmup_steps} steps (compile included): {warmup_s:.1f}s")
+    print(f"step {1000 * step_s:.1f} ms (median of {steps}), {tok_s:,.0f} tokens/s, "
+          f"{fpt / 1e9:.3f} GFLOP/token, {achieved / 1e12:.3f} TFLOP/s achieved, "
+          f"MFU {'%.1f%%' % (100 * result['mfu']) if peak else 'n/a (no peak known; pass --peak-tflops)'}")
+    print(f"peak memory: {result['peak_memory']}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(args.json + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Runs the kit's test suite on CPU, from nothing: creates (or reuses) a virtualenv with the pinned CPU test
+# environment, lints, then runs pytest. Extra arguments go to pytest, e.g. ./test.sh -k attention -x
+set -euo pipefail
+
+usage() {
+  cat <<'TXT'
+Usage: ./test.sh [PYTEST_ARGS...]
+
+Creates .venv-test (or the directory in $TEST_VENV) with torch 2.13.0 and requirements-dev.txt,
+runs ruff on the Python sources, then pytest on tests/. Needs python3 (3.10+) with venv and pip.
+
+Environment:
+  TEST_VENV     virtualenv directory (default: .venv-test)
+  TORCH_SPEC    torch requirement to install (default: torch==2.13.0)
+  PYTHON        interpreter used to create the virtualenv (default: python3)
+TXT
+}
+
+main() {
+  if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+    usage
+    return 0
+  fi
+  local root venv torch_spec python
+  root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+  venv=${TEST_VENV:-$root/.venv-test}
+  torch_spec=${TORCH_SPEC:-torch==2.13.0}
+  python=${PYTHON:-python3}
+  cd "$root"
+
+  if [[ ! -x "$venv/bin/python" ]]; then
+    echo "test.sh: creating virtualenv $venv"
+    "$python" -m venv "$venv"
+  fi
+  local stamp="$venv/.installed"
+  local want
+  want="$torch_spec $(cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16)"
+  if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+    echo "test.sh: installing $torch_spec and requirements-dev.txt"
+    "$venv/bin/python" -m pip install --quiet --upgrade pip
+    "$venv/bin/python" -m pip install --quiet "$torch_spec"
+    "$venv/bin/python" -m pip install --quiet -r requirements-dev.txt
+    echo "$want" >"$stamp"
+  fi
+
+  echo "test.sh: ruff"
+  "$venv/bin/python" -m ruff check --quiet .
+  echo "test.sh: pytest"
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} WANDB_MODE=offline WANDB_SILENT=true \
+    "$venv/bin/python" -m pytest tests "$@"
+}
+
+main "$@"

@@ -1,0 +1,406 @@
+"""Checkpoints: files and contents, resolving, errors, atomic writes, and resuming (in-process and after a SIGKILL)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import ROOT, parse_log, subprocess_env, tiny_flags, tiny_hp
+
+N = 12
+SAVE_EVERY = 4
+
+
+@pytest.fixture(scope="module")
+def run_b(shared_synthetic_data, tmp_path_factory):
+    """A 12-step run saving every 4 steps, with a train-loss line every step."""
+    work = tmp_path_factory.mktemp("run_b")
+    hp = tiny_hp(shared_synthetic_data, work, num_iterations=N, save_every=SAVE_EVERY, train_loss_every=1,
+                 val_loss_every=0, run_name="B")
+    summary = tg.train(hp)
+    return hp, summary, work
+
+
+def ckpt_path(hp, step, run=None) -> Path:
+    return Path(hp.checkpoint_dir) / (run or hp.run_name) / f"step_{step:06d}.pt"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Files and contents
+
+
+def test_checkpoint_files_and_latest_symlink(run_b):
+    hp, summary, _ = run_b
+    run_dir = Path(hp.checkpoint_dir) / "B"
+    names = sorted(p.name for p in run_dir.iterdir())
+    assert names == [f"step_{s:06d}.pt" for s in range(SAVE_EVERY, N + 1, SAVE_EVERY)]  # no temp files left
+    latest = Path(hp.checkpoint_dir) / "latest"
+    assert latest.is_symlink()
+    assert not os.path.isabs(os.readlink(latest))  # relative, so the directory can be moved
+    assert latest.resolve() == ckpt_path(hp, N).resolve()
+    assert {p.name for p in Path(hp.checkpoint_dir).iterdir()} == {"B", "latest"}
+    assert summary["steps"] == N and summary["run_id"] == "B"
+
+
+def test_checkpoint_contents(run_b, shared_synthetic_data):
+    hp, _, _ = run_b
+    ckpt = torch.load(ckpt_path(hp, SAVE_EVERY), map_location="cpu", weights_only=True)
+    assert ckpt["format"] == tg.CHECKPOINT_FORMAT and ckpt["version"] == tg.CHECKPOINT_VERSION
+    assert ckpt["step"] == SAVE_EVERY and ckpt["run_id"] == "B"
+    assert ckpt["model_config"] == asdict(tg.GPTConfig(num_layers=4, model_dim=64, num_heads=2, head_dim=32,
+                                                       no_attn_layer=-1))
+    assert ckpt["hyperparameters"]["model_dim"] == 64 and ckpt["hyperparameters"]["num_iterations"] == N
+
+    fresh = tg.GPT(tg.GPTConfig(**ckpt["model_config"]))
+    assert set(ckpt["model"]) == set(fresh.state_dict())
+    assert not any("_orig_mod" in k for k in ckpt["model"])
+    for k, v in fresh.state_dict().items():
+        assert ckpt["model"][k].shape == v.shape and ckpt["model"][k].device.type == "cpu"
+    # trained: the zero-initialised head has moved
+    assert ckpt["model"]["lm_head.weight"].abs().sum() > 0
+
+    opts = ckpt["optimizers"]
+    assert set(opts) == {"adam", "muon"}
+    muon_names = {n for n, p in fresh.named_parameters() if n.startswith("blocks.") and p.ndim >= 2}
+    assert set(opts["muon"]) == muon_names
+    assert all(set(s) == {"momentum_buffer"} for s in opts["muon"].values())
+    adam_names = {n for n, _ in fresh.named_parameters()} - muon_names
+    assert set(opts["adam"]) == adam_names
+    for name, s in opts["adam"].items():
+        assert float(s["step"]) == SAVE_EVERY
+        assert s["exp_avg"].shape == fresh.get_parameter(name).shape
+
+    # the loader is where a fresh loader is after SAVE_EVERY steps
+    loader = tg.TrainLoader(tg.find_shards(str(shared_synthetic_data), hp.train_files, "train"), hp.train_seq_len,
+                            hp.seqs_per_step, span_multiplier=hp.max_batch_span_multiplier)
+    for _ in range(SAVE_EVERY):
+        loader.step_starts()
+    assert ckpt["loader"]["pos"] == loader.pos and ckpt["loader"]["epoch"] == 0
+    assert ckpt["loader"]["files"] == ["syn_train_000001.bin", "syn_train_000002.bin"]
+    assert isinstance(ckpt["rng"]["torch"], torch.Tensor)
+    assert ckpt["train_time_ms"] > 0
+
+    later = torch.load(ckpt_path(hp, 2 * SAVE_EVERY), map_location="cpu", weights_only=True)
+    assert later["step"] == 2 * SAVE_EVERY and later["loader"]["pos"] > ckpt["loader"]["pos"]
+    assert not torch.equal(later["model"]["embed.weight"], ckpt["model"]["embed.weight"])
+
+
+def test_model_state_strips_the_compile_prefix():
+    model = tg.GPT(tg.GPTConfig(vocab_size=50304, num_layers=2, model_dim=32, num_heads=1, head_dim=16,
+                                no_attn_layer=-1))
+    compiled = torch.compile(model, dynamic=False)  # wrapping only; nothing is compiled until it is called
+    assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    state = tg.model_state(compiled)
+    assert set(state) == set(model.state_dict())
+    for k, v in model.state_dict().items():
+        assert torch.equal(state[k], v)
+    state["embed.weight"].add_(1.0)  # a copy, not a view of the live weights
+    assert not torch.equal(state["embed.weight"], model.embed.weight)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# resolve_checkpoint
+
+
+def test_resolve_checkpoint(run_b):
+    hp, _, _ = run_b
+    root = hp.checkpoint_dir
+    f = ckpt_path(hp, SAVE_EVERY)
+    assert tg.resolve_checkpoint(str(f), None, root).resolve() == f.resolve()
+    newest = ckpt_path(hp, N).resolve()
+    assert tg.resolve_checkpoint(str(Path(root) / "B"), None, root).resolve() == newest
+    assert tg.resolve_checkpoint("auto", "B", root).resolve() == newest
+    assert tg.resolve_checkpoint("auto", None, root).resolve() == newest
+
+
+def test_resolve_checkpoint_orders_steps_numerically(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    for name in ("step_000002.pt", "step_999999.pt", "step_1000000.pt", "step_abc.pt", "other_000005.pt",
+                 ".step_2000000.pt.tmp-1", "step_3000000.pt.partial"):
+        (run / name).write_bytes(b"x")
+    assert tg.resolve_checkpoint(str(run)).name == "step_1000000.pt"
+    assert tg.resolve_checkpoint("auto", "r", str(tmp_path)).name == "step_1000000.pt"
+
+
+def test_resolve_checkpoint_errors(tmp_path):
+    missing = tmp_path / "nope" / "step_000004.pt"
+    with pytest.raises(tg.CheckpointError, match="does not exist") as exc:
+        tg.resolve_checkpoint(str(missing), None, str(tmp_path))
+    assert str(missing) in str(exc.value)
+    with pytest.raises(tg.CheckpointError, match="no run has saved one yet"):
+        tg.resolve_checkpoint("auto", None, str(tmp_path))
+    with pytest.raises(tg.CheckpointError) as exc:
+        tg.resolve_checkpoint("auto", "ghost", str(tmp_path))
+    assert "ghost" in str(exc.value)
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(tg.CheckpointError, match="step_") as exc:
+        tg.resolve_checkpoint(str(tmp_path / "empty_run"), None, str(tmp_path))
+    assert "empty_run" in str(exc.value)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# load_checkpoint and check_model_config errors
+
+
+class NotAllowed:
+    """A class that a weights_only load must refuse to instantiate."""
+
+    def __init__(self):
+        self.x = 1
+
+
+def test_load_checkpoint_rejects_bad_files(run_b, tmp_path):
+    hp, _, _ = run_b
+    good = ckpt_path(hp, SAVE_EVERY)
+    assert tg.load_checkpoint(good)["step"] == SAVE_EVERY
+
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, size=5000, dtype=np.uint8).tobytes())
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    code = tmp_path / "code.pt"
+    torch.save({"format": tg.CHECKPOINT_FORMAT, "version": 1, "obj": NotAllowed()}, code)
+    for path in (truncated, noise, empty, code):
+        with pytest.raises(tg.CheckpointError, match="not a readable checkpoint") as exc:
+            tg.load_checkpoint(path)
+        assert str(path) in str(exc.value)
+
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "step": 3}, foreign)
+    with pytest.raises(tg.CheckpointError, match="not written by this trainer") as exc:
+        tg.load_checkpoint(foreign)
+    assert str(foreign) in str(exc.value)
+    not_a_dict = tmp_path / "list.pt"
+    torch.save([1, 2, 3], not_a_dict)
+    with pytest.raises(tg.CheckpointError, match="not written by this trainer"):
+        tg.load_checkpoint(not_a_dict)
+
+    newer = tmp_path / "newer.pt"
+    ckpt = torch.load(good, map_location="cpu", weights_only=True)
+    ckpt["version"] = tg.CHECKPOINT_VERSION + 1
+    torch.save(ckpt, newer)
+    with pytest.raises(tg.CheckpointError, match="version") as exc:
+        tg.load_checkpoint(newer)
+    assert str(tg.CHECKPOINT_VERSION + 1) in str(exc.value)
+
+
+def test_check_model_config_names_the_differing_fields(run_b):
+    hp, _, _ = run_b
+    path = ckpt_path(hp, SAVE_EVERY)
+    ckpt = tg.load_checkpoint(path)
+    same = tg.GPTConfig.from_hyperparameters(hp)
+    tg.check_model_config(ckpt, same, path)
+    other = dataclasses.replace(same, model_dim=128, num_layers=6)
+    with pytest.raises(tg.CheckpointError) as exc:
+        tg.check_model_config(ckpt, other, path)
+    msg = str(exc.value)
+    assert "model_dim=64" in msg and "128" in msg and "num_layers=4" in msg
+    assert "head_dim" not in msg and "num_heads" not in msg
+    assert str(path) in msg
+
+
+def test_resume_with_a_different_model_size_fails_clearly(run_b, shared_synthetic_data, tmp_path):
+    hp, _, _ = run_b
+    other = tiny_hp(shared_synthetic_data, tmp_path, model_dim=128, resume=str(ckpt_path(hp, SAVE_EVERY)),
+                    run_name="mismatch")
+    with pytest.raises(tg.CheckpointError) as exc:
+        tg.train(other)
+    assert "model_dim=64" in str(exc.value) and "128" in str(exc.value)
+    assert not (tmp_path / "checkpoints" / "mismatch").exists()
+
+
+def test_main_resume_without_checkpoint_exits_2(tmp_path, capsys):
+    rc = tg.main(["--resume", "--checkpoint-dir", str(tmp_path / "none")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train_gpt.py: error:")
+    assert "does not exist" in err and "latest" in err
+    assert "Traceback" not in err
+
+
+def test_main_resume_missing_file_with_preset_exits_2(tmp_path, capsys, shared_synthetic_data):
+    flags = tiny_flags(shared_synthetic_data, tmp_path)
+    missing = str(tmp_path / "gone" / "step_000004.pt")
+    rc = tg.main(flags + ["--resume", missing])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert missing in err and "does not exist" in err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Atomic save
+
+
+def test_atomic_save_failure_leaves_no_partial_file(shared_synthetic_data, tmp_path, monkeypatch):
+    real_save = torch.save
+    calls = []
+
+    def failing_save(obj, f, *args, **kwargs):
+        calls.append(obj.get("step") if isinstance(obj, dict) else None)
+        if len(calls) == 1:
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b"PK\x03\x04 half a checkpoint")  # some bytes reach the file, then the disk fills
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    hp = tiny_hp(shared_synthetic_data, tmp_path, num_iterations=4, save_every=2, run_name="atomic",
+                 val_loss_every=0)
+    with pytest.raises(OSError, match="No space left"):
+        tg.train(hp)
+    assert calls == [2, 4]
+    run_dir = tmp_path / "checkpoints" / "atomic"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["step_000002.pt"]  # no step 4, no temp file
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["atomic", "latest"]
+    assert (root / "latest").resolve() == (run_dir / "step_000002.pt").resolve()
+    monkeypatch.setattr(torch, "save", real_save)
+    assert tg.load_checkpoint(run_dir / "step_000002.pt")["step"] == 2
+
+
+def test_atomic_save_replaces_existing_file_only_when_complete(tmp_path, monkeypatch):
+    target = tmp_path / "sub" / "step_000001.pt"
+    tg.atomic_save({"a": torch.ones(3)}, target)
+    assert torch.equal(torch.load(target, weights_only=True)["a"], torch.ones(3))
+    before = target.read_bytes()
+
+    def boom(obj, f, *a, **k):
+        f.write(b"garbage")
+        raise RuntimeError("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(RuntimeError):
+        tg.atomic_save({"a": torch.zeros(3)}, target)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in target.parent.iterdir()) == ["step_000001.pt"]
+
+
+def test_point_latest_replaces_the_link(tmp_path):
+    a, b = tmp_path / "r" / "step_000001.pt", tmp_path / "r" / "step_000002.pt"
+    a.parent.mkdir()
+    a.write_bytes(b"1")
+    b.write_bytes(b"2")
+    tg.point_latest(tmp_path, a)
+    assert (tmp_path / "latest").read_bytes() == b"1"
+    tg.point_latest(tmp_path, b)
+    assert (tmp_path / "latest").read_bytes() == b"2"
+    assert os.readlink(tmp_path / "latest") == os.path.join("r", "step_000002.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "r"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Resume equivalence
+
+
+def test_resume_in_process_matches_an_uninterrupted_run(run_b, shared_synthetic_data, tmp_path):
+    hp_b, summary_b, work_b = run_b
+    hp_a = tiny_hp(shared_synthetic_data, tmp_path / "a", num_iterations=N, save_every=0, save_final=False,
+                   train_loss_every=1, val_loss_every=0, run_name="A")
+    summary_a = tg.train(hp_a)
+    assert not (tmp_path / "a" / "checkpoints").exists() or not any((tmp_path / "a" / "checkpoints").iterdir())
+    train_a, val_a = parse_log(tmp_path / "a" / "logs" / "A.txt")
+    assert sorted(train_a) == list(range(1, N + 1)) and sorted(val_a) == [N]
+    # saving checkpoints does not change the run
+    train_b, val_b = parse_log(work_b / "logs" / "B.txt")
+    assert train_b == train_a and val_b == val_a
+    assert summary_b["final_val_loss"] == pytest.approx(summary_a["final_val_loss"], abs=1e-6)
+
+    hp_c = tiny_hp(shared_synthetic_data, tmp_path / "c", num_iterations=N, train_loss_every=1, val_loss_every=0,
+                   run_name="C", resume=str(ckpt_path(hp_b, SAVE_EVERY)))
+    summary_c = tg.train(hp_c)
+    log_c = (tmp_path / "c" / "logs" / "C.txt").read_text()
+    assert f"resumed from {ckpt_path(hp_b, SAVE_EVERY).resolve()} at step {SAVE_EVERY}" in log_c
+    train_c, val_c = parse_log(tmp_path / "c" / "logs" / "C.txt")
+    assert sorted(train_c) == list(range(SAVE_EVERY + 1, N + 1))
+    for step in train_c:
+        assert train_c[step] == pytest.approx(train_a[step], abs=1e-6), step
+    assert val_c[N] == pytest.approx(val_a[N], abs=1e-6)
+    assert summary_c["final_val_loss"] == pytest.approx(summary_a["final_val_loss"], abs=1e-6)
+    # the resumed run saved its final checkpoint with the same weights as the uninterrupted one's
+    final_b = torch.load(ckpt_path(hp_b, N), weights_only=True)
+    final_c = torch.load(ckpt_path(hp_c, N), weights_only=True)
+    for k, v in final_b["model"].items():
+        torch.testing.assert_close(final_c["model"][k], v, rtol=0, atol=1e-6)
+    assert final_c["loader"] == final_b["loader"]
+
+
+def _launch(flags, log_path):
+    env = subprocess_env(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40), OMP_NUM_THREADS="1")
+    out = open(log_path, "wb")
+    return subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py"), *flags], cwd=ROOT, env=env, stdout=out,
+                            stderr=subprocess.STDOUT), out
+
+
+def test_sigkill_and_resume_matches_an_uninterrupted_subprocess_run(shared_synthetic_data, tmp_path):
+    steps, kill_after = 10, 4
+    common = dict(num_iterations=steps, train_loss_every=1, val_loss_every=0, val_tokens=2048)
+    ref_flags = tiny_flags(shared_synthetic_data, tmp_path / "ref", run_name="ref", save_every=0, **common)
+    kill_flags = tiny_flags(shared_synthetic_data, tmp_path / "kill", run_name="victim", save_every=2, **common)
+    ref, ref_out = _launch(ref_flags, tmp_path / "ref.out")  # both at once: one core each
+    victim, victim_out = _launch(kill_flags, tmp_path / "victim.out")
+    run_dir = tmp_path / "kill" / "checkpoints" / "victim"
+    marker = run_dir / f"step_{kill_after:06d}.pt"
+    deadline = time.monotonic() + 240
+    killed = False
+    try:
+        while not marker.exists() and victim.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), (tmp_path / "victim.out").read_text()
+        if victim.poll() is None:
+            victim.send_signal(signal.SIGKILL)
+            killed = True
+        victim.wait(timeout=60)
+        assert ref.wait(timeout=240) == 0, (tmp_path / "ref.out").read_text()
+    finally:
+        for p in (ref, victim):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        ref_out.close()
+        victim_out.close()
+    if killed:
+        assert victim.returncode == -signal.SIGKILL
+    # every step file that exists is complete (temp files may be left by the kill, never partial step files)
+    saved = sorted(p for p in run_dir.iterdir() if p.name.startswith("step_"))
+    for p in saved:
+        assert tg.load_checkpoint(p)["step"] == int(p.stem.split("_")[1])
+    newest_before = max(int(p.stem.split("_")[1]) for p in saved)
+
+    # resume: the run directory when it was really killed, else explicitly from the step-4 file
+    resume_from = str(run_dir) if killed else str(marker)
+    env = subprocess_env(OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, str(ROOT / "train_gpt.py"), "--resume", resume_from,
+                          "--checkpoint-dir", str(tmp_path / "kill" / "checkpoints")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    start = newest_before if killed else kill_after
+    assert f"at step {start}" in res.stdout
+
+    train_ref, val_ref = parse_log(tmp_path / "ref" / "logs" / "ref.txt")
+    train_kill, val_kill = parse_log(tmp_path / "kill" / "logs" / "victim.txt")
+    assert sorted(train_ref) == list(range(1, steps + 1))
+    assert sorted(train_kill) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert train_kill[step] == pytest.approx(train_ref[step], abs=1e-6), step
+    assert val_kill[steps] == pytest.approx(val_ref[steps], abs=1e-6)
+    log = (tmp_path / "kill" / "logs" / "victim.txt").read_text()
+    assert log.count("resumed from") == 1
+    final = tg.load_checkpoint(run_dir / f"step_{steps:06d}.pt")
+    assert final["step"] == steps
+    assert (tmp_path / "kill" / "checkpoints" / "latest").resolve() == (run_dir / f"step_{steps:06d}.pt").resolve()
+    shutil.rmtree(tmp_path / "kill" / "checkpoints")

@@ -1,0 +1,290 @@
+"""The GPT model: shapes follow the config, zero-initialised projections, soft-capped logits, U-net/value-embedding
+wiring, parameter groups, gradients, and the size of the real track-1 model."""
+
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import train_gpt as tg  # noqa: E402
+
+VOCAB = 50304  # the BOS id 50256 must be a valid row
+SEQ = 256
+
+
+def small_cfg(**kw) -> tg.GPTConfig:
+    base = dict(vocab_size=VOCAB, num_layers=6, model_dim=64, num_heads=2, head_dim=32, no_attn_layer=3)
+    base.update(kw)
+    return tg.GPTConfig(**base)
+
+
+def make_tokens(seed: int, n: int = SEQ, bos_at=(0, 40, 41, 130, 200)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    toks = torch.randint(0, tg.BOS_ID, (n,), generator=g)
+    for p in bos_at:
+        toks[p] = tg.BOS_ID
+    return toks.to(torch.int32)
+
+
+def make_model(seed: int = 0, **kw) -> tg.GPT:
+    torch.manual_seed(seed)
+    return tg.GPT(small_cfg(**kw)).configure(torch.device("cpu"))
+
+
+def randomise_zero_init(model: tg.GPT, seed: int = 1, head_std: float = 1.0) -> None:
+    """Give the zero-initialised matrices (lm_head, attention and MLP output projections) random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(torch.randn(model.lm_head.weight.shape, generator=g) * head_std)
+        for block in model.blocks:
+            projs = [block.mlp.c_proj] + ([block.attn.c_proj] if block.attn is not None else [])
+            for lin in projs:
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / math.sqrt(lin.weight.size(1)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# shapes and initialisation
+
+
+@pytest.mark.parametrize("layers,dim,heads,head_dim,no_attn", [(6, 64, 2, 32, 3), (5, 64, 2, 48, -1), (4, 32, 4, 16, 0)])
+def test_parameter_shapes_follow_config(layers, dim, heads, head_dim, no_attn):
+    cfg = small_cfg(num_layers=layers, model_dim=dim, num_heads=heads, head_dim=head_dim, no_attn_layer=no_attn)
+    model = tg.GPT(cfg)
+    hdim = heads * head_dim
+    assert model.embed.weight.shape == (VOCAB, dim)
+    assert len(model.value_embeds) == 3
+    for e in model.value_embeds:
+        assert e.weight.shape == (VOCAB, hdim)
+    assert model.lm_head.weight.shape == (VOCAB, dim)
+    assert model.skip_weights.shape == (layers // 2,)
+    assert len(model.blocks) == layers
+    for i, block in enumerate(model.blocks):
+        assert block.lambdas.shape == (2,)
+        assert block.mlp.c_fc.weight.shape == (4 * dim, dim)
+        assert block.mlp.c_proj.weight.shape == (dim, 4 * dim)
+        if i == no_attn:
+            assert block.attn is None
+        else:
+            assert block.attn is not None
+            assert block.attn.qkv_w.shape == (3, hdim, dim)
+            assert block.attn.c_proj.weight.shape == (dim, hdim)
+            assert block.attn.lambdas.shape == (2,)
+    n_attn = layers - (1 if 0 <= no_attn < layers else 0)
+    expected_total = (VOCAB * dim + 3 * VOCAB * hdim + VOCAB * dim + layers // 2
+                      + layers * (2 + 8 * dim * dim) + n_attn * (2 + 3 * hdim * dim + dim * hdim))
+    assert sum(p.numel() for p in model.parameters()) == expected_total
+
+
+def test_zero_initialised_outputs_and_nonzero_inputs():
+    model = make_model()
+    assert torch.count_nonzero(model.lm_head.weight) == 0
+    for block in model.blocks:
+        assert torch.count_nonzero(block.mlp.c_proj.weight) == 0
+        assert torch.count_nonzero(block.mlp.c_fc.weight) > 0
+        if block.attn is not None:
+            assert torch.count_nonzero(block.attn.c_proj.weight) == 0
+            assert torch.count_nonzero(block.attn.qkv_w) > 0
+            # uniform init with bound sqrt(3) * 0.5 / sqrt(fan_in): std 0.5 / sqrt(fan_in)
+            bound = math.sqrt(3) * 0.5 / math.sqrt(model.cfg.model_dim)
+            assert block.attn.qkv_w.abs().max() <= bound
+            assert block.attn.qkv_w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+        assert block.lambdas.tolist() == [1.0, 0.0]
+    assert torch.equal(model.skip_weights, torch.ones(model.cfg.num_layers // 2))
+
+
+def test_initial_loss_is_log_vocab():
+    """lm_head is zero, so every soft-capped logit is cap * sigmoid(0) = 15 and the loss is ln(vocab)."""
+    model = make_model()
+    toks = make_tokens(0)
+    targets = make_tokens(1, bos_at=()).long()
+    with torch.no_grad():
+        logits = model(toks)
+        loss = model(toks, targets, long_window=128)
+    assert logits.shape == (SEQ, VOCAB)
+    assert torch.all(logits == model.cfg.logit_cap / 2)
+    assert loss.item() == pytest.approx(math.log(VOCAB), abs=1e-4)
+
+
+def test_logits_are_soft_capped():
+    model = make_model()
+    randomise_zero_init(model, head_std=2.0)
+    toks = make_tokens(2)
+    with torch.no_grad():
+        logits = model(toks, long_window=128)
+        h = model.hidden(toks, torch.tensor(128, dtype=torch.int32))[0]
+        raw = h.double() @ model.lm_head.weight.double().T
+    # the final hidden state is RMS-normalised
+    torch.testing.assert_close(h.pow(2).mean(-1), torch.ones(SEQ), atol=1e-4, rtol=0)
+    # the cap matters: raw logits go well beyond +-cap
+    assert raw.abs().max() > 2 * model.cfg.logit_cap
+    expected = 30.0 * torch.sigmoid(raw / 7.5)
+    torch.testing.assert_close(logits.double(), expected, atol=2e-4, rtol=1e-5)
+    assert logits.min() > 0 and logits.max() < 30
+    targets = make_tokens(3, bos_at=()).long()
+    with torch.no_grad():
+        loss = model(toks, targets, long_window=128)
+    assert loss.item() == pytest.approx(F.cross_entropy(expected, targets).item(), rel=1e-5)
+
+
+def test_chunked_validation_loss_matches_unchunked():
+    model = make_model()
+    randomise_zero_init(model)
+    toks, targets = make_tokens(4), make_tokens(5, bos_at=()).long()
+    with torch.no_grad():
+        full = model(toks, targets, long_window=128)
+        chunked = model(toks, targets, long_window=128, loss_chunk=96)  # 96 does not divide 256
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# wiring
+
+
+def expected_value_embed_layers(num_layers: int, n: int = 3) -> list:
+    """Tables 0..n-1 for the last n blocks, then for the first n blocks (which win where the two overlap)."""
+    out = [None] * num_layers
+    for t in range(n):
+        if num_layers - n + t >= 0:
+            out[num_layers - n + t] = t
+    for t in range(min(n, num_layers)):
+        out[t] = t
+    return out
+
+
+def test_value_embed_layers_twelve_blocks():
+    model = tg.GPT(small_cfg(num_layers=12, vocab_size=VOCAB, model_dim=16, num_heads=1, head_dim=16))
+    assert model.value_embed_layers() == [0, 1, 2] + [None] * 6 + [0, 1, 2]
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3, 4, 5, 6, 7, 12])
+def test_value_embed_layers_any_depth(layers):
+    model = tg.GPT(small_cfg(num_layers=layers, vocab_size=VOCAB, model_dim=16, num_heads=1, head_dim=16,
+                             no_attn_layer=-1))
+    got = model.value_embed_layers()
+    assert got == expected_value_embed_layers(layers)
+    # every one of the first min(3, L) blocks gets its own table; every table index is valid
+    assert got[:min(3, layers)] == list(range(min(3, layers)))
+    assert all(t is None or 0 <= t < 3 for t in got)
+
+
+def test_value_embedding_tables_reach_the_blocks_they_are_mapped_to():
+    """Changing table t changes the output exactly when some block with attention uses table t."""
+    model = make_model(num_layers=4, no_attn_layer=-1, vocab_size=1024)  # mapping [0, 1, 2, 2]
+    randomise_zero_init(model)
+    toks = torch.randint(0, 1024, (SEQ,), generator=torch.Generator().manual_seed(6)).to(torch.int32)
+    with torch.no_grad():
+        base = model(toks, long_window=128)
+        for t in range(3):
+            saved = model.value_embeds[t].weight.clone()
+            model.value_embeds[t].weight.add_(1.0)
+            changed = not torch.allclose(model(toks, long_window=128), base)
+            model.value_embeds[t].weight.copy_(saved)
+            assert changed, t
+    # with block 0 (the only user of table 0) attention-free, table 0 is unused
+    model = make_model(num_layers=4, no_attn_layer=0, vocab_size=1024)
+    randomise_zero_init(model)
+    with torch.no_grad():
+        base = model(toks, long_window=128)
+        model.value_embeds[0].weight.add_(1.0)
+        assert torch.equal(model(toks, long_window=128), base)
+
+
+def test_param_groups_partition_parameters():
+    model = make_model()
+    groups = model.param_groups()
+    assert set(groups) == {"muon", "embed", "head", "scalar"}
+    all_named = dict(model.named_parameters())
+    seen = [name for g in groups.values() for name, _ in g]
+    assert len(seen) == len(set(seen)) == len(all_named)
+    assert set(seen) == set(all_named)
+    for g in groups.values():
+        for name, p in g:
+            assert p is all_named[name]
+    muon = {n for n, _ in groups["muon"]}
+    expected_muon = set()
+    for i, block in enumerate(model.blocks):
+        expected_muon |= {f"blocks.{i}.mlp.c_fc.weight", f"blocks.{i}.mlp.c_proj.weight"}
+        if block.attn is not None:
+            expected_muon |= {f"blocks.{i}.attn.qkv_w", f"blocks.{i}.attn.c_proj.weight"}
+    assert muon == expected_muon
+    assert all(p.ndim >= 2 for _, p in groups["muon"])
+    assert {n for n, _ in groups["embed"]} == {"embed.weight"} | {f"value_embeds.{t}.weight" for t in range(3)}
+    assert {n for n, _ in groups["head"]} == {"lm_head.weight"}
+    scalars = {n for n, _ in groups["scalar"]}
+    assert "skip_weights" in scalars and "blocks.0.lambdas" in scalars and "blocks.0.attn.lambdas" in scalars
+    assert all(p.ndim < 2 for _, p in groups["scalar"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# gradients
+
+
+def test_gradients_wake_up_as_zero_init_weights_move():
+    """Zero lm_head and zero output projections gate the gradient: at step 0 only lm_head has one; after the head
+    moves, everything on the residual path does; after the projections move, every parameter does."""
+    # A small vocabulary keeps the three optimiser steps fast; the tokens then hold no BOS (one document).
+    model = make_model(vocab_size=1024)
+    hp = tg.Hyperparameters(vocab_size=1024, num_layers=6, model_dim=64, num_heads=2, head_dim=32, no_attn_layer=3)
+    opts = tg.build_optimizers(model, hp)
+    g = torch.Generator().manual_seed(7)
+    toks, targets = torch.randint(0, 1024, (2, SEQ), generator=g)
+    toks = toks.to(torch.int32)
+    names = dict(model.named_parameters())
+    gated_by_proj = {n for n in names if n.endswith(("attn.qkv_w", "mlp.c_fc.weight", "attn.lambdas"))
+                     or n.startswith("value_embeds.")}
+    nonzero_by_step = []
+    for step in range(3):
+        loss = model(toks, targets, long_window=128)
+        loss.backward()
+        assert torch.isfinite(loss)
+        for n, p in names.items():
+            assert p.grad is not None, n
+            assert torch.isfinite(p.grad).all(), n
+        nonzero_by_step.append({n for n, p in names.items() if torch.count_nonzero(p.grad) > 0})
+        for opt in opts.values():
+            opt.step()
+        model.zero_grad(set_to_none=True)
+    assert nonzero_by_step[0] == {"lm_head.weight"}
+    assert nonzero_by_step[1] == set(names) - gated_by_proj
+    assert nonzero_by_step[2] == set(names)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the real track-1 model, and run-time configuration
+
+
+def test_default_config_parameter_count_on_meta():
+    cfg = tg.GPTConfig()
+    with torch.device("meta"):
+        model = tg.GPT(cfg)
+    d, L, V = cfg.model_dim, cfg.num_layers, cfg.vocab_size
+    hdim = cfg.num_heads * cfg.head_dim
+    assert hdim == d == 768 and L == 12 and 0 <= cfg.no_attn_layer < L
+    n_attn = L - 1
+    groups = model.param_groups()
+    muon_count = sum(p.numel() for _, p in groups["muon"])
+    assert muon_count == n_attn * 4 * d * d + L * 8 * d * d
+    embed_count = sum(p.numel() for _, p in groups["embed"])
+    assert embed_count == 4 * V * d
+    assert sum(p.numel() for _, p in groups["head"]) == V * d
+    assert sum(p.numel() for _, p in groups["scalar"]) == 2 * L + 2 * n_attn + L // 2
+    # GPT-2 small class: about 85M in the blocks' matrices, 124M-ish counting one embedding and the head
+    assert 80e6 < muon_count < 90e6
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_configure_on_cpu():
+    model = tg.GPT(small_cfg(num_layers=2, model_dim=16, num_heads=1, head_dim=16))
+    assert model.configure(torch.device("cpu")) is model
+    assert model.attn_impl == "dense"
+    assert model.head_precision == "fp32"
+    assert model.act_dtype == torch.float32
+    model.configure(torch.device("cpu"), attention="flex", fp8=True)
+    assert model.attn_impl == "flex" and model.head_precision == "fp32"
+    assert tg.head_precision(torch.device("cpu"), True) == "fp32"
+    assert tg.head_precision(torch.device("cpu"), False) == "fp32"

@@ -1,0 +1,270 @@
+"""Newton-Schulz orthogonalisation, Muon and DistAdam against hand computations and torch.optim.Adam, the gathered
+optimiser state, and the 2-process (gloo) optimisers against the 1-process ones."""
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import train_gpt as tg  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Newton-Schulz
+
+
+def designed_matrix(shape, kappa: float, seed: int):
+    """A random matrix with random singular vectors and singular values log-spaced over [1, kappa] (times 3.7)."""
+    g = torch.Generator().manual_seed(seed)
+    *batch, m, n = shape
+    r = min(m, n)
+    U, _ = torch.linalg.qr(torch.randn(*batch, m, r, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(*batch, n, r, generator=g, dtype=torch.float64))
+    s = 3.7 * torch.logspace(0, math.log10(kappa), r, dtype=torch.float64)
+    s = s[torch.randperm(r, generator=g)]
+    return ((U * s[..., None, :]) @ V.mT).float(), U, s, V
+
+
+def quintic5(s: torch.Tensor) -> torch.Tensor:
+    """Five applications of the scalar map s -> a s + b s^3 + c s^5 (exact arithmetic)."""
+    a, b, c = NS_COEFFS
+    for _ in range(5):
+        s = a * s + b * s ** 3 + c * s ** 5
+    return s
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (128, 512), (512, 128), (3, 64, 128), (96, 40)])
+def test_newton_schulz_pushes_singular_values_to_one(shape):
+    kappa = 100.0
+    G, U, s, V = designed_matrix(shape, kappa, seed=sum(shape))
+    X = tg.zeropower_via_newtonschulz5(G)
+    assert X.shape == G.shape and X.dtype == torch.bfloat16
+    sv_in = torch.linalg.svdvals(G.double())
+    sv_out = torch.linalg.svdvals(X.double())
+    # the input is badly conditioned: no rescaling of it fits in [0.5, 1.5] (which needs max / min <= 3)
+    assert (sv_in.max(-1).values / sv_in.min(-1).values > 50).all()
+    # the quintic keeps each singular value in roughly [0.7, 1.2]; [0.5, 1.5] leaves room for bf16
+    assert sv_out.min() > 0.5 and sv_out.max() < 1.5, (sv_out.min().item(), sv_out.max().item())
+    # singular vectors are kept: X ~ U diag(p(s / |G|_F)) V^T, with p the five-fold quintic
+    D = U.mT @ X.double() @ V
+    diag = torch.diagonal(D, dim1=-2, dim2=-1)
+    predicted = quintic5(s / G.double().norm(dim=(-2, -1), keepdim=True)[..., 0])
+    assert (diag - predicted).abs().max() < 0.05
+    assert (D - torch.diag_embed(diag)).abs().max() < 0.05
+    cos = F.cosine_similarity(X.double().flatten(), (U @ V.mT).flatten(), dim=0)
+    assert cos > 0.9
+
+
+def test_newton_schulz_is_scale_invariant_and_batched():
+    G, *_ = designed_matrix((3, 64, 128), 20.0, seed=5)
+    X = tg.zeropower_via_newtonschulz5(G)
+    for i in range(3):
+        torch.testing.assert_close(tg.zeropower_via_newtonschulz5(G[i]), X[i], atol=0, rtol=0)
+    torch.testing.assert_close(tg.zeropower_via_newtonschulz5(G * 1024.0).float(), X.float(), atol=2e-2, rtol=0)
+    # tall input: the result is the transpose of the wide input's result
+    torch.testing.assert_close(tg.zeropower_via_newtonschulz5(G[0].mT), X[0].mT, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Muon, one process
+
+MUON_SHAPES = {"tall": (128, 32), "wide": (32, 128), "square_a": (64, 64), "square_b": (64, 64), "stack": (3, 64, 32)}
+
+
+def test_muon_step_matches_hand_computation():
+    lr, momentum = 0.02, 0.9
+    g = torch.Generator().manual_seed(0)
+    params = {n: torch.nn.Parameter(torch.randn(s, generator=g) * 0.1) for n, s in MUON_SHAPES.items()}
+    expected = {n: p.detach().clone() for n, p in params.items()}
+    bufs = {n: torch.zeros_like(p) for n, p in params.items()}
+    opt = tg.Muon(list(params.items()), lr=lr, momentum=momentum)
+    for _ in range(2):
+        grads = {n: torch.randn(p.shape, generator=g) for n, p in params.items()}
+        for n, p in params.items():
+            p.grad = grads[n].clone()
+            bufs[n] = momentum * bufs[n] + (1 - momentum) * grads[n]  # momentum: lerp towards the gradient
+            nesterov = (1 - momentum) * grads[n] + momentum * bufs[n]  # Nesterov: lerp gradient towards momentum
+            rows, cols = p.shape[-2], p.shape[-1]
+            update = tg.zeropower_via_newtonschulz5(nesterov).float()
+            expected[n] = expected[n] - lr * math.sqrt(max(1.0, rows / cols)) * update
+        opt.step()
+        for n, p in params.items():
+            torch.testing.assert_close(p.detach(), expected[n], atol=1e-6, rtol=1e-6, msg=n)
+            torch.testing.assert_close(opt.state[p]["momentum_buffer"], bufs[n], atol=1e-6, rtol=1e-6, msg=n)
+
+
+def test_muon_update_is_orthogonal_with_shape_scale():
+    """The size of one step, independently of the implementation: lr * scale * (singular values ~ 1)."""
+    lr = 0.1
+    for n, shape in MUON_SHAPES.items():
+        p = torch.nn.Parameter(torch.zeros(shape))
+        opt = tg.Muon([(n, p)], lr=lr, momentum=0.5)
+        p.grad = designed_matrix(shape, 10.0, seed=3)[0]
+        opt.step()
+        scale = math.sqrt(max(1.0, shape[-2] / shape[-1]))
+        sv = torch.linalg.svdvals(-p.detach().double() / (lr * scale))
+        assert sv.min() > 0.5 and sv.max() < 1.5, n
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DistAdam, one process
+
+
+def test_dist_adam_matches_torch_adam():
+    g = torch.Generator().manual_seed(1)
+    shapes = [(50, 16), (7,), (2,), (1024, 8)]
+    init = [torch.randn(s, generator=g) for s in shapes]
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    ref = [torch.nn.Parameter(t.clone()) for t in init]
+    betas, eps = (0.8, 0.95), 1e-10
+    lrs = (0.6, 0.008, 0.04)
+    opt = tg.DistAdam([{"params": [("a", ours[0]), ("d", ours[3])], "lr": lrs[0]},
+                       {"params": [("b", ours[1])], "lr": lrs[1]}, {"params": [("c", ours[2])], "lr": lrs[2]}],
+                      lr=lrs[0], betas=betas, eps=eps)
+    torch_opt = torch.optim.Adam([{"params": [ref[0], ref[3]], "lr": lrs[0]}, {"params": [ref[1]], "lr": lrs[1]},
+                                  {"params": [ref[2]], "lr": lrs[2]}], lr=lrs[0], betas=betas, eps=eps,
+                                 weight_decay=0.0)
+    for step in range(4):
+        for a, b in zip(ours, ref):
+            grad = torch.randn(a.shape, generator=g) * 10 ** (step - 2)  # gradients of changing size
+            a.grad, b.grad = grad.clone(), grad.clone()
+        opt.step()
+        torch_opt.step()
+        for i, (a, b) in enumerate(zip(ours, ref)):
+            torch.testing.assert_close(a.detach(), b.detach(), atol=1e-6, rtol=1e-5, msg=f"param {i} step {step}")
+    for a, b in zip(ours, ref):
+        assert not torch.equal(a.detach(), init[ours.index(a)])
+        st, ts = opt.state[a], torch_opt.state[b]
+        assert float(st["step"]) == float(ts["step"]) == 4
+        torch.testing.assert_close(st["exp_avg"], ts["exp_avg"], atol=1e-7, rtol=1e-5)
+        torch.testing.assert_close(st["exp_avg_sq"], ts["exp_avg_sq"], atol=1e-9, rtol=1e-5)
+
+
+def test_dist_adam_skips_parameters_without_grad():
+    a, b = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    opt = tg.DistAdam([{"params": [("a", a), ("b", b)]}], lr=0.1)
+    a.grad = torch.ones(4)
+    opt.step()
+    # first Adam step moves by lr * sign(g) (up to eps)
+    torch.testing.assert_close(a.detach(), torch.full((4,), 0.9), atol=1e-6, rtol=0)
+    assert torch.equal(b.detach(), torch.ones(4)) and not opt.state[b]
+    assert set(opt.full_state()) == {"a"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# full_state / load_full_state, one process
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    return tg.GPT(tg.GPTConfig(vocab_size=512, num_layers=3, model_dim=32, num_heads=2, head_dim=16, no_attn_layer=1))
+
+
+def set_grads(model, step):
+    g = torch.Generator().manual_seed(100 + step)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g)
+
+
+def test_full_state_round_trip_one_process():
+    hp = tg.Hyperparameters(vocab_size=512, num_layers=3, model_dim=32, num_heads=2, head_dim=16, no_attn_layer=1)
+    a = small_model()
+    opts_a = tg.build_optimizers(a, hp)
+    for step in range(2):
+        set_grads(a, step)
+        for opt in opts_a.values():
+            opt.step()
+    states = {k: opt.full_state() for k, opt in opts_a.items()}
+    names = dict(a.named_parameters())
+    groups = a.param_groups()
+    assert set(states["muon"]) == {n for n, _ in groups["muon"]}
+    assert set(states["adam"]) == {n for k in ("embed", "head", "scalar") for n, _ in groups[k]}
+    for n, st in states["muon"].items():
+        assert torch.equal(st["momentum_buffer"], opts_a["muon"].state[names[n]]["momentum_buffer"])
+    for n, st in states["adam"].items():
+        ref = opts_a["adam"].state[names[n]]
+        assert float(st["step"]) == 2
+        assert torch.equal(st["exp_avg"], ref["exp_avg"]) and torch.equal(st["exp_avg_sq"], ref["exp_avg_sq"])
+
+    # a copy of the model with fresh optimisers that load the state continues exactly like the original ...
+    b = small_model(seed=1)
+    b.load_state_dict(a.state_dict())
+    opts_b = tg.build_optimizers(b, hp)
+    for k, opt in opts_b.items():
+        opt.load_full_state(states[k])
+    # ... and does not alias the saved state
+    for st in states["adam"].values():
+        st["exp_avg"].add_(1.0)
+    c = small_model(seed=2)
+    c.load_state_dict(a.state_dict())
+    opts_c = tg.build_optimizers(c, hp)  # fresh optimisers, no state: must end elsewhere
+    for model, opts in ((a, opts_a), (b, opts_b), (c, opts_c)):
+        set_grads(model, 2)
+        for opt in opts.values():
+            opt.step()
+    for n, p in a.named_parameters():
+        assert torch.equal(p, dict(b.named_parameters())[n]), n
+    differs = [n for n, p in a.named_parameters() if not torch.allclose(p, dict(c.named_parameters())[n])]
+    assert set(differs) == set(names)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2 processes (gloo) against 1
+
+
+def _assert_state_close(got: dict, want: dict, where: str) -> None:
+    assert set(got) == set(want), where
+    for opt_name in want:
+        assert set(got[opt_name]) == set(want[opt_name]), f"{where}/{opt_name}"
+        for pname, entry in want[opt_name].items():
+            assert set(got[opt_name][pname]) == set(entry)
+            for key, t in entry.items():
+                torch.testing.assert_close(got[opt_name][pname][key], t, atol=1e-6, rtol=1e-5,
+                                           msg=f"{where}/{opt_name}/{pname}/{key}")
+
+
+def test_two_processes_match_one(tmp_path):
+    spec = importlib.util.spec_from_file_location("dist_optim_worker", ROOT / "tests" / "dist_optim_worker.py")
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+
+    prefix = tmp_path / "result"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "dist_optim_worker.py"), str(prefix)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0 = torch.load(f"{prefix}.rank0.pt", weights_only=True)
+    r1 = torch.load(f"{prefix}.rank1.pt", weights_only=True)
+    single = worker.run()  # no process group here: the one-process code path
+    assert single["world_size"] == 1 and r0["world_size"] == r1["world_size"] == 2
+
+    # the cases that make this test meaningful: padded Muon chunks, sharded and replicated Adam parameters
+    assert 1 in r0["muon_chunk_sizes"] and 2 in r0["muon_chunk_sizes"]
+    assert set(single["muon_chunk_sizes"]) == {1}
+    assert set(r0["adam_sharded"]) == {"embed.weight", "lm_head.weight"} | {f"value_embeds.{i}.weight" for i in range(3)}
+    assert single["adam_sharded"] == []
+
+    # every rank holds the same, complete parameters
+    for n, p in r0["params"].items():
+        assert torch.equal(p, r1["params"][n]), n
+    torch.manual_seed(0)  # as the worker does
+    initial = dict(tg.GPT(tg.GPTConfig(**worker.MODEL)).named_parameters())
+    for n, p in single["params"].items():
+        scale = p.abs().max().item()
+        torch.testing.assert_close(r0["params"][n], p, atol=1e-5 * max(scale, 1.0), rtol=1e-5, msg=n)
+        assert not torch.allclose(p, initial[n].detach()), n  # every parameter moved
+    for which in ("reloaded", "final"):
+        _assert_state_close(r0["states"][which], single["states"][which], f"rank0/{which}")
+        _assert_state_close(r1["states"][which], single["states"][which], f"rank1/{which}")
