@@ -3,6 +3,7 @@ hyper-parameters of a very small, fast CPU run on it."""
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import re
@@ -12,11 +13,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# Idle OpenMP threads sleep instead of spinning: with 2 cores, a spinning thread that waits for one descheduled by
+# another process (a subprocess run of a test, torchrun's workers) makes every step several times slower. It must be
+# set before torch is imported; subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import train_gpt  # noqa: E402
+
+
+def _keep_freed_memory_in_heap() -> None:
+    """What train_gpt.py's CPU re-exec does with MALLOC_MMAP_MAX_=0 / MALLOC_TRIM_THRESHOLD_, for the in-process
+    runs of the tests: without it glibc unmaps every large freed tensor and each step faults its pages in again."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+_keep_freed_memory_in_heap()
 
 BOS = 50256
 MAGIC = 20240520

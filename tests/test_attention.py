@@ -39,6 +39,8 @@ def make_tokens(pattern: str, T: int, seed: int = 0) -> torch.Tensor:
         toks[[50, 51, 52]] = BOS
     elif pattern == "long_docs":  # two documents, both longer than the small windows; no BOS at 0
         toks[T // 2 + 37] = BOS
+    elif pattern == "mixed":  # documents of 5, 1, 94 and T - 100 tokens
+        toks[[0, 5, 6, 100]] = BOS
     elif pattern == "block_edges":  # documents that start right at and right next to block boundaries
         for p in (0, BLOCK - 1, BLOCK, T - BLOCK + 1, T - 1):
             toks[p] = BOS
@@ -221,14 +223,16 @@ def test_flex_attention_matches_reference(T, pattern, window):
 # AttentionMasks and the whole model
 
 
-@pytest.mark.parametrize("long_window", [200, 255, 512])
+@pytest.mark.parametrize("long_window", [64, 200, 255, 512])
 def test_attention_masks_long_and_short(long_window):
     T = 256
-    toks = make_tokens("many_short", T, seed=3)
+    toks = make_tokens("mixed", T, seed=3)
     w = torch.tensor(long_window, dtype=torch.int32)
     dense = tg.AttentionMasks(toks, w, "dense", SCALE)
     flex = tg.AttentionMasks(toks, w, "flex", SCALE)
     short = long_window // 2
+    if long_window < 512:  # the test can tell the two windows apart
+        assert not torch.equal(ref_mask(toks, long_window), ref_mask(toks, short))
     assert torch.equal(dense.masks["long"], ref_mask(toks, long_window))
     assert torch.equal(dense.masks["short"], ref_mask(toks, short))
     assert torch.equal(effective_mask(flex.masks["long"], T), ref_mask(toks, long_window))
@@ -250,9 +254,7 @@ def test_gpt_flex_and_dense_give_same_logits():
         for block in model.blocks:
             for lin in [block.mlp.c_proj] + ([block.attn.c_proj] if block.attn is not None else []):
                 lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / math.sqrt(lin.weight.size(1)))
-    toks = make_tokens("no_bos", 256, seed=7)
-    toks[[0, 5, 6, 100]] = BOS  # documents of 5, 1, 94 and 156 tokens: the 64/128 windows bind in the last two
-    toks = toks.to(torch.int32)
+    toks = make_tokens("mixed", 256, seed=7).to(torch.int32)  # the 64/128 windows bind in the long documents
     with torch.no_grad():
         model.attn_impl = "dense"
         dense = model(toks, long_window=128)

@@ -324,6 +324,8 @@ def test_resume_in_process_matches_an_uninterrupted_run(run_b, shared_synthetic_
                    run_name="C", resume=str(ckpt_path(hp_b, SAVE_EVERY)))
     summary_c = tg.train(hp_c)
     log_c = (tmp_path / "c" / "logs" / "C.txt").read_text()
+    source = (ROOT / "train_gpt.py").read_text(encoding="utf-8")
+    assert log_c.startswith(source)  # a new log file, even of a resumed run, begins with the code
     assert f"resumed from {ckpt_path(hp_b, SAVE_EVERY).resolve()} at step {SAVE_EVERY}" in log_c
     train_c, val_c = parse_log(tmp_path / "c" / "logs" / "C.txt")
     assert sorted(train_c) == list(range(SAVE_EVERY + 1, N + 1))
@@ -347,7 +349,7 @@ def _launch(flags, log_path):
 
 
 def test_sigkill_and_resume_matches_an_uninterrupted_subprocess_run(shared_synthetic_data, tmp_path):
-    steps, kill_after = 10, 4
+    steps, kill_after = 8, 4
     common = dict(num_iterations=steps, train_loss_every=1, val_loss_every=0, val_tokens=2048)
     ref_flags = tiny_flags(shared_synthetic_data, tmp_path / "ref", run_name="ref", save_every=0, **common)
     kill_flags = tiny_flags(shared_synthetic_data, tmp_path / "kill", run_name="victim", save_every=2, **common)
@@ -399,7 +401,10 @@ def test_sigkill_and_resume_matches_an_uninterrupted_subprocess_run(shared_synth
         assert train_kill[step] == pytest.approx(train_ref[step], abs=1e-6), step
     assert val_kill[steps] == pytest.approx(val_ref[steps], abs=1e-6)
     log = (tmp_path / "kill" / "logs" / "victim.txt").read_text()
-    assert log.count("resumed from") == 1
+    assert sum(line.startswith("resumed from") for line in log.splitlines()) == 1
+    source = (ROOT / "train_gpt.py").read_text(encoding="utf-8")
+    assert log.startswith(source)
+    assert log.count(source.splitlines()[0]) == 1  # the resumed run appended to its log, without the code again
     final = tg.load_checkpoint(run_dir / f"step_{steps:06d}.pt")
     assert final["step"] == steps
     assert (tmp_path / "kill" / "checkpoints" / "latest").resolve() == (run_dir / f"step_{steps:06d}.pt").resolve()

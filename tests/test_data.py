@@ -108,9 +108,6 @@ def test_read_shard_header_messages_say_what_is_wrong(tmp_path):
             tg.read_shard_header(_corrupt(tmp_path, name, mutate))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="bug: a file shorter than the header whose size is not a multiple of 4 makes np.frombuffer "
-                          "raise a bare ValueError (no path) instead of DataError")
 @pytest.mark.parametrize("size", [3, 1023])
 def test_read_shard_header_rejects_odd_sized_partial_header(tmp_path, size):
     path = _corrupt(tmp_path, f"odd{size}.bin", lambda d: d[:size])
@@ -126,6 +123,18 @@ def test_read_shard_header_missing_file(tmp_path):
     assert path in str(exc.value)
 
 
+def test_trainer_write_shard_matches_the_format(tmp_path):
+    tokens = np.random.default_rng(11).integers(0, 65536, size=777)
+    tg.write_shard(tmp_path / "a" / "mine.bin", tokens)
+    write_shard(tmp_path / "ref.bin", tokens)  # the format written by hand in conftest
+    assert (tmp_path / "a" / "mine.bin").read_bytes() == (tmp_path / "ref.bin").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["mine.bin"]  # no temp file left
+    for bad in ([0, 65536], [-1, 3]):
+        with pytest.raises(tg.DataError):
+            tg.write_shard(tmp_path / "bad.bin", np.array(bad))
+    assert not (tmp_path / "bad.bin").exists()
+
+
 def test_find_shards_sorted_and_error_names_the_glob(tmp_path):
     for i in (3, 1, 2):
         write_shard(tmp_path / f"x_train_{i:06d}.bin", np.arange(10))
@@ -137,6 +146,21 @@ def test_find_shards_sorted_and_error_names_the_glob(tmp_path):
         tg.find_shards(str(tmp_path), "y_val_*.bin", "validation")
     assert os.path.join(str(tmp_path), "y_val_*.bin") in str(exc.value)
     assert "validation" in str(exc.value)
+
+
+def test_synthetic_corpus_fixture(synthetic_data):
+    """The conftest corpus: BOS-led documents of arithmetic progressions mod 1000, in the shard format."""
+    counts = {p.name: tg.read_shard_header(p) for p in sorted(synthetic_data.iterdir())}
+    assert counts == {"syn_val_000000.bin": 40_000, "syn_train_000001.bin": 150_000, "syn_train_000002.bin": 150_000}
+    for name in counts:
+        tokens = np.asarray(tg.load_shard(synthetic_data / name)).astype(np.int64)
+        assert tokens[0] == BOS
+        starts = np.flatnonzero(tokens == BOS)
+        lengths = np.diff(np.append(starts, tokens.size))
+        assert lengths[:-1].min() >= 30 and lengths.max() <= 600 and len(starts) > 100
+        doc = tokens[starts[0] + 1:starts[1]]
+        assert len(set(np.diff(doc) % 1000)) == 1  # one stride per document
+    assert tg.find_shards(str(synthetic_data), "syn_train_*.bin", "train")[0].endswith("syn_train_000001.bin")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -320,9 +344,6 @@ def test_loader_wraps_around_to_a_new_epoch(tmp_path):
     assert epochs == sorted(epochs)
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError,
-                   reason="bug: with --max-batch-span-multiplier 1 the loader does not wrap when exactly "
-                          "seqs_per_step * seq_len tokens remain, and reads one token past the end")
 def test_loader_with_span_multiplier_one_wraps_instead_of_reading_past_the_end(tmp_path):
     T, S = 8, 2
     tokens = np.arange(33)  # no BOS: sequences are unaligned; after one step exactly S * T tokens remain
@@ -335,12 +356,20 @@ def test_loader_with_span_multiplier_one_wraps_instead_of_reading_past_the_end(t
 
 def test_loader_errors_when_the_stream_is_shorter_than_one_step(tmp_path):
     T, S = 64, 4
-    files = split_shards(tmp_path, docs_corpus(S * T, 10, 50, seed=8), [100])
-    with pytest.raises(tg.DataError, match=str(S * T + 1)):
+    files = split_shards(tmp_path, docs_corpus(S * (T + 1) - 1, 10, 50, seed=8), [100])
+    with pytest.raises(tg.DataError, match=str(S * (T + 1))):
         tg.TrainLoader(files, T, S)
-    ok = split_shards(tmp_path / "ok", docs_corpus(S * (T + 1) + 5, 10, 50, seed=8), [])
+    ok = split_shards(tmp_path / "ok", docs_corpus(S * (T + 1), 10, 50, seed=8), [])
     loader = tg.TrainLoader(ok, T, S)
     assert len(loader.next_batch(CPU)) == S
+    assert loader.state_dict()["epoch"] == 0  # the smallest accepted stream serves its first step in the first pass
+
+
+def test_token_stream_read_of_nothing(tmp_path):
+    stream = tg.TokenStream(split_shards(tmp_path, np.arange(50), [20]))
+    assert stream.read(20, 0).size == 0
+    with pytest.raises(IndexError):
+        stream.read(45, 6)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -51,7 +51,8 @@ def randomise_zero_init(model: tg.GPT, seed: int = 1, head_std: float = 1.0) -> 
 # shapes and initialisation
 
 
-@pytest.mark.parametrize("layers,dim,heads,head_dim,no_attn", [(6, 64, 2, 32, 3), (5, 64, 2, 48, -1), (4, 32, 4, 16, 0)])
+@pytest.mark.parametrize("layers,dim,heads,head_dim,no_attn",
+                         [(6, 64, 2, 32, 3), (5, 64, 2, 48, -1), (4, 32, 4, 16, 0)])
 def test_parameter_shapes_follow_config(layers, dim, heads, head_dim, no_attn):
     cfg = small_cfg(num_layers=layers, model_dim=dim, num_heads=heads, head_dim=head_dim, no_attn_layer=no_attn)
     model = tg.GPT(cfg)
@@ -218,6 +219,86 @@ def test_param_groups_partition_parameters():
     scalars = {n for n, _ in groups["scalar"]}
     assert "skip_weights" in scalars and "blocks.0.lambdas" in scalars and "blocks.0.attn.lambdas" in scalars
     assert all(p.ndim < 2 for _, p in groups["scalar"])
+
+
+def reference_hidden(model: tg.GPT, tokens: torch.Tensor, window: int) -> torch.Tensor:
+    """The model's final hidden state recomputed in float64 from its weights, written out step by step."""
+    cfg = model.cfg
+    P = {n: p.detach().double() for n, p in model.named_parameters()}
+    toks = tokens.tolist()
+    T, L, H, hd = len(toks), cfg.num_layers, cfg.num_heads, cfg.head_dim
+    docs, d = [], 0
+    for t in toks:
+        d += t == tg.BOS_ID
+        docs.append(d)
+
+    def allowed(w):
+        return torch.tensor([[j <= i and i - j < w and docs[i] == docs[j] for j in range(T)] for i in range(T)])
+
+    masks = {"long": allowed(window), "short": allowed(window // 2)}
+
+    def rms(x):
+        return x / x.pow(2).mean(-1, keepdim=True).sqrt()
+
+    half = hd // 2
+    inv_freq = cfg.rope_base ** (-torch.arange(half, dtype=torch.float64) / half)
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (T, half)
+    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
+
+    def rope(x):  # x: (T, H, hd); rotate the pairs (x[k], x[k + half]) by angle pos * inv_freq[k]
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+    idx = torch.tensor(toks, dtype=torch.long)
+    x0 = rms(P["embed.weight"][idx])
+    ve_tables = [P[f"value_embeds.{t}.weight"][idx] for t in range(cfg.num_value_embeds)]
+    ve_of_block = expected_value_embed_layers(L, cfg.num_value_embeds)
+    n_enc = L // 2
+    x, skips = x0, []
+    for i, block in enumerate(model.blocks):
+        if i >= L - n_enc:  # U-net: the latest unused encoder output feeds this decoder block
+            x = x + P["skip_weights"][i - (L - n_enc)] * skips.pop()
+        lam = P[f"blocks.{i}.lambdas"]
+        x = lam[0] * x + lam[1] * x0
+        if block.attn is not None:
+            pre = f"blocks.{i}.attn."
+            w = P[pre + "qkv_w"]  # (3, H * hd, dim)
+            h = rms(x)
+            q, k, v = ((h @ w[j].T).view(T, H, hd) for j in range(3))
+            q, k = rope(rms(q)), rope(rms(k))
+            al = P[pre + "lambdas"]
+            v = al[0] * v + (al[1] * ve_tables[ve_of_block[i]].view(T, H, hd) if ve_of_block[i] is not None else 0)
+            mask = masks["long" if i % 2 == 0 else "short"]
+            y = torch.empty(T, H, hd, dtype=torch.float64)
+            for head in range(H):
+                scores = (q[:, head] @ k[:, head].T) * cfg.attn_scale
+                scores = scores.masked_fill(~mask, float("-inf"))
+                y[:, head] = torch.softmax(scores, dim=-1) @ v[:, head]
+            x = x + y.reshape(T, H * hd) @ P[pre + "c_proj.weight"].T
+        m = f"blocks.{i}.mlp."
+        x = x + torch.relu(rms(x) @ P[m + "c_fc.weight"].T).pow(2) @ P[m + "c_proj.weight"].T
+        if i < n_enc:
+            skips.append(x)
+    return rms(x)
+
+
+@pytest.mark.parametrize("layers,no_attn", [(5, 1), (6, 4)])
+def test_forward_matches_reference_implementation(layers, no_attn):
+    """Every weight set to random values (mixing scalars too), the logits against a float64 re-implementation."""
+    model = make_model(num_layers=layers, no_attn_layer=no_attn, model_dim=32, num_heads=2, head_dim=24)
+    randomise_zero_init(model, head_std=0.5)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.ndim < 2:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+    T, window = 128, 48
+    toks = make_tokens(10, n=T, bos_at=(3, 4, 60))  # documents of 3, 1, 56 and 68 tokens
+    with torch.no_grad():
+        logits = model(toks, long_window=window)
+    h = reference_hidden(model, toks, window)
+    expected = 30.0 * torch.sigmoid(h @ model.lm_head.weight.detach().double().T / 7.5)
+    torch.testing.assert_close(logits.double(), expected, atol=2e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,355 @@
+"""The command line, import hygiene, the run log, learning, distributed equivalence, torch.compile and wandb."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import re
+import struct
+import subprocess
+import sys
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import ROOT, parse_log, subprocess_env, tiny_flags, tiny_hp
+
+TRAIN_LINE = re.compile(r"^step:\d+/\d+ (train_loss:\d+\.\d{4} )?train_time:\d+ms step_avg:\d+\.\d{2}ms$")
+VAL_LINE = re.compile(r"^step:\d+/\d+ val_loss:\d+\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms$")
+SUMMARY_LINE = re.compile(r"^final val_loss:(\d+\.\d{4}) train_time:(\d+\.\d)s \((\d+) steps, (\d+\.\d)M tokens, "
+                          r"(\d+\.\d{3})M tokens/s\) peak memory: (\d+\.\d{2}) GiB .*; target .*: (not )?reached$")
+BOOL_FLAGS = {"compile": "--no-compile", "fp8": "--no-fp8", "save_final": "--no-save-final", "wandb": "--wandb",
+              "resume": "--resume"}
+FAST_ENV = dict(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40), OMP_NUM_THREADS="1")
+
+
+def flag_of(name: str) -> str:
+    return BOOL_FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def test_help_lists_every_hyperparameter():
+    # no MALLOC_* variables: this also goes through the CPU re-exec of the script
+    env = subprocess_env()
+    env.pop("MALLOC_MMAP_MAX_", None)
+    res = subprocess.run([sys.executable, str(ROOT / "train_gpt.py"), "--help"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    names = [f.name for f in fields(tg.Hyperparameters)]
+    assert len(names) >= 40
+    for name in names:
+        if name == "preset":
+            continue
+        assert re.search(re.escape(flag_of(name)) + r"\b", out), f"{flag_of(name)} missing from --help"
+    assert re.search(r"--preset \{speedrun,a10,tiny\}", out)
+    assert re.search(r"--attention \{auto,flex,dense\}", out)
+    assert "usage: train_gpt.py" in out
+
+
+def test_parse_args_preset_then_flags():
+    assert tg.parse_args([]) == tg.Hyperparameters()
+    tiny = tg.parse_args(["--preset", "tiny"])
+    assert tiny == dataclasses.replace(tg.Hyperparameters(), preset="tiny", **tg.PRESETS["tiny"])
+    assert tiny.model_dim == 128 and tiny.compile is False and tiny.train_seq_len == 1024
+
+    hp = tg.parse_args(["--preset", "tiny", "--model-dim", "96", "--cooldown-frac", "0.3", "--run-name", "x",
+                        "--no-fp8", "--wandb", "--data-dir", "/d", "--val-tokens", "8192", "--attention", "dense"])
+    assert (hp.model_dim, hp.cooldown_frac, hp.run_name, hp.fp8, hp.wandb, hp.data_dir, hp.val_tokens,
+            hp.attention) == (96, 0.3, "x", False, True, "/d", 8192, "dense")
+    assert isinstance(hp.val_tokens, int) and isinstance(hp.cooldown_frac, float)
+    assert hp.num_layers == 6 and hp.train_seq_len == 1024 and hp.preset == "tiny"  # the rest from the preset
+    # the order of flags does not matter: a flag before --preset still wins
+    assert tg.parse_args(["--num-layers", "3", "--preset", "a10"]).num_layers == 3
+    a10 = tg.parse_args(["--preset", "a10", "--no-compile", "--no-save-final"])
+    assert a10.train_seq_len == 12 * 1024 and a10.seqs_per_step == 32 and not a10.compile and not a10.save_final
+    assert a10.num_layers == tg.Hyperparameters().num_layers
+    assert tg.parse_args(["--preset", "tiny", "--resume"]).resume == "auto"
+    assert tg.parse_args(["--preset", "tiny", "--resume", "ck/run"]).resume == "ck/run"
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--num-iterations", "many"], "--num-iterations"),
+    (["--cooldown-frac", "x"], "--cooldown-frac"),
+    (["--preset", "huge"], "--preset"),
+    (["--attention", "sparse"], "--attention"),
+])
+def test_parse_args_errors_exit_2(argv, words, capsys):
+    with pytest.raises(SystemExit) as exc:
+        tg.parse_args(argv)
+    assert exc.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+def test_bad_flag_value_exits_2_from_the_command_line():
+    res = subprocess.run([sys.executable, str(ROOT / "train_gpt.py"), "--num-iterations", "ten"], cwd=ROOT,
+                         env=subprocess_env(**FAST_ENV), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "--num-iterations" in res.stderr and "ten" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_config_error_exits_2_without_traceback(tmp_path, shared_synthetic_data, capsys):
+    rc = tg.main(tiny_flags(shared_synthetic_data, tmp_path, seqs_per_step=3, val_tokens=1000))
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train_gpt.py: error:") and "--val-tokens 1000" in err
+    rc = tg.main(tiny_flags(tmp_path / "nodata", tmp_path))
+    assert rc == 2
+    assert "no train shards match" in capsys.readouterr().err
+
+
+def test_import_has_no_side_effects(tmp_path):
+    code = ("import os, sys; sys.argv = ['x', '--bogus']; import train_gpt, torch; "
+            "print(torch.distributed.is_initialized(), torch.cuda.is_initialized(), "
+            "os.environ.get('MALLOC_MMAP_MAX_'), train_gpt._compiled_flex); print('ok')")
+    env = subprocess_env()
+    env.pop("MALLOC_MMAP_MAX_", None)
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["False", "False", "None", "None", "ok"]
+    assert list(tmp_path.iterdir()) == []  # no logs/ or checkpoints/ created
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One in-process run: the log file, and learning
+
+LOG_STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def logged_run(shared_synthetic_data, tmp_path_factory):
+    work = tmp_path_factory.mktemp("logged")
+    hp = tiny_hp(shared_synthetic_data, work, num_iterations=LOG_STEPS, val_loss_every=8, train_loss_every=3,
+                 save_final=False, run_name="logged")
+    summary = tg.train(hp)
+    return hp, summary, work / "logs" / "logged.txt"
+
+
+def test_log_file_layout(logged_run):
+    hp, summary, log_path = logged_run
+    text = log_path.read_text(encoding="utf-8")
+    source = (ROOT / "train_gpt.py").read_text(encoding="utf-8")
+    assert text.startswith(source)
+    assert text.splitlines()[:20] == source.splitlines()[:20]
+    rest = text[len(source):].lstrip("\n").splitlines()
+    rule = "=" * 100
+    assert rest[0] == rule
+    assert rest[1].startswith("config {")
+    end = rest.index(rule, 1)
+    config = json.loads("\n".join(rest[1:end])[len("config "):])
+    assert config == asdict(hp)
+    env_end = rest.index(rule, end + 1)
+    env = rest[end + 1:env_end]
+    assert env[0].startswith(f"python {platform.python_version()} ")
+    assert any(line.startswith(f"torch {torch.__version__}") for line in env)
+
+    body = rest[env_end + 1:]
+    step_lines = [line for line in body if line.startswith("step:")]
+    for line in step_lines:
+        assert TRAIN_LINE.match(line) or VAL_LINE.match(line), line
+    val_steps = [int(line.split("/")[0][5:]) for line in step_lines if VAL_LINE.match(line)]
+    train_steps = [int(line.split("/")[0][5:]) for line in step_lines if TRAIN_LINE.match(line)]
+    assert val_steps == [0, 8, 16]
+    assert train_steps == list(range(1, LOG_STEPS + 1))
+    with_loss = [int(line.split("/")[0][5:]) for line in step_lines if "train_loss:" in line]
+    assert with_loss == [3, 6, 9, 12, 15]
+    assert all(line.split("/")[1].split()[0] == str(LOG_STEPS) for line in step_lines)
+
+    summary_lines = [line for line in body if line.startswith("final ")]
+    assert len(summary_lines) == 1 and body[-1] == summary_lines[0] and body[-2] == rule
+    m = SUMMARY_LINE.match(summary_lines[0])
+    assert m, summary_lines[0]
+    train, val = parse_log(log_path)
+    assert float(m.group(1)) == val[LOG_STEPS]
+    assert int(m.group(3)) == LOG_STEPS
+    tokens = LOG_STEPS * hp.seqs_per_step * hp.train_seq_len
+    assert float(m.group(4)) == pytest.approx(tokens / 1e6, abs=0.05)
+    assert float(m.group(5)) == pytest.approx(tokens / summary["train_time_s"] / 1e6, abs=1e-3)
+    assert float(m.group(6)) > 0
+    assert summary["final_val_loss"] == pytest.approx(val[LOG_STEPS], abs=5e-5)
+    assert summary["tokens"] == tokens and summary["steps"] == LOG_STEPS
+
+
+def test_tiny_run_learns(logged_run):
+    hp, summary, log_path = logged_run
+    train, val = parse_log(log_path)
+    # the head starts at zero: every logit is equal and the loss is exactly ln(vocab)
+    assert val[0] == pytest.approx(math.log(hp.vocab_size), abs=2e-4)
+    assert val[8] < val[0] - 1.0
+    assert val[LOG_STEPS] < val[8] - 0.5
+    assert val[LOG_STEPS] < math.log(hp.vocab_size) - 3.0
+    assert train[15] < train[3] - 2.0
+    assert summary["reached_target"] == (summary["final_val_loss"] <= hp.target_val_loss)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Distributed equivalence (gloo, CPU)
+
+
+def test_two_processes_match_one(shared_synthetic_data, tmp_path):
+    steps = 6
+    common = dict(num_iterations=steps, train_loss_every=1, val_loss_every=3, seqs_per_step=2, val_tokens=2048,
+                  save_final=False)
+    env = subprocess_env(**FAST_ENV)
+    with open(tmp_path / "one.out", "wb") as out:  # both at once: the single process runs beside the two workers
+        one = subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py"),
+                                *tiny_flags(shared_synthetic_data, tmp_path / "one", run_name="one", **common)],
+                               cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  "--nproc_per_node=2", str(ROOT / "train_gpt.py"),
+                                  *tiny_flags(shared_synthetic_data, tmp_path / "two", run_name="two", **common)],
+                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+            one.wait(timeout=400)
+        finally:
+            if one.poll() is None:
+                one.kill()
+                one.wait()
+    assert one.returncode == 0, (tmp_path / "one.out").read_text()
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    log_two = (tmp_path / "two" / "logs" / "two.txt").read_text()
+    assert "run two: 2 process(es) on cpu, 1 micro-step(s)" in log_two
+    assert "run one: 1 process(es) on cpu, 2 micro-step(s)" in (tmp_path / "one" / "logs" / "one.txt").read_text()
+    train_one, val_one = parse_log(tmp_path / "one" / "logs" / "one.txt")
+    train_two, val_two = parse_log(tmp_path / "two" / "logs" / "two.txt")
+    assert sorted(train_one) == sorted(train_two) == list(range(1, steps + 1))
+    assert sorted(val_one) == sorted(val_two) == [0, 3, 6]
+    # equal within 1e-4, plus one unit of the log's 4-decimal rounding
+    for step in train_one:
+        assert train_two[step] == pytest.approx(train_one[step], abs=2e-4), step
+    for step in val_one:
+        assert val_two[step] == pytest.approx(val_one[step], abs=2e-4), step
+    assert train_one[steps] < train_one[1] - 0.1  # it trained, so the comparison means something
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# torch.compile on CPU
+
+
+def test_compiled_forward_backward_matches_eager():
+    torch.manual_seed(0)
+    cfg = tg.GPTConfig(vocab_size=1024, num_layers=2, model_dim=32, num_heads=2, head_dim=16, no_attn_layer=-1)
+    eager = tg.GPT(cfg).configure(torch.device("cpu"), "dense", fp8=False)
+    with torch.no_grad():  # non-zero head and projections so every gradient is non-trivial
+        for name, p in eager.named_parameters():
+            if name.endswith(("lm_head.weight", "c_proj.weight")):
+                p.normal_(0, 0.05)
+    compiled_model = tg.GPT(cfg).configure(torch.device("cpu"), "dense", fp8=False)
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, dynamic=False)
+    tokens = torch.randint(0, cfg.vocab_size, (129,))  # one document: the 64-token window shapes the mask
+    inputs, targets = tokens[:-1].to(torch.int32), tokens[1:].long()
+    window = torch.tensor(64, dtype=torch.int32)
+
+    loss_e = eager(inputs, targets, window)
+    loss_e.backward()
+    loss_c = compiled(inputs, targets, window)
+    loss_c.backward()
+    assert torch.isfinite(loss_c)
+    torch.testing.assert_close(loss_c, loss_e, rtol=0, atol=1e-4)
+    for name in ("lm_head.weight", "blocks.0.attn.qkv_w", "blocks.1.mlp.c_fc.weight", "embed.weight",
+                 "skip_weights"):
+        ge = eager.get_parameter(name).grad
+        gc = compiled_model.get_parameter(name).grad
+        assert ge is not None and gc is not None and ge.abs().sum() > 0, name
+        torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-4, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Weights & Biases, offline
+
+
+def read_wandb_records(path: Path) -> list:
+    """The protobuf records of an offline run file (run-<id>.wandb): a LevelDB-style log of 32 KiB blocks after a
+    7-byte header; each piece has a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", "not a wandb run file"
+    block, pos, pending, out = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            pos += left
+            continue
+        piece = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 1:
+            out.append(piece)
+        elif kind == 2:
+            pending = piece
+        elif kind == 3:
+            pending += piece
+        elif kind == 4:
+            out.append(pending + piece)
+            pending = b""
+    records = []
+    for raw in out:
+        record = pb.Record()
+        record.ParseFromString(raw)
+        records.append(record)
+    return records
+
+
+def test_wandb_offline_logs_metrics(shared_synthetic_data, tmp_path, monkeypatch):
+    import wandb  # noqa: F401  (a test requirement: wandb is in requirements.txt)
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))  # the trainer's dir= (its log dir) must win
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    hp = tiny_hp(shared_synthetic_data, tmp_path, num_iterations=2, train_loss_every=1, val_loss_every=0,
+                 val_tokens=1024, save_final=False, wandb=True, run_name="wb")
+    summary = tg.train(hp)
+    runs = list((tmp_path / "logs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, sorted(str(p) for p in tmp_path.rglob("*"))
+    run_files = list(runs[0].glob("run-*.wandb"))
+    assert len(run_files) == 1
+    records = read_wandb_records(run_files[0])
+    kinds = [r.WhichOneof("record_type") for r in records]
+    assert "run" in kinds and "history" in kinds and kinds[-1] == "exit"
+
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert run.run_id == "wb" and run.project == hp.wandb_project
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["model_dim"] == 64 and config["num_iterations"] == 2 and config["wandb"] is True
+
+    history = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+            history[row["_step"]] = row
+    train, val = parse_log(tmp_path / "logs" / "wb.txt")
+    assert sorted(history) == [1, 2]
+    for step in (1, 2):
+        assert history[step]["train/loss"] == pytest.approx(train[step], abs=1e-4)
+        assert history[step]["window"] == tg.window_size(step - 1, hp)
+        assert history[step]["lr_multiplier"] == pytest.approx(tg.lr_multiplier(step - 1, hp))
+        assert history[step]["tokens_per_s"] > 0
+    assert history[2]["val/loss"] == pytest.approx(summary["final_val_loss"], abs=1e-6)
+    assert history[2]["val/loss"] == pytest.approx(val[2], abs=1e-4)
+    assert history[2]["final/val_loss"] == pytest.approx(summary["final_val_loss"], abs=1e-6)
+    final = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "summary":
+            final.update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                          for item in r.summary.update})
+    assert final["val/loss"] == pytest.approx(summary["final_val_loss"], abs=1e-6)
+    assert "artifact" in kinds  # the run log is attached
+    assert not (tmp_path / "elsewhere").exists() or not list((tmp_path / "elsewhere").rglob("*.wandb"))
