@@ -767,12 +767,13 @@ def read_shard_header(path: str | Path) -> int:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+            raw = f.read(HEADER_BYTES)
     except OSError as e:
         raise DataError(f"{path}: cannot read shard ({e.strerror})") from e
-    if header.size < HEADER_INTS:
+    if len(raw) < HEADER_BYTES:
         raise DataError(f"{path}: file is {size} bytes, shorter than the {HEADER_BYTES}-byte header; "
                         "it is a partial download: delete it and download again")
+    header = np.frombuffer(raw, dtype="<i4")
     if header[0] != SHARD_MAGIC:
         raise DataError(f"{path}: magic number {header[0]} is not {SHARD_MAGIC}; not a token shard in the "
                         "speedrun format")
@@ -784,6 +785,28 @@ def read_shard_header(path: str | Path) -> int:
         raise DataError(f"{path}: file is {size} bytes but its header announces {num_tokens} tokens "
                         f"({expected} bytes); it is corrupt or partially downloaded: delete it and download again")
     return num_tokens
+
+
+def write_shard(path: str | Path, tokens) -> None:
+    """Write tokens (ids < 65536) as a shard: to a temporary file in the same directory, then renamed."""
+    path = Path(path)
+    arr = np.asarray(tokens)
+    if arr.size and (arr.min() < 0 or arr.max() > 0xFFFF):
+        raise DataError(f"{path}: token ids must fit in uint16 (got {arr.min()}..{arr.max()})")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, arr.size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            f.write(arr.astype("<u2", copy=False).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def load_shard(path: str | Path) -> np.ndarray:
@@ -802,6 +825,22 @@ def find_shards(data_dir: str, pattern: str, what: str) -> list[str]:
     return files
 
 
+def ensure_builtin_corpus(data_dir: str) -> None:
+    """Build data/builtin (the standard library's sources as shards) unless it is already there."""
+    root = str(Path(__file__).resolve().parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from data import builtin
+    from data.tokenizer import TokenizerUnavailable
+
+    if not builtin.is_built(data_dir):
+        print(f"building the built-in corpus in {data_dir} (once)", flush=True)
+        try:
+            builtin.build(data_dir)
+        except (TokenizerUnavailable, RuntimeError) as e:
+            raise DataError(f"cannot build the built-in corpus in {data_dir}: {e}") from e
+
+
 class TokenStream:
     """Several shards read as one stream of tokens."""
 
@@ -813,8 +852,10 @@ class TokenStream:
 
     def read(self, start: int, n: int) -> np.ndarray:
         """Tokens [start, start + n); raises if that runs past the end."""
-        if start < 0 or start + n > self.total:
+        if start < 0 or n < 0 or start + n > self.total:
             raise IndexError(f"token range [{start}, {start + n}) outside stream of {self.total}")
+        if n == 0:
+            return np.empty(0, dtype=np.uint16)
         parts = []
         i = int(np.searchsorted(self.starts, start, side="right")) - 1
         while n > 0:
@@ -851,9 +892,9 @@ class TrainLoader:
         self.seq_len, self.seqs_per_step = seq_len, seqs_per_step
         self.rank, self.world_size = rank, world_size
         self.span = int(span_multiplier * seqs_per_step * seq_len)
-        if self.stream.total < seqs_per_step * seq_len + 1:
+        if self.stream.total < seqs_per_step * (seq_len + 1):
             raise DataError(f"the train shards hold {self.stream.total} tokens, fewer than one step needs "
-                            f"({seqs_per_step * seq_len + 1}); add shards or lower --train-seq-len")
+                            f"({seqs_per_step * (seq_len + 1)}); add shards or lower --train-seq-len")
         self.pos, self.epoch = 0, 0
 
     def state_dict(self) -> dict:
@@ -865,8 +906,8 @@ class TrainLoader:
     def step_starts(self) -> list[int]:
         """Start positions of this step's sequences (advances the loader)."""
         T, S = self.seq_len, self.seqs_per_step
-        if self.pos + self.span > self.stream.total and self.pos + S * (T + 1) > self.stream.total:
-            self.pos, self.epoch = 0, self.epoch + 1  # out of data: start another pass
+        if self.pos + S * (T + 1) > self.stream.total:  # not even an unaligned step fits: start another pass
+            self.pos, self.epoch = 0, self.epoch + 1
         step_start, pos, starts = self.pos, self.pos, []
         for j in range(S):
             room = step_start + self.span - pos - (S - j) * T  # how far this sequence may skip ahead
@@ -1223,6 +1264,11 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
 
+    if hp.train_files.startswith("builtin_"):  # the tiny preset's corpus: built on first use, no network needed
+        if rank == 0:
+            ensure_builtin_corpus(hp.data_dir)
+        if world_size > 1:
+            dist.barrier()
     train_files = find_shards(hp.data_dir, hp.train_files, "train")
     val_files = find_shards(hp.data_dir, hp.val_files, "validation")
     val = ValidationSet(val_files, hp.val_tokens, hp.val_seq_len, rank, world_size)
