@@ -3,11 +3,14 @@
 # environment, lints, then runs pytest. Extra arguments go to pytest, e.g. ./test.sh -k attention -x
 set -euo pipefail
 
+WHISPER_SPEC=openai-whisper==20250625
+
 usage() {
   cat <<'TXT'
 Usage: ./test.sh [PYTEST_ARGS...]
 
-Creates .venv-test (or the directory in $TEST_VENV) with torch 2.13.0 and requirements-dev.txt,
+Creates .venv-test (or the directory in $TEST_VENV) with torch 2.13.0, requirements-dev.txt and the
+offline GPT-2 vocabulary (openai-whisper, installed without its dependencies),
 runs ruff on the Python sources, then pytest on tests/. Needs python3 (3.10+) with venv and pip.
 
 Environment:
@@ -35,12 +38,14 @@ main() {
   fi
   local stamp="$venv/.installed"
   local want
-  want="$torch_spec $(cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16)"
+  want="$torch_spec $WHISPER_SPEC $(cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16)"
   if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
     echo "test.sh: installing $torch_spec and requirements-dev.txt"
     "$venv/bin/python" -m pip install --quiet --upgrade pip
     "$venv/bin/python" -m pip install --quiet "$torch_spec"
     "$venv/bin/python" -m pip install --quiet -r requirements-dev.txt
+    # the offline GPT-2 vocabulary (whisper/assets/gpt2.tiktoken); its own dependencies are not needed
+    "$venv/bin/python" -m pip install --quiet --no-deps "$WHISPER_SPEC"
     echo "$want" >"$stamp"
   fi
 

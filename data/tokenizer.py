@@ -10,8 +10,11 @@ All three give the same ids ("Hello world" -> [15496, 995]); <|endoftext|> is 50
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import socket
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -47,6 +50,30 @@ def encoding_from_ranks(path: str | Path):
                              special_tokens={"<|endoftext|>": EOT_ID})
 
 
+TIKTOKEN_HOST = "openaipublic.blob.core.windows.net"
+TIKTOKEN_GPT2_FILES = (f"https://{TIKTOKEN_HOST}/gpt-2/encodings/main/vocab.bpe",
+                       f"https://{TIKTOKEN_HOST}/gpt-2/encodings/main/encoder.json")
+
+
+def tiktoken_can_load(timeout: float = 3.0) -> bool:
+    """True when tiktoken has the gpt2 files in its cache or its host answers quickly. tiktoken fetches without a
+    timeout, so on a network that silently drops packets asking it directly would hang."""
+    if "TIKTOKEN_CACHE_DIR" in os.environ:
+        cache = os.environ["TIKTOKEN_CACHE_DIR"]
+    elif "DATA_GYM_CACHE_DIR" in os.environ:
+        cache = os.environ["DATA_GYM_CACHE_DIR"]
+    else:
+        cache = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    if cache and all(os.path.exists(os.path.join(cache, hashlib.sha1(url.encode()).hexdigest()))
+                     for url in TIKTOKEN_GPT2_FILES):
+        return True
+    try:
+        with socket.create_connection((TIKTOKEN_HOST, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 @lru_cache(maxsize=1)
 def gpt2_tokenizer():
     """(encoding, source): the GPT-2 tiktoken Encoding and a phrase naming where its vocabulary came from."""
@@ -60,10 +87,13 @@ def gpt2_tokenizer():
         if not Path(env_path).is_file():
             raise TokenizerUnavailable(f"{RANKS_ENV}={env_path} does not name a file")
         return encoding_from_ranks(env_path), f"ranks file {env_path} (${RANKS_ENV})"
-    try:
-        return tiktoken.get_encoding("gpt2"), "tiktoken gpt2 (downloaded or cached)"
-    except Exception as e:  # no network, blocked host, broken cache
-        errors.append(f"tiktoken could not load gpt2 ({type(e).__name__})")
+    if tiktoken_can_load():
+        try:
+            return tiktoken.get_encoding("gpt2"), "tiktoken gpt2 (downloaded or cached)"
+        except Exception as e:  # blocked host, broken cache
+            errors.append(f"tiktoken could not load gpt2 ({type(e).__name__})")
+    else:
+        errors.append(f"tiktoken's vocabulary is not cached and {TIKTOKEN_HOST} is unreachable")
     path = whisper_ranks_file()
     if path is not None:
         return encoding_from_ranks(path), f"openai-whisper asset {path}"

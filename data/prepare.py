@@ -1,0 +1,599 @@
+"""Turn your own text into speedrun shards: GPT-2 tokens in a validation shard and train shards for train_gpt.py.
+
+    python data/prepare.py PATH... --out-dir DIR [--name NAME] [--field text] [--val-tokens N] [--shard-tokens N]
+                           [--workers N] [--glob '*.txt,*.md'] [--skip-bad-lines] [--overwrite] [--quiet]
+
+Inputs (PATH):
+  FILE.jsonl  one JSON object per line, the document being the string in --field (default "text"). Blank lines are
+              ignored. A line that is not a JSON object with a string --field stops the run with FILE:LINE in the
+              message, unless --skip-bad-lines is given (then such lines are skipped and counted).
+  FILE        any other file is one plain-text document in UTF-8 (a leading byte-order mark is dropped).
+  DIRECTORY   searched recursively for files whose name matches one of the --glob patterns (comma-separated, case-
+              insensitive, matched against the file name; default *.txt,*.md) and for *.jsonl files, which are always
+              read as JSONL. Hidden files and directories (.name) are skipped; symbolic links to directories are not
+              followed.
+
+Order: the PATH arguments in the order given; a directory's files sorted by their path relative to it (compared
+directory name by directory name); a file reached twice is read once. Text is taken verbatim. Empty documents are
+skipped and counted.
+
+Output, in --out-dir (--name defaults to that directory's name):
+  NAME_val_000000.bin           the first --val-tokens tokens of the stream, plus one (the last prediction's target)
+  NAME_train_000001.bin, ...    the rest, at most --shard-tokens tokens per shard
+  manifest.json                 the inputs, the counts, the tokenizer and the shards
+Each document is token 50256 (<|endoftext|>) followed by its GPT-2 tokens (encode_ordinary: text that looks like a
+special token is plain text). The shards are the same for any --workers. They are written to a hidden staging
+directory and moved into place once everything has succeeded, so a failed or interrupted run leaves the directory as
+it was. Exit status: 0 done, 2 bad arguments or input, 1 anything else (no tokenizer, disk full), 130 Ctrl-C.
+
+Then train on them:
+    python train_gpt.py --data-dir DIR --train-files 'NAME_train_*.bin' --val-files 'NAME_val_*.bin' --val-tokens N
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import fnmatch
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import sys
+from collections import deque
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.tokenizer import EOT_ID, TokenizerUnavailable, gpt2_tokenizer  # noqa: E402
+
+VAL_TOKENS = 10_485_760  # the trainer's default --val-tokens, so results compare with the public records
+SHARD_TOKENS = 100_000_000  # the FineWeb shards' size
+DEFAULT_GLOBS = ("*.txt", "*.md")
+MAX_SHARD_TOKENS = 2**31 - 1  # the shard header stores the count as an int32
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # no glob characters: the trainer finds shards by glob
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "nanogpt-speedrun-kit/prepared-corpus"
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")
+
+# Tuning. Module-level so that tests can shrink them to exercise the same paths on a few kilobytes.
+READ_BYTES = 1 << 22  # text files are read in blocks of this many bytes, ...
+PIECE_CHARS = 1 << 22  # ... and a document longer than this is tokenised in pieces (see safe_cut)
+BATCH_BYTES = 1 << 20  # text goes to the workers in batches of about this many bytes ...
+BATCH_ITEMS = 2048  # ... or this many documents, whichever comes first: big enough to amortise the pickling
+IN_FLIGHT_PER_WORKER = 4  # batches queued or running per worker: keeps them busy while bounding memory
+
+# Kinds of work item.
+JSONL = "jsonl"  # a raw JSONL line (parsed in the worker, so that JSON decoding runs in parallel too)
+TEXT_START = "text"  # a plain-text document, or its first piece
+TEXT_MORE = "text+"  # a further piece of the same document: no BOS before it
+
+
+class PrepareError(ValueError):
+    """A bad argument or input; the message names the flag or the file (and line) and what to do. Exit status 2."""
+
+
+@dataclass
+class InputFile:
+    path: Path
+    kind: str  # JSONL or TEXT_START
+    size: int
+    arg: int  # index of the PATH argument that led to it
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Finding and reading the inputs
+
+
+def default_workers() -> int:
+    """The CPUs this process may run on (not the machine's count, which a container may not grant), at most 8."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
+def _matches(name: str, globs) -> bool:
+    lower = name.lower()
+    return lower.endswith(".jsonl") or any(fnmatch.fnmatchcase(lower, g.lower()) for g in globs)
+
+
+def _walk(root: Path, globs) -> list[Path]:
+    """Matching files under root, in a fixed order: sorted by relative path, compared part by part, so that the order
+    does not depend on the file system's listing order or on the path separator."""
+    def fail(e: OSError):
+        raise PrepareError(f"{e.filename}: cannot list directory ({e.strerror})")
+
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=fail):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(Path(dirpath, f) for f in filenames if not f.startswith(".") and _matches(f, globs))
+    found.sort(key=lambda p: p.relative_to(root).parts)
+    return found
+
+
+def collect_inputs(paths, globs, warn=None) -> tuple[list[InputFile], list[dict]]:
+    """The input files in reading order, and a summary of each PATH argument for the manifest."""
+    files, seen, summaries = [], set(), []
+    for i, given in enumerate(paths):
+        path = Path(given)
+        if path.is_dir():
+            found, kind = _walk(path, globs), "directory"
+            if not found and warn:
+                warn(f"{given}: no files match {','.join(globs) or '(no --glob)'} or *.jsonl in this directory")
+        elif path.is_file():
+            found, kind = [path], "file"
+        elif path.exists():
+            raise PrepareError(f"{given}: not a regular file or a directory")
+        else:
+            raise PrepareError(f"{given}: no such file or directory")
+        summary = {"path": str(given), "type": kind, "files": 0, "bytes": 0, "documents": 0, "empty_documents": 0,
+                   "bad_lines": 0}
+        for f in found:
+            try:
+                key, size = f.resolve(), f.stat().st_size
+            except OSError as e:
+                raise PrepareError(f"{f}: cannot read ({e.strerror})") from None
+            if key in seen:
+                continue
+            seen.add(key)
+            files.append(InputFile(f, JSONL if f.name.lower().endswith(".jsonl") else TEXT_START, size, i))
+            summary["files"] += 1
+            summary["bytes"] += size
+        summaries.append(summary)
+    return files, summaries
+
+
+def safe_cut(text: str, lo: int = 0) -> int:
+    """Where text may be cut so that tokenising the two parts separately gives exactly the tokens of the whole: just
+    after a newline that has a non-space character on both sides. GPT-2's pre-tokeniser always ends a piece there
+    (a lone newline between non-spaces is a piece of its own, and no pattern looks behind), so no BPE merge crosses
+    the cut. Returns the last such position whose newline lies at or after lo, or 0 if there is none."""
+    i = text.rfind("\n", lo, len(text) - 1)
+    while i > 0:
+        if not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i + 1
+        i = text.rfind("\n", lo, i)
+    return 0
+
+
+def text_pieces(path: Path):
+    """A plain-text file's document as (piece, bytes it came from): one piece unless it is longer than PIECE_CHARS,
+    then pieces cut at safe_cut points, so that a huge single-document file never becomes one huge token list.
+    An empty file gives one empty piece."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    pending, scanned, offset, counted, first = "", 0, 0, 0, True
+    try:
+        with open(path, "rb") as f:
+            while True:
+                block = f.read(READ_BYTES)
+                held = len(decoder.getstate()[0])
+                try:
+                    pending += decoder.decode(block, final=not block)
+                except UnicodeDecodeError as e:
+                    hint = "decompress it first" if path.name.lower().endswith(COMPRESSED) else \
+                        "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) or leave it out"
+                    raise PrepareError(f"{path}: not UTF-8 text (invalid byte at offset {offset - held + e.start}); "
+                                       f"{hint}") from None
+                offset += len(block)
+                if first and pending:
+                    pending = pending[1:] if pending[0] == "\ufeff" else pending
+                    first = False
+                if not block:
+                    break
+                if len(pending) >= PIECE_CHARS:
+                    cut = safe_cut(pending, max(scanned - 2, 0))
+                    if cut:
+                        piece, pending = pending[:cut], pending[cut:]
+                        size = len(piece.encode("utf-8"))
+                        counted += size
+                        yield piece, size
+                    scanned = len(pending)  # no cut point left before here: do not search it again
+    except OSError as e:
+        raise PrepareError(f"{path}: cannot read ({e.strerror})") from None
+    yield pending, max(offset - counted, 0)
+
+
+def jsonl_lines(path: Path):
+    """(line number, raw line) of a JSONL file; the lines are parsed by the workers."""
+    try:
+        with open(path, "rb") as f:
+            yield from enumerate(f, 1)
+    except OSError as e:
+        raise PrepareError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def work_items(files: list[InputFile]):
+    """(file index, line number, kind, payload, bytes) for every document or piece, in reading order."""
+    carry = 0  # bytes of blank lines, counted with the next item for the progress bar
+    for fi, f in enumerate(files):
+        if f.kind == JSONL:
+            for line_no, line in jsonl_lines(f.path):
+                if not line.strip():
+                    carry += len(line)
+                    continue
+                yield fi, line_no, JSONL, line, len(line) + carry
+                carry = 0
+        else:
+            kind = TEXT_START
+            for piece, size in text_pieces(f.path):
+                yield fi, 0, kind, piece, size + carry
+                kind, carry = TEXT_MORE, 0
+
+
+def batches(items):
+    """Items grouped for the workers: (work, meta, bytes) with work = [(kind, payload)] and meta = [(file index, line
+    number, kind)], which stays in this process to turn the results into counts and messages."""
+    work, meta, size = [], [], 0
+    for fi, line_no, kind, payload, nbytes in items:
+        work.append((kind, payload))
+        meta.append((fi, line_no, kind))
+        size += nbytes
+        if size >= BATCH_BYTES or len(work) >= BATCH_ITEMS:
+            yield work, meta, size
+            work, meta, size = [], [], 0
+    if work:
+        yield work, meta, size
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenising (in the worker processes)
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "a boolean", type(None): "null"}
+
+
+def json_text(line: bytes, field: str) -> tuple[str | None, str | None]:
+    """(document text, None) from a JSONL line, or (None, what is wrong with the line)."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"not valid JSON ({e.msg} at column {e.colno})"
+    except UnicodeDecodeError:
+        return None, "not valid UTF-8"
+    except (ValueError, RecursionError) as e:
+        return None, f"not valid JSON ({type(e).__name__})"
+    if not isinstance(obj, dict):
+        return None, f"the line is {_JSON_TYPES.get(type(obj), 'not an object')}, not a JSON object"
+    if field not in obj:
+        keys = ", ".join(repr(k) for k in list(obj)[:6]) or "none"
+        return None, f"no {field!r} field (its fields: {keys}); choose the field with --field"
+    text = obj[field]
+    if not isinstance(text, str):
+        return None, f"field {field!r} is {_JSON_TYPES.get(type(text), 'not a string')}, not a string"
+    return text, None
+
+
+def tokenise_batch(work, field: str) -> tuple[np.ndarray, list]:
+    """Tokens of a batch (all its documents, each after a BOS, concatenated) and one outcome per item: its number of
+    tokens, None for an empty document, or a message for a bad JSONL line."""
+    enc = gpt2_tokenizer()[0]
+    parts, outcomes = [], []
+    for kind, payload in work:
+        if kind == JSONL:
+            text, problem = json_text(payload, field)
+            if problem is not None:
+                outcomes.append(problem)
+                continue
+        else:
+            text = payload
+        if not text:
+            outcomes.append(None)
+            continue
+        ids = enc.encode_ordinary(text)
+        bos = int(kind != TEXT_MORE)
+        arr = np.empty(len(ids) + bos, dtype=np.uint16)
+        arr[:bos] = EOT_ID
+        arr[bos:] = ids
+        parts.append(arr)
+        outcomes.append(arr.size)
+    return (np.concatenate(parts) if parts else np.empty(0, dtype=np.uint16)), outcomes
+
+
+def _init_worker() -> None:
+    """Ctrl-C is the main process's to handle (it stops the pool); the tokenizer is loaded once per worker (a fork
+    inherits the parent's)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    gpt2_tokenizer()
+
+
+def tokenised(batch_iter, workers: int, field: str):
+    """(tokens, outcomes, meta, bytes) for each batch, in input order whatever the number of workers. With several,
+    at most workers x IN_FLIGHT_PER_WORKER batches are out at a time (Pool.imap would keep reading ahead and let
+    results pile up while a slow document holds back the ones after it)."""
+    if workers == 1:
+        for work, meta, size in batch_iter:
+            yield (*tokenise_batch(work, field), meta, size)
+        return
+    pool = multiprocessing.Pool(workers, initializer=_init_worker)
+    finished = False
+    try:
+        window: deque = deque()
+        for work, meta, size in batch_iter:
+            window.append((pool.apply_async(tokenise_batch, (work, field)), meta, size))
+            if len(window) >= workers * IN_FLIGHT_PER_WORKER:
+                result, meta_, size_ = window.popleft()
+                yield (*result.get(), meta_, size_)
+        while window:
+            result, meta_, size_ = window.popleft()
+            yield (*result.get(), meta_, size_)
+        finished = True
+    finally:
+        if finished:
+            pool.close()
+        else:  # an error, a bad line or Ctrl-C: drop the queued work
+            pool.terminate()
+        pool.join()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Writing shards
+
+
+class ShardWriter:
+    """Fills the validation shard, then train shards of shard_tokens, from a stream of token arrays, writing each
+    shard as soon as it is full: memory holds one shard, never the corpus."""
+
+    def __init__(self, directory: Path, name: str, val_tokens: int, shard_tokens: int, write_shard):
+        self.directory, self.name, self.shard_tokens, self.write_shard = directory, name, shard_tokens, write_shard
+        # one token more than --val-tokens: the last of val_tokens predictions needs its target
+        self.buf = np.empty(val_tokens + 1, dtype=np.uint16)
+        self.fill, self.index, self.total = 0, 0, 0
+        self.written: list[tuple[str, int]] = []  # (file name, tokens)
+
+    def add(self, tokens: np.ndarray) -> None:
+        pos = 0
+        while pos < tokens.size:
+            take = min(tokens.size - pos, self.buf.size - self.fill)
+            self.buf[self.fill:self.fill + take] = tokens[pos:pos + take]
+            self.fill, pos = self.fill + take, pos + take
+            if self.fill == self.buf.size:
+                self.flush()
+        self.total += tokens.size
+
+    def flush(self) -> None:
+        if self.fill == 0:
+            return
+        name = shard_name(self.name, self.index)
+        try:
+            self.write_shard(self.directory / name, self.buf[:self.fill])
+        except OSError as e:
+            raise OSError(f"{self.directory / name}: cannot write the shard ({e.strerror or e})") from e
+        self.written.append((name, self.fill))
+        if self.index == 0:  # np.empty commits no memory until written, so a big --shard-tokens costs nothing here
+            self.buf = np.empty(self.shard_tokens, dtype=np.uint16)
+        self.index, self.fill = self.index + 1, 0
+
+
+def shard_name(name: str, index: int) -> str:
+    return f"{name}_val_{index:06d}.bin" if index == 0 else f"{name}_train_{index:06d}.bin"
+
+
+def existing_shards(out: Path, name: str) -> list[Path]:
+    """Shards of this corpus name in out (exactly NAME_val_NNNNNN.bin / NAME_train_NNNNNN.bin, so that corpus "a"
+    never claims corpus "a_val"'s files)."""
+    pattern = re.compile(rf"^{re.escape(name)}_(val|train)_\d{{6}}\.bin$")
+    return sorted(p for p in out.iterdir() if pattern.match(p.name)) if out.is_dir() else []
+
+
+def _remove_abandoned_staging(out: Path, name: str) -> None:
+    """Staging directories of this name left by runs that were killed (their process is gone): they may be large."""
+    if os.name != "posix":
+        return
+    for d in out.glob(f".{name}.partial-*"):
+        try:
+            os.kill(int(d.name.rsplit("-", 1)[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The whole job
+
+
+def _check_arguments(name, field, val_tokens, shard_tokens, workers) -> None:
+    problems = []
+    if not NAME_PATTERN.match(name):
+        problems.append(f"the corpus name {name!r} (from --name, or else the --out-dir's name) must be letters, "
+                        "digits, '.', '_' or '-', starting with a letter or digit: pass --name")
+    if not field:
+        problems.append("--field must not be empty")
+    for flag, value in (("--val-tokens", val_tokens), ("--shard-tokens", shard_tokens)):
+        if not 1 <= value <= MAX_SHARD_TOKENS:
+            problems.append(f"{flag} must be between 1 and {MAX_SHARD_TOKENS}, got {value}")
+    if workers < 1:
+        problems.append(f"--workers must be at least 1, got {workers}")
+    if problems:
+        raise PrepareError("; ".join(problems))
+
+
+def _check_output(out: Path, name: str, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"--out-dir {out} exists and is not a directory")
+    if overwrite:
+        return
+    found = [p.name for p in existing_shards(out, name)]
+    if (out / MANIFEST).is_file():
+        found.append(MANIFEST)
+    if found:
+        listed = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise PrepareError(f"{out} already holds a prepared corpus ({listed}); pass --overwrite to replace it, or "
+                           "choose another --out-dir")
+
+
+def prepare(paths, out_dir, name: str | None = None, field: str = "text", val_tokens: int = VAL_TOKENS,
+            shard_tokens: int = SHARD_TOKENS, workers: int | None = None, globs=DEFAULT_GLOBS,
+            skip_bad_lines: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
+    """Tokenise the documents under paths into shards in out_dir (see the module docstring); returns the manifest,
+    plus out_dir. Raises PrepareError for bad arguments or input, before anything in out_dir has changed."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    out = Path(out_dir)
+    name = out.resolve().name if name is None else name
+    workers = default_workers() if workers is None else int(workers)
+    globs = tuple(globs)
+    _check_arguments(name, field, val_tokens, shard_tokens, workers)
+    if not paths:
+        raise PrepareError("no input paths given")
+
+    def warn(message: str) -> None:
+        if not quiet:
+            print(f"prepare.py: warning: {message}", file=sys.stderr, flush=True)
+
+    files, summaries = collect_inputs(paths, globs, warn)
+    if not files:
+        raise PrepareError(f"no input files in {', '.join(map(str, paths))}: a directory is searched for "
+                           f"{','.join(globs) or '(no --glob)'} and *.jsonl files; check the paths or --glob")
+    _check_output(out, name, overwrite)
+    from train_gpt import write_shard  # the shard format lives with its reader (imported late: it loads torch)
+
+    enc_source = gpt2_tokenizer()[1]  # loaded before the pool starts, so that forked workers inherit it
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PrepareError(f"--out-dir {out}: cannot create it ({e.strerror})") from None
+    _remove_abandoned_staging(out, name)
+    staging = out / f".{name}.partial-{os.getpid()}"
+    staging.mkdir()
+    try:
+        writer = ShardWriter(staging, name, val_tokens, shard_tokens, write_shard)
+        counts = _tokenise_all(files, summaries, writer, field, workers, skip_bad_lines, quiet)
+        if counts["documents"] == 0:
+            raise PrepareError(f"no documents: the {len(files)} input files hold only empty documents"
+                               + (" and bad lines" if counts["bad_lines"] else ""))
+        if writer.total < 2 * val_tokens + 1:
+            suggest = writer.total // 2 // 1024 * 1024 or writer.total // 2
+            raise PrepareError(
+                f"the corpus has {writer.total:,} tokens, fewer than twice --val-tokens {val_tokens:,} (the "
+                f"validation shard takes the first {val_tokens:,}; training needs at least as many): lower "
+                f"--val-tokens (e.g. --val-tokens {suggest}; the trainer's --val-tokens must then be a multiple of its "
+                "--val-seq-len and below the shard's size) or add text")
+        writer.flush()
+        manifest = {
+            "format": MANIFEST_FORMAT, "version": 1, "name": name, "tokenizer": enc_source, "bos_id": EOT_ID,
+            "inputs": summaries, "globs": list(globs), "field": field, "skip_bad_lines": skip_bad_lines,
+            "files": len(files), "bytes": sum(f.size for f in files), **counts,
+            "tokens": writer.total, "val_tokens": val_tokens, "train_tokens": writer.total - val_tokens - 1,
+            "shard_tokens": shard_tokens, "shards": [n for n, _ in writer.written],
+            "shard_sizes": [k for _, k in writer.written],
+            "train_files": f"{name}_train_*.bin", "val_files": f"{name}_val_*.bin",
+        }
+        new = set(manifest["shards"])
+        for old in existing_shards(out, name):  # only with --overwrite: a smaller corpus leaves no stale shards
+            if old.name not in new:
+                old.unlink()
+        for n in manifest["shards"]:
+            os.replace(staging / n, out / n)
+        _write_json(out / MANIFEST, manifest)  # last: its presence says the shards are complete
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if not quiet:
+        _print_summary(out, manifest)
+    return dict(manifest, out_dir=str(out))
+
+
+def _tokenise_all(files, summaries, writer: ShardWriter, field, workers, skip_bad_lines, quiet) -> dict:
+    """Run the documents through the workers into the writer; returns the document counts."""
+    from tqdm import tqdm
+
+    counts = {"documents": 0, "empty_documents": 0, "bad_lines": 0}
+    total = sum(f.size for f in files)
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="tokenising", disable=quiet,
+               dynamic_ncols=True)
+    try:
+        with closing(tokenised(batches(work_items(files)), workers, field)) as results:
+            for tokens, outcomes, meta, nbytes in results:
+                for outcome, (fi, line_no, kind) in zip(outcomes, meta):
+                    summary = summaries[files[fi].arg]
+                    if outcome is None:
+                        key = "empty_documents"
+                    elif isinstance(outcome, str):
+                        if not skip_bad_lines:
+                            raise PrepareError(f"{files[fi].path}:{line_no}: {outcome}. Fix or remove the line, or "
+                                               "pass --skip-bad-lines to skip such lines")
+                        key = "bad_lines"
+                    elif kind != TEXT_MORE:
+                        key = "documents"
+                    else:
+                        continue
+                    counts[key] += 1
+                    summary[key] += 1
+                writer.add(tokens)
+                bar.update(min(nbytes, total - bar.n))
+                bar.set_postfix_str(f"{writer.total:,} tokens", refresh=False)
+    finally:
+        bar.close()
+    return counts
+
+
+def _print_summary(out: Path, m: dict) -> None:
+    train = len(m["shards"]) - 1
+    skipped = [f"{m['empty_documents']:,} empty documents"] if m["empty_documents"] else []
+    skipped += [f"{m['bad_lines']:,} bad lines"] if m["bad_lines"] else []
+    print(f"prepared {m['name']!r} in {out}: {m['documents']:,} documents from {m['files']:,} files "
+          f"({m['bytes'] / 2**20:,.1f} MiB), {m['tokens']:,} tokens"
+          + (f"; skipped {' and '.join(skipped)}" if skipped else ""))
+    print(f"  {m['shards'][0]}: {m['val_tokens']:,} validation tokens (plus the last one's target)")
+    print(f"  {m['train_files']}: {m['train_tokens']:,} train tokens in {train} shard{'s' * (train != 1)}")
+    print(f"train with: python train_gpt.py --data-dir {out} --train-files '{m['train_files']}' "
+          f"--val-files '{m['val_files']}' --val-tokens N (at most {m['val_tokens']}, a multiple of --val-seq-len)",
+          flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="prepare.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("paths", nargs="+", metavar="PATH", help="text files, JSONL files or directories of them")
+    ap.add_argument("--out-dir", required=True, metavar="DIR", help="directory for the shards and manifest.json")
+    ap.add_argument("--name", metavar="NAME", help="corpus name, the shards' prefix (default: the --out-dir's name)")
+    ap.add_argument("--field", default="text", metavar="FIELD",
+                    help="JSONL field holding the document (default: %(default)s)")
+    ap.add_argument("--val-tokens", type=int, default=VAL_TOKENS, metavar="N",
+                    help="tokens in the validation shard (default: %(default)s, the trainer's default)")
+    ap.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, metavar="N",
+                    help="most tokens in one train shard (default: %(default)s)")
+    ap.add_argument("--workers", type=int, default=None, metavar="N",
+                    help=f"tokenising processes (default: the usable CPUs, at most 8; here {default_workers()})")
+    ap.add_argument("--glob", action="append", metavar="PATTERNS",
+                    help="comma-separated file-name patterns searched for in directories, may be repeated "
+                         f"(default: {','.join(DEFAULT_GLOBS)}; *.jsonl is always included)")
+    ap.add_argument("--skip-bad-lines", action="store_true",
+                    help="skip (and count) JSONL lines that are not an object with a string --field")
+    ap.add_argument("--overwrite", action="store_true", help="replace a corpus already in --out-dir")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar, warnings or summary")
+    args = ap.parse_args(argv)
+    globs = DEFAULT_GLOBS if args.glob is None else \
+        tuple(g.strip() for spec in args.glob for g in spec.split(",") if g.strip())
+    try:
+        prepare(args.paths, args.out_dir, name=args.name, field=args.field, val_tokens=args.val_tokens,
+                shard_tokens=args.shard_tokens, workers=args.workers, globs=globs,
+                skip_bad_lines=args.skip_bad_lines, overwrite=args.overwrite, quiet=args.quiet)
+    except PrepareError as e:
+        print(f"prepare.py: error: {e}", file=sys.stderr)
+        return 2
+    except (TokenizerUnavailable, OSError) as e:
+        print(f"prepare.py: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("prepare.py: interrupted; the output directory was left as it was", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
