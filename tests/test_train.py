@@ -22,7 +22,8 @@ from conftest import ROOT, parse_log, subprocess_env, tiny_flags, tiny_hp
 TRAIN_LINE = re.compile(r"^step:\d+/\d+ (train_loss:\d+\.\d{4} )?train_time:\d+ms step_avg:\d+\.\d{2}ms$")
 VAL_LINE = re.compile(r"^step:\d+/\d+ val_loss:\d+\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms$")
 SUMMARY_LINE = re.compile(r"^final val_loss:(\d+\.\d{4}) train_time:(\d+\.\d)s \((\d+) steps, ([\d,]+) tokens, "
-                          r"([\d,]+) tokens/s\) peak memory: (\d+\.\d{2}) GiB .*; (no target|target .*: (not )?reached)$")
+                          r"([\d,]+) tokens/s\) peak memory: (\d+\.\d{2}) GiB .*; "
+                          r"(no target|target .*: (not )?reached)$")
 BOOL_FLAGS = {"compile": "--no-compile", "fp8": "--no-fp8", "save_final": "--no-save-final", "wandb": "--wandb",
               "resume": "--resume"}
 FAST_ENV = dict(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40), OMP_NUM_THREADS="1")
