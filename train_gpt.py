@@ -523,10 +523,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
         super().__init__([{**g, "params": [p for _, p in g["params"]]} for g in named_groups], defaults)
         self.rank, self.world_size = dist_info()
 
-    def _owned_state(self, p: Tensor) -> dict[str, Tensor] | None:
-        """This process's state for p, or None where another process owns it."""
-        raise NotImplementedError
-
     def full_state(self) -> dict[str, dict[str, Tensor]]:
         """Every parameter's complete state on every process (a collective when distributed), keyed by name."""
         raise NotImplementedError
@@ -1405,7 +1401,7 @@ def _field_help() -> dict[str, str]:
 
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="train_gpt.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="train_gpt.py",
         description="Train a GPT on FineWeb shards (NanoGPT speedrun track 1). Flags override the preset's values.",
         argument_default=argparse.SUPPRESS)
     helps = _field_help()
