@@ -119,8 +119,8 @@ PRESETS: dict[str, dict] = {
     # Trains on 2 CPU cores in a few minutes on the built-in corpus.
     "tiny": dict(
         data_dir="data/builtin", train_files="builtin_train_*.bin", val_files="builtin_val_*.bin",
-        val_tokens=16 * 1024, train_seq_len=1024, val_seq_len=4096, seqs_per_step=2, num_iterations=120,
-        cooldown_frac=0.4, window_start=128, window_end=512, val_loss_every=20, train_loss_every=10,
+        val_tokens=16 * 1024, train_seq_len=1024, val_seq_len=4096, seqs_per_step=2, num_iterations=200,
+        cooldown_frac=0.4, window_start=128, window_end=512, val_loss_every=25, train_loss_every=10,
         num_layers=6, model_dim=128, num_heads=2, head_dim=64, no_attn_layer=-1,
         muon_momentum_warmup_steps=50, compile=False, target_val_loss=0.0,
     ),

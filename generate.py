@@ -1,0 +1,416 @@
+"""Sample text from a checkpoint written by train_gpt.py, with a key/value cache.
+
+    python generate.py --prompt "The meaning of life is"                  # checkpoints/latest, cuda if available
+    python generate.py --checkpoint checkpoints/RUN --prompt-file p.txt --num-samples 4 --temperature 0.8 --top-p 0.9
+    echo "def main():" | python generate.py --prompt - --temperature 0    # greedy, prompt from stdin
+    python generate.py --compile --max-tokens 1000                         # CUDA: compiled decode step
+
+Sampling computes the same function as the trained model at the end of training: the long attention window is
+train_gpt.window_size(num_iterations) of the run (the short one half of it), with value embeddings, U-net skips,
+x0 mixing and soft-capped logits taken from the model's own modules. Token 50256 (<|endoftext|>) starts a document
+and attention never crosses documents, so the prompt is preceded by it, as every training document is.
+
+The decode path (KVDecoder) runs the blocks of the train_gpt.GPT instance itself on the new positions only, with a
+preallocated cache of keys, values and document ids of the positions so far. Importing this module has no side
+effects; main(argv) does the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import dataclasses
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import train_gpt as tg
+
+EOT_ID = tg.BOS_ID  # <|endoftext|>: ends a document, and (as BOS) starts the next
+TEXT_VOCAB = EOT_ID + 1  # ids >= 50257 are padding of the embedding table, never real tokens
+
+
+class GenerateError(ValueError):
+    """A bad flag, prompt or checkpoint; main() prints it without a traceback and exits 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: tg.GPT
+    window: int  # long attention window at the end of training (the short one is half)
+    path: Path
+    step: int
+    run_id: str
+
+
+def final_window(ckpt: dict) -> int:
+    """The long window the model was trained with last: sampling with another one would be a different function."""
+    known = {f.name for f in fields(tg.Hyperparameters)}
+    saved = ckpt.get("hyperparameters")
+    if not isinstance(saved, dict):
+        raise tg.CheckpointError("it has no hyperparameters")
+    hp = tg.Hyperparameters(**{k: v for k, v in saved.items() if k in known})
+    return tg.window_size(hp.num_iterations, hp)
+
+
+def load_model(spec: str, device: torch.device, checkpoint_dir: str = "checkpoints") -> LoadedModel:
+    """Rebuild the GPT of a checkpoint file, run directory or "auto"/checkpoints/latest on device.
+
+    The saved weights are full tensors whatever the number of processes that trained them (the trainer gathers
+    optimiser state and keeps every weight replicated), so nothing here depends on the world size.
+    """
+    path = tg.resolve_checkpoint(spec, None, checkpoint_dir)
+    ckpt = tg.load_checkpoint(path)
+    try:
+        cfg = tg.GPTConfig(**ckpt["model_config"])
+        window = final_window(ckpt)
+        model = tg.GPT(cfg)
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, RuntimeError, tg.CheckpointError) as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise tg.CheckpointError(f"{path} has the trainer's marker but not a usable model ({detail}); "
+                                 "it may come from another version of train_gpt.py") from e
+    model = model.to(device).configure(device, attention="dense", fp8=False).eval()
+    model.requires_grad_(False)
+    return LoadedModel(model, window, path, int(ckpt.get("step", -1)), str(ckpt.get("run_id", "?")))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Incremental decoding
+
+
+class KVDecoder:
+    """Runs a train_gpt.GPT on new tokens of `batch` parallel sequences, keeping keys, values and document ids of all
+    positions so far in tensors preallocated for max_len positions.
+
+    Each call to step() appends the given tokens (the same number for every sequence) and returns their logits. The
+    mask of a layer is what the training forward uses: causal, within the layer's window (long for even blocks, short
+    for odd ones, as in GPT.hidden) and within the same document; document ids continue from the cached positions.
+    Rotary angles come from one table for all max_len positions, the same values rotary_tables(offset=...) gives.
+
+    static=False (eager): attention reads only the keys inside the window, fastest on CPU. static=True: every step
+    reads the whole cache under a mask, so a one-token step always has the same shapes and can be compiled.
+    """
+
+    def __init__(self, model: tg.GPT, window: int, batch: int, max_len: int, static: bool = False):
+        cfg = model.cfg
+        self.model, self.batch, self.max_len, self.static = model, batch, max_len, static
+        self.windows = [window if i % 2 == 0 else window // 2 for i in range(cfg.num_layers)]
+        device = model.embed.weight.device
+        dtype = model.act_dtype
+        self.k = [torch.zeros(batch, cfg.num_heads, max_len, cfg.head_dim, device=device, dtype=dtype)
+                  if b.attn is not None else None for b in model.blocks]
+        self.v = [torch.zeros_like(k) if k is not None else None for k in self.k]
+        self.docs = torch.zeros(batch, max_len, dtype=torch.int64, device=device)
+        self.cur_doc = torch.zeros(batch, dtype=torch.int64, device=device)  # document id of the last position
+        self.cos, self.sin = tg.rotary_tables(max_len, cfg.head_dim, cfg.rope_base, device)
+        self.ve_layers = model.value_embed_layers()
+        self.length = 0
+        self._compiled = None
+
+    def reset(self) -> None:
+        """Forget every position (the buffers are reused: stale entries are masked out as future positions)."""
+        self.length = 0
+        self.cur_doc.zero_()
+
+    def compile(self) -> None:
+        """Compile the one-token step; needs static=True so that its shapes never change."""
+        if not self.static:
+            raise ValueError("compile needs a static cache")
+        self._compiled = torch.compile(self._forward, dynamic=False)
+
+    @torch.no_grad()
+    def step(self, tokens: Tensor, all_logits: bool = False) -> Tensor:
+        """tokens (batch, T) -> logits (batch, vocab) of the last position, or (batch, T, vocab) with all_logits."""
+        B, T = tokens.shape
+        if B != self.batch:
+            raise ValueError(f"the cache holds {self.batch} sequences, got {B}")
+        if self.length + T > self.max_len:
+            raise ValueError(f"{self.length + T} positions exceed the cache's {self.max_len}")
+        pos = torch.arange(self.length, self.length + T, device=tokens.device)
+        fn = self._compiled if (self._compiled is not None and T == 1) else self._forward
+        x = fn(tokens, pos, 0 if self.static else self.length)  # a constant start: no recompiles
+        self.length += T
+        return self.model.head_logits(x if all_logits else x[:, -1])
+
+    def _key_range(self, layer: int, start: int, T: int) -> tuple[int, int]:
+        """Cache slice a layer's attention reads: all of it when static, else the window of the new queries."""
+        if self.static:
+            return 0, self.max_len
+        return max(0, start - self.windows[layer] + 1), start + T
+
+    def _forward(self, tokens: Tensor, pos: Tensor, start: int) -> Tensor:
+        """Final normalised hidden state (batch, T, model_dim) of the new tokens; writes them into the cache.
+
+        Mirrors GPT.hidden, Block.forward and CausalSelfAttention.forward with the model's own weights.
+        """
+        model, cfg = self.model, self.model.cfg
+        B, T = tokens.shape
+        dt = model.act_dtype
+        docs_new = self.cur_doc[:, None] + (tokens == EOT_ID).long().cumsum(1)
+        self.docs.index_copy_(1, pos, docs_new)
+        self.cur_doc.copy_(docs_new[:, -1])
+        cos, sin = self.cos[pos], self.sin[pos]
+
+        x = x0 = tg.norm(model.embed(tokens).to(dt))
+        ve_tables = [e(tokens).to(dt) for e in model.value_embeds]
+        skips, n_enc = [], model.num_encoder
+        for i, block in enumerate(model.blocks):
+            j = i - (cfg.num_layers - n_enc)
+            if 0 <= j < n_enc:
+                x = x + model.skip_weights[j] * skips[n_enc - 1 - j]
+            x = block.lambdas[0] * x + block.lambdas[1] * x0
+            if block.attn is not None:
+                t = self.ve_layers[i]
+                ve = ve_tables[t] if t is not None else None
+                x = x + self._attention(i, block.attn, tg.norm(x), ve, cos, sin, pos, docs_new, start)
+            x = x + block.mlp(tg.norm(x))
+            if i < n_enc:
+                skips.append(x)
+        return tg.norm(x)
+
+    def _attention(self, i: int, attn: tg.CausalSelfAttention, x: Tensor, ve: Tensor | None, cos: Tensor,
+                   sin: Tensor, pos: Tensor, docs_new: Tensor, start: int) -> Tensor:
+        B, T = x.shape[:2]
+        H, D = attn.num_heads, attn.head_dim
+        qkv = F.linear(x, attn.qkv_w.flatten(end_dim=1).to(x.dtype)).view(B, T, 3 * H, D)
+        q, k, v = qkv.chunk(3, dim=-2)
+        q, k = tg.rotary(tg.norm(q), cos, sin), tg.rotary(tg.norm(k), cos, sin)
+        v = attn.lambdas[0] * v + (attn.lambdas[1] * ve.view_as(v) if ve is not None else 0)
+        self.k[i].index_copy_(2, pos, k.transpose(1, 2).to(self.k[i].dtype))
+        self.v[i].index_copy_(2, pos, v.transpose(1, 2).to(self.v[i].dtype))
+        lo, hi = self._key_range(i, start, T)
+        key_pos = torch.arange(lo, hi, device=x.device)
+        dist_ = pos[:, None] - key_pos[None, :]  # (T, keys)
+        mask = ((dist_ >= 0) & (dist_ < self.windows[i]))[None] & (docs_new[:, :, None] == self.docs[:, None, lo:hi])
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), self.k[i][:, :, lo:hi], self.v[i][:, :, lo:hi],
+                                           attn_mask=mask[:, None], scale=self.model.cfg.attn_scale)
+        return attn.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample_next(logits: Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None) -> Tensor:
+    """Next token ids (batch,) from logits (batch, vocab). Padding ids >= 50257 are never chosen.
+
+    temperature 0 is greedy argmax (no randomness used). top_k 0 and top_p 1 switch those filters off; top_p keeps
+    the smallest set of most likely tokens whose probability reaches top_p (always at least the most likely one).
+    """
+    logits = logits.float().clone()
+    logits[:, TEXT_VOCAB:] = float("-inf")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, TEXT_VOCAB), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
+        drop_sorted = before >= top_p
+        drop_sorted[:, 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@dataclasses.dataclass
+class SamplingConfig:
+    max_tokens: int = 256
+    num_samples: int = 1
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_at_eot: bool = True
+    compile: bool = False
+
+
+def generate(model: tg.GPT, window: int, prompt_ids: list[int], sc: SamplingConfig,
+             on_token=None) -> list[list[int]]:
+    """New token ids of each sample (the prompt excluded; a final EOT excluded when stopping at it).
+
+    The prompt is preceded by BOS like every training document and fed in one forward for all samples; then one
+    token per step. on_token(sample, token_id) is called as each token is chosen. A stopped sample keeps being fed
+    EOT (its output is ignored) so that the batch keeps its shape; the loop ends when every sample has stopped.
+    """
+    device = model.embed.weight.device
+    ids = [EOT_ID] + list(prompt_ids)
+    B = sc.num_samples
+    decoder = KVDecoder(model, window, B, len(ids) + sc.max_tokens, static=sc.compile)
+    if sc.compile:
+        decoder.compile()
+    generator = torch.Generator(device=device)
+    generator.manual_seed(sc.seed)
+    out: list[list[int]] = [[] for _ in range(B)]
+    if sc.max_tokens <= 0:
+        return out
+    done = [False] * B
+    logits = decoder.step(torch.tensor([ids] * B, dtype=torch.int64, device=device))
+    for n in range(sc.max_tokens):
+        nxt = sample_next(logits, sc.temperature, sc.top_k, sc.top_p, generator)
+        chosen = nxt.tolist()
+        for b, t in enumerate(chosen):
+            if done[b]:
+                continue
+            if t == EOT_ID and sc.stop_at_eot:
+                done[b] = True
+                continue
+            out[b].append(t)
+            if on_token is not None:
+                on_token(b, t)
+        if all(done) or n == sc.max_tokens - 1:
+            break
+        feed = torch.tensor([EOT_ID if d else t for d, t in zip(done, chosen)], dtype=torch.int64, device=device)
+        logits = decoder.step(feed[:, None])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="generate.py", description="Sample text from a train_gpt.py checkpoint.")
+    p.add_argument("--checkpoint", default="checkpoints/latest",
+                   help="checkpoint file, or a run directory (its newest step_*.pt) (default: checkpoints/latest)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default="", help="prompt text; '-' reads it from stdin (default: empty: BOS alone)")
+    src.add_argument("--prompt-file", metavar="PATH", help="read the prompt from this UTF-8 file")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate per sample (default 256)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples, generated as one batch (default 1)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1] (1: off)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same text")
+    p.add_argument("--no-stop-at-eot", dest="stop_at_eot", action="store_false",
+                   help="keep going after <|endoftext|> (it then starts a new document)")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA only)")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    problems = []
+    if args.max_tokens < 0:
+        problems.append(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    if args.num_samples < 1:
+        problems.append(f"--num-samples must be >= 1, got {args.num_samples}")
+    if not args.temperature >= 0:
+        problems.append(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+    if args.top_k < 0:
+        problems.append(f"--top-k must be >= 0 (0 is off), got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        problems.append(f"--top-p must be in (0, 1] (1 is off), got {args.top_p}")
+    if problems:
+        raise GenerateError("; ".join(problems))
+
+
+def pick_device(spec: str | None) -> torch.device:
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise GenerateError(f"--device {spec!r} is not a device name (use cpu, cuda or cuda:N)") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise GenerateError("--device cuda was asked for but no CUDA GPU is visible (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise GenerateError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) are visible")
+    elif device.type != "cpu":
+        raise GenerateError(f"--device {spec!r} is not supported (use cpu, cuda or cuda:N)")
+    return device
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file is not None:
+        try:
+            return Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise GenerateError(f"--prompt-file {args.prompt_file}: cannot read it as UTF-8 text ({e})") from e
+    if args.prompt == "-":
+        return sys.stdin.read()
+    return args.prompt
+
+
+class TokenPrinter:
+    """Decodes tokens into text as they come: a token may end inside a UTF-8 character, so bytes are decoded
+    incrementally and a character appears once complete."""
+
+    def __init__(self, encoding, stream):
+        self.encoding, self.stream = encoding, stream
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def write(self, token: int) -> None:
+        self.stream.write(self.decoder.decode(self.encoding.decode_single_token_bytes(token)))
+        self.stream.flush()
+
+    def finish(self) -> None:
+        self.stream.write(self.decoder.decode(b"", final=True))
+        self.stream.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    try:
+        from data.tokenizer import TokenizerUnavailable, gpt2_tokenizer
+    except ImportError:  # run from elsewhere: the data package sits next to this file
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from data.tokenizer import TokenizerUnavailable, gpt2_tokenizer
+    try:
+        check_args(args)
+        device = pick_device(args.device)
+        if args.compile and device.type != "cuda":
+            raise GenerateError("--compile is for CUDA devices; on the CPU leave it out")
+        prompt = read_prompt(args)
+        encoding = gpt2_tokenizer()[0]
+        loaded = load_model(args.checkpoint, device)
+    except (GenerateError, tg.CheckpointError, TokenizerUnavailable) as e:
+        print(f"generate.py: error: {e}", file=sys.stderr)
+        return 2
+    prompt_ids = encoding.encode_ordinary(prompt)
+    print(f"generate.py: {loaded.path} (run {loaded.run_id}, step {loaded.step}), window {loaded.window}, "
+          f"{len(prompt_ids)} prompt tokens, on {device}", file=sys.stderr)
+    sc = SamplingConfig(max_tokens=args.max_tokens, num_samples=args.num_samples, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_at_eot=args.stop_at_eot,
+                        compile=args.compile)
+    out = sys.stdout
+    printer = TokenPrinter(encoding, out) if sc.num_samples == 1 else None
+    if printer is not None:
+        out.write(prompt)
+        out.flush()
+    t0 = time.perf_counter()
+    samples = generate(loaded.model, loaded.window, prompt_ids, sc,
+                       on_token=(lambda b, t: printer.write(t)) if printer is not None else None)
+    seconds = time.perf_counter() - t0
+    if printer is not None:
+        printer.finish()
+        out.write("\n")
+    else:
+        for i, ids in enumerate(samples):
+            out.write(f"{'' if i == 0 else chr(10)}----- sample {i + 1} of {len(samples)} -----\n")
+            out.write(prompt + encoding.decode(ids) + "\n")
+    out.flush()
+    total = sum(len(s) for s in samples)
+    print(f"generate.py: {total} tokens in {seconds:.2f}s ({total / max(seconds, 1e-9):.1f} tokens/s)",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

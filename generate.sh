@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Samples text from a trained checkpoint with generate.py, in the kit's Docker image (default) or in a local
+# virtualenv (--local), exactly as train.sh runs train_gpt.py.
+set -euo pipefail
+
+KIT_PROG=generate.sh
+# shellcheck source=lib/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+
+usage() {
+  cat <<'TXT'
+Usage: ./generate.sh [FLAGS] [-- GENERATE_FLAGS...]
+
+Runs generate.py in the Docker image built by ./build.sh (or with --local in a virtualenv).
+
+  --checkpoint PATH     checkpoint file or run directory (default checkpoints/latest)
+  --prompt TEXT         text to continue ('-': read it from stdin)
+  --max-tokens N        tokens to generate per sample
+  --temperature X       sampling temperature
+  --top-k N             sample among the N most likely tokens
+  --top-p X             nucleus sampling threshold
+  --num-samples N       samples to draw
+  --seed N              random seed
+  --device DEV          auto, cuda, cuda:N or cpu
+  --local               run in a local virtualenv ($KIT_VENV, default .venv; created when missing)
+  --image IMAGE         Docker image (default nanogpt-speedrun:latest, or $KIT_IMAGE)
+  --dry-run             print the command instead of running it
+  -h, --help            this text
+  -- FLAGS...           everything after -- goes to generate.py unchanged (e.g. --prompt-file F, --no-stop-at-eot)
+
+Example:
+  ./generate.sh --checkpoint checkpoints/my-run --prompt "The meaning of life is" --max-tokens 100
+TXT
+}
+
+CHECKPOINT=""
+DEVICE=""
+GEN_ARGS=()
+PASSTHROUGH=()
+
+parse_args() {
+  while (($#)); do
+    case "$1" in
+      -h | --help) usage; exit 0 ;;
+      --checkpoint) need_value "$1" "$#" "${2-}"; CHECKPOINT=$2; shift ;;
+      --prompt)
+        (($# > 1)) || die_usage "$1 needs a value"
+        [[ "$2" != - ]] || KIT_STDIN=1   # the prompt comes from stdin: docker must pass it on
+        GEN_ARGS+=("$1" "$2")
+        shift ;;
+      --max-tokens | --top-k | --seed)
+        need_value "$1" "$#" "${2-}"; check_int "$1" "$2"; GEN_ARGS+=("$1" "$2"); shift ;;
+      --num-samples)
+        need_value "$1" "$#" "${2-}"; check_int "$1" "$2" 1; GEN_ARGS+=("$1" "$2"); shift ;;
+      --temperature | --top-p)
+        need_value "$1" "$#" "${2-}"; check_float "$1" "$2"; GEN_ARGS+=("$1" "$2"); shift ;;
+      --device) need_value "$1" "$#" "${2-}"; DEVICE=$2; GEN_ARGS+=("$1" "$2"); shift ;;
+      --local) KIT_RUNTIME=local ;;
+      --image) need_value "$1" "$#" "${2-}"; KIT_IMAGE=$2; shift ;;
+      --dry-run) KIT_DRY_RUN=1 ;;
+      --) shift; PASSTHROUGH=("$@"); break ;;
+      *) unknown_flag "$1" ;;
+    esac
+    shift
+  done
+}
+
+main() {
+  parse_args "$@"
+  if [[ ! -f "$KIT_ROOT/generate.py" ]]; then
+    if ((KIT_DRY_RUN)); then
+      warn "generate.py is not in this checkout"
+    else
+      die "generate.py is not in this checkout"
+    fi
+  fi
+  if [[ "$DEVICE" == cpu ]]; then KIT_GPU_SPEC=none; fi
+  if [[ "$KIT_RUNTIME" == docker ]]; then
+    check_image
+  else
+    ensure_venv
+  fi
+  local checkpoint=checkpoints/latest
+  if [[ -n "$CHECKPOINT" ]]; then
+    kit_map_path "$CHECKPOINT"
+    checkpoint=$KIT_MAPPED
+  fi
+  in_runtime python generate.py --checkpoint "$checkpoint" "${GEN_ARGS[@]+"${GEN_ARGS[@]}"}" \
+    "${PASSTHROUGH[@]+"${PASSTHROUGH[@]}"}"
+}
+
+main "$@"

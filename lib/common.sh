@@ -1,0 +1,280 @@
+# shellcheck shell=bash
+# shellcheck disable=SC2034  # the variables set here are read by the scripts that source this file
+# Shared by build.sh, train.sh and generate.sh: argument checks, error helpers, the choice between Docker and a
+# local virtualenv, the `docker run` argument list, and --dry-run. Source it after setting KIT_PROG (the script's
+# name for messages); it sets KIT_ROOT (the repository root) itself.
+
+KIT_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+KIT_PROG=${KIT_PROG:-$(basename "$0")}
+KIT_IMAGE_DEFAULT=nanogpt-speedrun:latest
+KIT_WORKDIR=/workspace          # where the repository is mounted inside the container
+KIT_HF_CACHE_IN=/hf-cache        # where the Hugging Face cache is mounted inside the container
+
+KIT_RUNTIME=docker               # docker | local
+KIT_DRY_RUN=0
+KIT_IMAGE=${KIT_IMAGE:-$KIT_IMAGE_DEFAULT}
+KIT_GPU_SPEC=all                 # all | none | a comma-separated device list
+KIT_HOST_NETWORK=0
+KIT_ENV=()                       # NAME=VALUE pairs for the training process
+KIT_MOUNTS=()                    # extra docker -v arguments (paths outside the repository)
+KIT_MAPPED=""                    # kit_map_path's result
+KIT_STDIN=0                      # 1: the command reads piped stdin, so docker gets -i even without a terminal
+
+# --- messages and exits ----------------------------------------------------------------------------------------------
+
+die() {  # die MESSAGE [CODE]: a one-line error, exit CODE (default 1)
+  printf '%s: error: %s\n' "$KIT_PROG" "$1" >&2
+  exit "${2:-1}"
+}
+
+die_usage() {  # a user error: the message, a hint, exit 2
+  printf '%s: error: %s\n' "$KIT_PROG" "$1" >&2
+  printf "Run '%s --help' for the list of flags.\n" "$KIT_PROG" >&2
+  exit 2
+}
+
+unknown_flag() {  # unknown_flag FLAG: the usage text on stderr, exit 2
+  printf '%s: error: unknown flag %s\n\n' "$KIT_PROG" "$1" >&2
+  usage >&2
+  exit 2
+}
+
+say() {  # say MESSAGE: a line on stdout, prefixed with the script's name
+  printf '%s: %s\n' "$KIT_PROG" "$1"
+}
+
+warn() {
+  printf '%s: warning: %s\n' "$KIT_PROG" "$1" >&2
+}
+
+# --- argument helpers ------------------------------------------------------------------------------------------------
+
+need_value() {  # need_value FLAG REMAINING_ARGC [NEXT]: the flag must be followed by a value
+  local flag=$1 argc=$2
+  if ((argc < 2)); then
+    die_usage "$flag needs a value"
+  fi
+  if [[ "${3-}" == --* ]]; then
+    die_usage "$flag needs a value, got the flag $3"
+  fi
+}
+
+check_int() {  # check_int FLAG VALUE [MIN]: a whole number (>= MIN, default 0)
+  local flag=$1 value=$2 min=${3:-0}
+  if [[ ! "$value" =~ ^[0-9]+$ ]]; then
+    die_usage "$flag expects a whole number, got '$value'"
+  fi
+  if ((10#$value < min)); then
+    die_usage "$flag must be at least $min, got $value"
+  fi
+}
+
+check_float() {  # check_float FLAG VALUE: a decimal number (1, 0.5, .5, 1e-3)
+  local flag=$1 value=$2
+  if [[ ! "$value" =~ ^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$ ]]; then
+    die_usage "$flag expects a number, got '$value'"
+  fi
+}
+
+check_gpu_list() {  # check_gpu_list FLAG VALUE: comma-separated device indices, no repeats
+  local flag=$1 value=$2 seen=, id
+  if [[ ! "$value" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
+    die_usage "$flag expects comma-separated GPU indices like 0,1,3, got '$value'"
+  fi
+  local -a ids
+  IFS=, read -r -a ids <<<"$value"
+  for id in "${ids[@]}"; do
+    if [[ "$seen" == *",$id,"* ]]; then
+      die_usage "$flag lists GPU $id twice"
+    fi
+    seen+="$id,"
+  done
+}
+
+# --- GPUs ------------------------------------------------------------------------------------------------------------
+
+visible_gpu_count() {  # prints the number of GPUs nvidia-smi sees, or nothing when nvidia-smi is absent or fails
+  local out
+  command -v nvidia-smi >/dev/null 2>&1 || return 0
+  out=$(nvidia-smi -L 2>/dev/null) || return 0
+  grep -c '^GPU [0-9]' <<<"$out" || true
+}
+
+# --- runtime ---------------------------------------------------------------------------------------------------------
+
+# run_cmd CMD...: runs the command, or with --dry-run prints it shell-quoted on one line
+run_cmd() {
+  if ((KIT_DRY_RUN)); then
+    local out
+    printf -v out '%q ' "$@"
+    printf '%s\n' "${out% }"
+    return 0
+  fi
+  "$@"
+}
+
+check_image() {  # the image must exist locally; with --dry-run a missing one is only a warning
+  if docker image inspect "$KIT_IMAGE" >/dev/null 2>&1; then
+    return 0
+  fi
+  if ((KIT_DRY_RUN)); then
+    warn "image $KIT_IMAGE not found; run ./build.sh before running these commands"
+    return 0
+  fi
+  die "image $KIT_IMAGE not found (or docker is not running); run ./build.sh first to build it"
+}
+
+# kit_map_path PATH: the path to use for PATH inside the runtime, in KIT_MAPPED (commands run from the repository
+# root, so a relative PATH, given relative to the current directory, has to be translated). Locally: an absolute
+# path. In Docker:
+# a path inside the repository becomes relative to the mounted repository; one outside is mounted at the same
+# absolute path.
+kit_map_path() {
+  local path=$1 abs parent
+  if [[ "$path" == /* ]]; then abs=$path; else abs=$PWD/$path; fi
+  KIT_MAPPED=$abs
+  [[ "$KIT_RUNTIME" == docker ]] || return 0
+  parent=$(dirname "$abs")
+  if [[ -d "$parent" ]]; then
+    abs=$(cd "$parent" && pwd -P)/$(basename "$abs")
+  fi
+  local root_real
+  root_real=$(cd "$KIT_ROOT" && pwd -P)
+  if [[ "$abs" == "$root_real" ]]; then
+    KIT_MAPPED=.
+  elif [[ "$abs" == "$root_real"/* ]]; then
+    KIT_MAPPED=${abs#"$root_real"/}
+  else
+    KIT_MAPPED=$abs
+    local mount_dir=$abs
+    [[ -d "$abs" || ! -e "$abs" ]] || mount_dir=$(dirname "$abs")
+    KIT_MOUNTS+=(-v "$mount_dir:$mount_dir")
+  fi
+}
+
+# repo_dir_mount NAME: "-v HOST:/workspace/NAME" for the repository's data/, checkpoints/, logs/ (created first, so
+# that Docker does not create them owned by root); a symlinked directory is mounted from where it points.
+repo_dir_mount() {
+  local name=$1 host=$KIT_ROOT/$1
+  if ((!KIT_DRY_RUN)); then
+    mkdir -p "$host"
+  fi
+  if [[ -d "$host" ]]; then
+    host=$(cd "$host" && pwd -P)
+  fi
+  printf '%s\n' "$host:$KIT_WORKDIR/$name"
+}
+
+# docker_run_args: fills DOCKER_RUN with `docker run ... IMAGE` (the command to run inside follows it)
+docker_run_args() {
+  DOCKER_RUN=(docker run --rm)
+  if [ -t 0 ]; then
+    DOCKER_RUN+=(-i -t)
+  elif ((KIT_STDIN)); then
+    DOCKER_RUN+=(-i)
+  fi
+  DOCKER_RUN+=(--ipc=host --ulimit memlock=-1 --ulimit stack=67108864)
+  DOCKER_RUN+=(--user "$(id -u):$(id -g)" -e HOME=/tmp)
+  case "$KIT_GPU_SPEC" in
+    all) DOCKER_RUN+=(--gpus all) ;;
+    none) ;;
+    *) DOCKER_RUN+=(--gpus "\"device=$KIT_GPU_SPEC\"") ;;
+  esac
+  if ((KIT_HOST_NETWORK)); then
+    DOCKER_RUN+=(--network host)
+  fi
+  local hf_cache=${HF_HOME:-$HOME/.cache/huggingface}
+  if ((!KIT_DRY_RUN)); then
+    mkdir -p "$hf_cache"
+  fi
+  DOCKER_RUN+=(-v "$KIT_ROOT:$KIT_WORKDIR" -w "$KIT_WORKDIR")
+  local name
+  for name in data checkpoints logs; do
+    DOCKER_RUN+=(-v "$(repo_dir_mount "$name")")
+  done
+  DOCKER_RUN+=(-v "$hf_cache:$KIT_HF_CACHE_IN" -e "HF_HOME=$KIT_HF_CACHE_IN")
+  if ((${#KIT_MOUNTS[@]})); then
+    DOCKER_RUN+=("${KIT_MOUNTS[@]}")
+  fi
+  # secrets and settings pass by name only: docker reads their values from this environment
+  local var
+  for var in WANDB_API_KEY WANDB_MODE WANDB_PROJECT WANDB_ENTITY HF_TOKEN HF_ENDPOINT HF_HUB_OFFLINE; do
+    if [[ -n "${!var-}" ]]; then
+      DOCKER_RUN+=(-e "$var")
+    fi
+  done
+  local pair
+  for pair in "${KIT_ENV[@]+"${KIT_ENV[@]}"}"; do
+    DOCKER_RUN+=(-e "$pair")
+  done
+  DOCKER_RUN+=("$KIT_IMAGE")
+}
+
+# --- local virtualenv ------------------------------------------------------------------------------------------------
+
+KIT_WHISPER_SPEC=openai-whisper==20250625
+
+venv_dir() {
+  printf '%s\n' "${KIT_VENV:-$KIT_ROOT/.venv}"
+}
+
+# venv_ready PYTHON: whether the virtualenv has torch, the offline GPT-2 vocabulary and requirements.txt's pins
+venv_ready() {
+  "$1" - "$KIT_ROOT/requirements.txt" <<'PY' >/dev/null 2>&1
+import importlib.metadata as md
+import importlib.util
+import sys
+
+assert importlib.util.find_spec("torch") is not None
+assert importlib.util.find_spec("whisper") is not None
+for line in open(sys.argv[1], encoding="utf-8"):
+    line = line.split("#", 1)[0].strip()
+    if "==" in line:
+        name, version = (part.strip() for part in line.split("==", 1))
+        assert md.version(name) == version, name
+PY
+}
+
+# ensure_venv: creates or completes the virtualenv ($KIT_VENV, default .venv); sets KIT_PY and KIT_BIN
+ensure_venv() {
+  local venv
+  venv=$(venv_dir)
+  KIT_BIN=$venv/bin
+  KIT_PY=$KIT_BIN/python
+  if [[ ! -x "$KIT_PY" ]]; then
+    command -v python3 >/dev/null 2>&1 || die "--local needs python3 (3.10+) to create the virtualenv $venv"
+    say "creating virtualenv $venv"
+    run_cmd python3 -m venv "$venv"
+  elif venv_ready "$KIT_PY"; then
+    return 0
+  fi
+  say "installing requirements.txt into $venv"
+  run_cmd "$KIT_PY" -m pip install --quiet -r "$KIT_ROOT/requirements.txt"
+  if ((KIT_DRY_RUN)) || ! "$KIT_PY" -c 'import torch' >/dev/null 2>&1; then
+    run_cmd "$KIT_PY" -m pip install --quiet "${KIT_TORCH_SPEC:-torch}"
+  fi
+  # the offline GPT-2 vocabulary (whisper/assets/gpt2.tiktoken); its own dependencies are not needed
+  run_cmd "$KIT_PY" -m pip install --quiet --no-deps "$KIT_WHISPER_SPEC"
+}
+
+# local_cmd CMD...: fills LOCAL_CMD with CMD, prefixed with `env NAME=VALUE...` when KIT_ENV is not empty
+local_cmd() {
+  LOCAL_CMD=()
+  if ((${#KIT_ENV[@]})); then
+    LOCAL_CMD=(env "${KIT_ENV[@]}")
+  fi
+  LOCAL_CMD+=("$@")
+}
+
+# in_runtime CMD...: runs CMD (its first word python or torchrun) in the chosen runtime from the repository root
+in_runtime() {
+  if [[ "$KIT_RUNTIME" == docker ]]; then
+    docker_run_args
+    run_cmd "${DOCKER_RUN[@]}" "$@"
+  else
+    local exe=$1
+    shift
+    local_cmd "$KIT_BIN/$exe" "$@"
+    (cd "$KIT_ROOT" && run_cmd "${LOCAL_CMD[@]}")
+  fi
+}

@@ -1,0 +1,289 @@
+"""generate.py: the decode path computes the trained model's function, the KV cache changes nothing, sampling flags
+behave, and the command line reports bad input without tracebacks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import generate as g
+import train_gpt as tg
+from conftest import ROOT, subprocess_env, tiny_hp
+
+CPU = torch.device("cpu")
+# A final window of 256 (long) / 128 (short) that differs from the starting 128, so the test sees which one is used.
+WINDOWS = dict(window_start=128, window_end=256, num_iterations=12)
+
+
+@pytest.fixture(scope="module")
+def trained(shared_synthetic_data, tmp_path_factory) -> Path:
+    """A run directory written by the trainer itself after 3 steps."""
+    work = tmp_path_factory.mktemp("gen_trained")
+    hp = tiny_hp(shared_synthetic_data, work, num_iterations=3, val_loss_every=0, run_name="T")
+    tg.train(hp)
+    return Path(hp.checkpoint_dir) / "T"
+
+
+@pytest.fixture(scope="module")
+def random_ckpt(shared_synthetic_data, tmp_path_factory) -> Path:
+    """A checkpoint in the trainer's format (Trainer.checkpoint) of a model with large random weights everywhere,
+    including the zero-initialised projections and a block without attention, so every path shows in the logits."""
+    work = tmp_path_factory.mktemp("gen_random")
+    hp = tiny_hp(shared_synthetic_data, work, no_attn_layer=1, **WINDOWS)
+    trainer = tg.Trainer(hp, CPU)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if "embed" in name else 0.1))
+            else:
+                p.copy_(torch.rand(p.shape, generator=gen) * 0.7 + 0.3)
+    path = Path(hp.checkpoint_dir) / "R" / "step_000012.pt"
+    tg.atomic_save(trainer.checkpoint("R"), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(random_ckpt) -> g.LoadedModel:
+    return g.load_model(str(random_ckpt), CPU)
+
+
+def documents(length: int, seed: int, bos_at=(0, 90, 97, 260)) -> torch.Tensor:
+    """Random text ids with BOS at the given positions: several documents, one of them longer than the window."""
+    toks = torch.randint(0, g.TEXT_VOCAB - 1, (length,), generator=torch.Generator().manual_seed(seed))
+    for p in bos_at:
+        if p < length:
+            toks[p] = g.EOT_ID
+    return toks
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Faithful to the training forward
+
+
+def test_window_is_the_one_at_the_end_of_training(loaded):
+    hp = tiny_hp("unused", "unused", **WINDOWS)
+    assert loaded.window == tg.window_size(hp.num_iterations, hp) == 256 != tg.window_size(0, hp)
+
+
+@pytest.mark.parametrize("which", ["random", "trained"])
+def test_decode_logits_equal_training_forward(which, loaded, trained):
+    model_info = loaded if which == "random" else g.load_model(str(trained), CPU)
+    model, window = model_info.model, model_info.window
+    seq = documents(600, seed=0, bos_at=(0, 90, 97, 200, 520))  # documents longer and shorter than the window
+    ref = model(seq, long_window=window)  # the trainer's dense CPU path
+    decoder = g.KVDecoder(model, window, batch=1, max_len=seq.numel())
+    got = decoder.step(seq[None], all_logits=True)[0]
+    assert ref.std() > 0.05  # non-trivial logits
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# KV cache
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_cached_logits_equal_uncached_at_every_step(loaded, static):
+    """Batch of 3 different sequences, prompts longer than the long window, BOS inside prompt and continuation."""
+    model, window = loaded.model, loaded.window
+    prompt_len, steps = 300, 30
+    seqs = torch.stack([documents(prompt_len + steps, seed=s, bos_at=bos)
+                        for s, bos in ((1, (0,)), (2, (0, 150, 310)), (3, (0, 299, 301)))])
+    decoder = g.KVDecoder(model, window, batch=3, max_len=prompt_len + steps, static=static)
+    logits = decoder.step(seqs[:, :prompt_len])
+    for t in range(prompt_len, prompt_len + steps + 1):
+        # the training forward, with the head applied to the last position only (forward() applies it to all)
+        win = torch.tensor(window, dtype=torch.int32)
+        ref = torch.stack([model.head_logits(model.hidden(row[:t], win)[0, -1]) for row in seqs])
+        torch.testing.assert_close(logits, ref, atol=1e-4, rtol=0)
+        if t < prompt_len + steps:
+            logits = decoder.step(seqs[:, t:t + 1])
+
+
+def test_generate_greedy_equals_recomputing_everything(loaded):
+    model, window = loaded.model, loaded.window
+    prompt = documents(150, seed=4, bos_at=())[:150].tolist()
+    got = g.generate(model, window, prompt, g.SamplingConfig(max_tokens=12, num_samples=2, temperature=0))
+    seq = [g.EOT_ID] + prompt
+    for _ in range(12):
+        logits = model(torch.tensor(seq), long_window=window)[-1]
+        seq.append(int(logits[:g.TEXT_VOCAB].argmax()))
+    assert got == [seq[151:], seq[151:]]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def run(loaded, prompt=(464, 3290), **kw) -> list[list[int]]:
+    sc = g.SamplingConfig(**{"max_tokens": 10, **kw})
+    return g.generate(loaded.model, loaded.window, list(prompt), sc)
+
+
+def test_greedy_is_deterministic_and_ignores_the_seed(loaded):
+    a = run(loaded, temperature=0, seed=0)
+    assert a == run(loaded, temperature=0, seed=0) == run(loaded, temperature=0, seed=123)
+    assert len(a[0]) == 10
+
+
+def test_seeds(loaded):
+    a = run(loaded, temperature=1.0, seed=5, num_samples=2)
+    assert a == run(loaded, temperature=1.0, seed=5, num_samples=2)
+    assert a != run(loaded, temperature=1.0, seed=6, num_samples=2)
+    assert a[0] != a[1]  # samples of one batch differ
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(loaded):
+    greedy = run(loaded, temperature=0)
+    assert run(loaded, temperature=1.0, top_k=1, seed=3) == greedy
+    assert run(loaded, temperature=1.0, top_p=1e-6, seed=3) == greedy
+
+
+def test_empty_prompt_starts_from_bos(loaded):
+    assert len(run(loaded, prompt=(), temperature=0)[0]) == 10
+
+
+def test_sample_next_never_picks_padding_ids():
+    logits = torch.zeros(4, 50304)
+    logits[:, g.TEXT_VOCAB:] = 100.0  # padding rows would win everything if they were allowed
+    logits[:, 7] = 1.0
+    gen = torch.Generator().manual_seed(0)
+    for kw in (dict(temperature=0), dict(temperature=1.0), dict(temperature=1.0, top_k=5),
+               dict(temperature=1.0, top_p=0.5)):
+        kw = {"top_k": 0, "top_p": 1.0, **kw}
+        for _ in range(20):
+            assert (g.sample_next(logits, generator=gen, **kw) < g.TEXT_VOCAB).all()
+    assert g.sample_next(logits, 0, 0, 1.0, None).tolist() == [7] * 4
+
+
+def test_top_k_and_top_p_restrict_the_choice():
+    logits = torch.full((1, 50304), -10.0)
+    logits[0, [3, 4, 5]] = torch.tensor([5.0, 4.9, 4.8])
+    gen = torch.Generator().manual_seed(0)
+    picks = {int(g.sample_next(logits, 1.0, 2, 1.0, gen)) for _ in range(200)}
+    assert picks == {3, 4}
+    picks = {int(g.sample_next(logits, 1.0, 0, 0.5, gen)) for _ in range(200)}
+    assert picks == {3, 4}  # 3 alone holds ~0.37 < 0.5, 3 and 4 ~0.7
+
+
+def test_stops_at_eot_unless_told_not_to(loaded, monkeypatch):
+    """Sample 0 draws EOT at its 3rd token, sample 1 at its 6th; each stops there, the other goes on."""
+    real = g.sample_next
+    calls = []
+
+    def scripted(logits, *args):
+        out = real(logits, *args)
+        n = len(calls)
+        calls.append(n)
+        if n == 2:
+            out[0] = g.EOT_ID
+        if n == 5:
+            out[1] = g.EOT_ID
+        return out
+
+    monkeypatch.setattr(g, "sample_next", scripted)
+    a = run(loaded, temperature=0, num_samples=2, max_tokens=10)
+    assert [len(s) for s in a] == [2, 5] and g.EOT_ID not in a[0] + a[1]
+    assert len(calls) == 6  # nothing more is generated once every sample has stopped
+    calls.clear()
+    b = run(loaded, temperature=0, num_samples=2, max_tokens=10, stop_at_eot=False)
+    assert [len(s) for s in b] == [10, 10] and b[0][2] == g.EOT_ID and b[1][5] == g.EOT_ID
+    assert all(t < g.TEXT_VOCAB for s in a + b for t in s)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading and the command line
+
+
+def cli(*args, stdin: str | None = None, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], input=stdin, capture_output=True,
+                          text=True, cwd=ROOT, env=subprocess_env(**env), timeout=120)
+
+
+def test_cli_generates_from_a_run_directory(trained):
+    r = cli("--checkpoint", str(trained), "--prompt", "def", "--max-tokens", "5", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("def") and "Traceback" not in r.stderr
+    assert "step_000003.pt" in r.stderr
+
+
+def test_cli_prompt_from_stdin_and_world_size_does_not_matter(trained):
+    """The same greedy text from --prompt and from stdin, even with a torchrun-like environment of 2 processes."""
+    flags = ["--checkpoint", str(trained), "--max-tokens", "8", "--temperature", "0", "--device", "cpu"]
+    a = cli(*flags, "--prompt", "import os")
+    b = cli(*flags, "--prompt", "-", stdin="import os", RANK="1", WORLD_SIZE="2", LOCAL_RANK="1")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert a.stdout == b.stdout and a.stdout.startswith("import os")
+
+
+def test_checkpoint_weights_are_full_whatever_the_process_count(trained):
+    ckpt = tg.load_checkpoint(g.tg.resolve_checkpoint(str(trained)))
+    full = tg.GPT(tg.GPTConfig(**ckpt["model_config"])).state_dict()
+    assert {k: v.shape for k, v in ckpt["model"].items()} == {k: v.shape for k, v in full.items()}
+    assert "world_size" not in ckpt["hyperparameters"]
+
+
+def test_several_samples_print_headers(random_ckpt, capsys):
+    assert g.main(["--checkpoint", str(random_ckpt), "--prompt", "x", "--num-samples", "2", "--max-tokens", "3",
+                   "--device", "cpu", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "----- sample 1 of 2 -----" in out and "----- sample 2 of 2 -----" in out
+
+
+def test_help():
+    r = cli("--help")
+    assert r.returncode == 0 and "--top-p" in r.stdout and "--checkpoint" in r.stdout
+
+
+def bad_files(tmp_path, random_ckpt) -> dict[str, tuple[Path, str]]:
+    truncated = tmp_path / "truncated.pt"
+    data = random_ckpt.read_bytes()
+    truncated.write_bytes(data[:len(data) // 2])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    return {"missing": (tmp_path / "nope.pt", "does not exist"),
+            "truncated": (truncated, "not a readable checkpoint"),
+            "foreign": (foreign, "not written by this trainer"),
+            "text": (text, "not a readable checkpoint"),
+            "empty dir": (tmp_path, "no step_*.pt")}
+
+
+@pytest.mark.parametrize("kind", ["missing", "truncated", "foreign", "text", "empty dir"])
+def test_bad_checkpoints_exit_2(kind, tmp_path, random_ckpt, capsys):
+    path, words = bad_files(tmp_path, random_ckpt)[kind]
+    assert g.main(["--checkpoint", str(path), "--device", "cpu", "--max-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and str(path.name) in err and "Traceback" not in err
+
+
+def test_truncated_checkpoint_from_the_command_line(tmp_path, random_ckpt):
+    path, _ = bad_files(tmp_path, random_ckpt)["truncated"]
+    r = cli("--checkpoint", str(path), "--device", "cpu")
+    assert r.returncode == 2 and "not a readable checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--temperature", "-1"], "--temperature"),
+    (["--top-p", "0"], "--top-p"),
+    (["--top-k", "-2"], "--top-k"),
+    (["--num-samples", "0"], "--num-samples"),
+    (["--max-tokens", "-1"], "--max-tokens"),
+    (["--prompt-file", "/nonexistent/prompt.txt"], "--prompt-file"),
+    (["--compile"], "--compile"),
+])
+def test_bad_flags_exit_2(flags, words, random_ckpt, capsys):
+    assert g.main(["--checkpoint", str(random_ckpt), "--device", "cpu", *flags]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_import_has_no_side_effects():
+    """Importing parses no arguments, prints nothing and reads no stdin (a test or a notebook may import it)."""
+    r = subprocess.run([sys.executable, "-c", "import generate", "--bogus-flag"], capture_output=True, text=True,
+                       cwd=ROOT, env=subprocess_env(), timeout=60, stdin=subprocess.DEVNULL)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
