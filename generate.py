@@ -104,7 +104,7 @@ class KVDecoder:
     def __init__(self, model: tg.GPT, window: int, batch: int, max_len: int, static: bool = False):
         cfg = model.cfg
         self.model, self.batch, self.max_len, self.static = model, batch, max_len, static
-        self.windows = [window if i % 2 == 0 else window // 2 for i in range(cfg.num_layers)]
+        self.windows = [window if kind == "long" else window // 2 for kind in model.block_window_kinds()]
         device = model.embed.weight.device
         dtype = model.act_dtype
         self.k = [torch.zeros(batch, cfg.num_heads, max_len, cfg.head_dim, device=device, dtype=dtype)

@@ -426,6 +426,10 @@ class GPT(nn.Module):
         n, L = self.cfg.num_value_embeds, self.cfg.num_layers
         return [i if i < n else (i - (L - n) if i >= L - n else None) for i in range(L)]
 
+    def block_window_kinds(self) -> list[str]:
+        """Which window each block attends with: long and short alternate, starting with long."""
+        return ["long" if i % 2 == 0 else "short" for i in range(self.cfg.num_layers)]
+
     def head_logits(self, x: Tensor) -> Tensor:
         """Soft-capped logits in fp32 from the final hidden state."""
         if self.head_precision == "fp8":
@@ -443,11 +447,11 @@ class GPT(nn.Module):
         rope = rotary_tables(input_seq.numel(), cfg.head_dim, cfg.rope_base, input_seq.device)
         masks = AttentionMasks(input_seq, long_window, self.attn_impl, cfg.attn_scale)
         skips = []
-        for i, block in enumerate(self.blocks):
+        for i, (block, kind) in enumerate(zip(self.blocks, self.block_window_kinds())):
             j = i - (cfg.num_layers - self.num_encoder)
             if 0 <= j < self.num_encoder:
                 x = x + self.skip_weights[j] * skips[self.num_encoder - 1 - j]
-            x = block(x, ve[i], x0, rope, masks, "long" if i % 2 == 0 else "short")
+            x = block(x, ve[i], x0, rope, masks, kind)
             if i < self.num_encoder:
                 skips.append(x)
         return norm(x)

@@ -59,9 +59,9 @@ def flops_per_token(model: tg.GPT, tokens: np.ndarray, long_window: int) -> floa
     matmul += model.lm_head.weight.numel()
     hdim = cfg.num_heads * cfg.head_dim
     attn = 0.0
-    for i, block in enumerate(model.blocks):
+    for block, kind in zip(model.blocks, model.block_window_kinds()):
         if block.attn is not None:
-            window = long_window if i % 2 == 0 else long_window // 2
+            window = long_window if kind == "long" else long_window // 2
             attn += 12 * hdim * mean_attended_keys(tokens, window)
     return 6 * matmul + attn
 
