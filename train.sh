@@ -188,10 +188,15 @@ resolve_gpus() {
 # global_batch_tokens: tokens per optimiser step of the preset, with --train-seq-len / --seqs-per-step applied
 global_batch_tokens() {
   local seqs seq_len i
-  case "$PRESET" in
-    a10) seqs=32; seq_len=12288 ;;
-    *) seqs=8; seq_len=49152 ;;
-  esac
+  # the presets' batches (train_gpt.py PRESETS, train_gpt_medium.py MEDIUM); tests/test_wrappers.py checks them
+  if [[ "$SCRIPT" == train_gpt_medium.py ]]; then
+    seqs=8; seq_len=65536
+  else
+    case "$PRESET" in
+      a10) seqs=32; seq_len=12288 ;;
+      *) seqs=8; seq_len=49152 ;;
+    esac
+  fi
   [[ -z "$TRAIN_SEQ_LEN" ]] || seq_len=$TRAIN_SEQ_LEN
   for ((i = 0; i < ${#PASSTHROUGH[@]}; i++)); do
     case "${PASSTHROUGH[i]}" in
@@ -210,7 +215,9 @@ shards_for_run() {
     printf '%s\n' "$SHARDS"
     return 0
   fi
-  local steps=${NUM_ITERATIONS:-1695} batch py
+  local default_steps=1695 steps batch py
+  [[ "$SCRIPT" != train_gpt_medium.py ]] || default_steps=5960
+  steps=${NUM_ITERATIONS:-$default_steps}
   batch=$(global_batch_tokens)
   py=$(command -v python3 || true)
   if [[ "$KIT_RUNTIME" == local && -x "${KIT_PY:-}" ]]; then py=$KIT_PY; fi

@@ -127,10 +127,11 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset_hyperparameters(name: str) -> Hyperparameters:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return dataclasses.replace(Hyperparameters(), preset=name, **PRESETS[name])
+def preset_hyperparameters(name: str, presets: dict[str, dict] | None = None) -> Hyperparameters:
+    presets = PRESETS if presets is None else presets
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
+    return dataclasses.replace(Hyperparameters(), preset=name, **presets[name])
 
 
 class ConfigError(ValueError):
@@ -1403,22 +1404,25 @@ def _field_help() -> dict[str, str]:
     return helps
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
+def build_arg_parser(presets: dict[str, dict] | None = None, default_preset: str = "speedrun",
+                     prog: str = "train_gpt.py") -> argparse.ArgumentParser:
+    presets = PRESETS if presets is None else presets
     parser = argparse.ArgumentParser(
-        prog="train_gpt.py",
-        description="Train a GPT on FineWeb shards (NanoGPT speedrun track 1). Flags override the preset's values.",
+        prog=prog, description=f"Train a GPT on FineWeb shards (NanoGPT speedrun, preset {default_preset} by "
+                               "default). Flags override the preset's values.",
         argument_default=argparse.SUPPRESS)
     helps = _field_help()
-    defaults = Hyperparameters()
+    defaults = preset_hyperparameters(default_preset, presets)
     special = {"compile", "fp8", "save_final", "wandb", "resume", "preset", "attention"}
-    parser.add_argument("--preset", choices=list(PRESETS), help="starting values for every flag (default speedrun)")
+    parser.add_argument("--preset", choices=list(presets),
+                        help=f"starting values for every flag (default {default_preset})")
     for f in fields(Hyperparameters):
         if f.name in special:
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = {"int": int, "float": float, "str": str, "str | None": str}[str(f.type)]
         parser.add_argument(flag, type=kind, metavar=f.name.upper(),
-                            help=f"{helps.get(f.name, '')} (speedrun default: {getattr(defaults, f.name)})")
+                            help=f"{helps.get(f.name, '')} ({default_preset} default: {getattr(defaults, f.name)})")
     parser.add_argument("--attention", choices=["auto", "flex", "dense"],
                         help="attention implementation: flex needs CUDA for training; auto picks flex on CUDA")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="do not torch.compile the model")
@@ -1433,9 +1437,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> Hyperparameters:
+def parse_args(argv: list[str] | None = None, presets: dict[str, dict] | None = None,
+               default_preset: str = "speedrun", prog: str = "train_gpt.py") -> Hyperparameters:
     """Preset (or the resumed checkpoint's settings), then the flags given explicitly."""
-    given = vars(build_arg_parser().parse_args(argv))
+    given = vars(build_arg_parser(presets, default_preset, prog).parse_args(argv))
     if "resume" in given and "preset" not in given:
         path = resolve_checkpoint(given["resume"], given.get("run_name"), given.get("checkpoint_dir", "checkpoints"))
         saved = load_checkpoint(path)["hyperparameters"]
@@ -1443,13 +1448,15 @@ def parse_args(argv: list[str] | None = None) -> Hyperparameters:
         hp = Hyperparameters(**{k: v for k, v in saved.items() if k in known})
         hp = dataclasses.replace(hp, resume=None)
     else:
-        hp = preset_hyperparameters(given.get("preset", "speedrun"))
+        hp = preset_hyperparameters(given.get("preset", default_preset), presets)
     return dataclasses.replace(hp, **given)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, presets: dict[str, dict] | None = None, default_preset: str = "speedrun",
+         prog: str = "train_gpt.py", source: str | None = None) -> int:
+    """The command line; train_gpt_medium.py calls it with its own presets and its source for the log."""
     try:
-        hp = parse_args(argv)
+        hp = parse_args(argv, presets, default_preset, prog)
     except (ConfigError, CheckpointError) as e:
         print(f"train_gpt.py: error: {e}", file=sys.stderr)
         return 2
@@ -1460,7 +1467,7 @@ def main(argv: list[str] | None = None) -> int:
             if backend == "nccl":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             dist.init_process_group(backend=backend)
-        train(hp)
+        train(hp, source)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"train_gpt.py: error: {e}", file=sys.stderr)
         return 2

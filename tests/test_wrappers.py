@@ -265,6 +265,22 @@ def test_download_shards_flag(kit, tmp_path):
     assert dl_inner[:3] == ["python", "data/cached_fineweb10B.py", "3"]
 
 
+@pytest.mark.parametrize("flags", [[], ["--preset", "a10"], ["--medium"]])
+def test_download_count_follows_the_python_presets(kit, tmp_path, flags):
+    """train.sh keeps the presets' batch sizes as numbers (the host may have no torch): they must match."""
+    import train_gpt
+    import train_gpt_medium
+    from data.fineweb import shards_needed
+
+    if flags == ["--medium"]:
+        hp = train_gpt.preset_hyperparameters("medium", train_gpt_medium.PRESETS)
+    else:
+        hp = train_gpt.preset_hyperparameters(flags[1] if flags else "speedrun")
+    kit.train(*flags, "--data-dir", str(tmp_path / "fw"))
+    _, dl_inner = split_run(kit.runs()[0])
+    assert int(dl_inner[2]) == min(103, shards_needed(hp.num_iterations, hp.global_batch_tokens))
+
+
 def test_no_download_for_tiny(kit):
     kit.train("--preset", "tiny")
     assert len(kit.runs()) == 1

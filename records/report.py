@@ -1,0 +1,274 @@
+"""Run reports: one table row per run log written by train_gpt.py, and optionally a loss-curve figure.
+
+    python records/report.py [LOGS...] [--png FILE]      (default LOGS: logs/*.txt)
+
+A run log (logs/<run_id>.txt) holds the trainer's source, then blocks separated by a line of 100 '=': "config {json}",
+the environment ("gpus N: names" or "cpu threads N"), a "run <id>: W process(es) on <device>, ..." line, the step lines
+and, for a run that finished, a "final val_loss:..." summary. A resumed run appends "resumed from ..." and the config
+and environment again; its step lines continue. Files that are not run logs are skipped with a warning on stderr; the
+exit status is 2 when none of the given files is one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+RULE = "=" * 100
+STEP_LINE = re.compile(r"^step:(\d+)/(\d+) (?:(val_loss|train_loss):(\S+) )?train_time:(\d+)ms step_avg:\S+ms$")
+SUMMARY_LINE = re.compile(r"^final val_loss:(\S+) train_time:([\d.]+)s \((\d+) steps, ([\d,]+) tokens")
+RUN_LINE = re.compile(r"^run (\S+): (\d+) process\(es\) on (\w+)")
+GPUS_LINE = re.compile(r"^gpus (\d+): (.*)$")
+CPU_LINE = re.compile(r"^cpu threads (\d+)$")
+
+
+class NotARunLog(ValueError):
+    """The file is not a log written by train_gpt.py."""
+
+
+def _config_at(lines: list[str], i: int) -> tuple[dict, int] | None:
+    """The config block starting at lines[i] ("config {") and the index after it, or None."""
+    if lines[i] != "config {" or i == 0 or lines[i - 1] != RULE:
+        return None
+    body = ["{"]
+    for j in range(i + 1, len(lines)):
+        body.append(lines[j])
+        if lines[j] == "}":  # json.dumps(indent=1): the closing brace of the top-level object is alone at column 0
+            try:
+                config = json.loads("\n".join(body))
+            except json.JSONDecodeError:
+                return None
+            return (config, j + 1) if isinstance(config, dict) and "num_iterations" in config else None
+    return None
+
+
+def _short_gpu_name(names: str) -> str:
+    first = names.split(",")[0].strip()
+    return first[len("NVIDIA "):] if first.startswith("NVIDIA ") else first
+
+
+def parse_log(path) -> dict:
+    """The facts of one run log. Raises NotARunLog for a file that is not one.
+
+    Keys: run_id, path, config (the last config block), preset, num_iterations, seqs_per_step, train_seq_len,
+    global_batch_tokens, target_val_loss, processes, device ("cuda"/"cpu"), gpus (count or None), gpu_name,
+    cpu_threads, hardware (display), steps (last step reached), finished, resumed (number of resumptions),
+    final_val_loss (the summary's, else the last val line's; nan without any), val_step, train_time_s (the summary's,
+    else the last step line's), tokens_per_s, reached_target (True/False, None without a target or a val loss),
+    val_curve (list of (step, val_loss, train_time_s) sorted by step; later lines win).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise NotARunLog(f"{path}: unreadable as a run log ({e})") from e
+    lines = text.splitlines()
+
+    config, summary, run_line, gpus, cpu_threads = None, None, None, None, None
+    resumed = 0
+    val: dict[int, tuple[float, float]] = {}
+    last_step, last_time_ms = 0, 0
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("config {"):
+            found = _config_at(lines, i)
+            if found is not None:
+                config, i = found
+                summary = None  # a summary belongs to the segment it follows
+                continue
+        if config is None:  # the trainer's source and anything else before the first config block
+            i += 1
+            continue
+        if line.startswith("step:"):
+            m = STEP_LINE.match(line)
+            if m:
+                step, time_ms = int(m.group(1)), int(m.group(5))
+                last_step, last_time_ms = step, time_ms
+                if m.group(3) == "val_loss":
+                    val[step] = (float(m.group(4)), time_ms / 1000)
+        elif line.startswith("final val_loss:"):
+            m = SUMMARY_LINE.match(line)
+            if m:
+                summary = m
+        elif line.startswith("resumed from "):
+            resumed += 1
+        elif line.startswith("run "):
+            m = RUN_LINE.match(line)
+            if m:
+                run_line = m
+        elif line.startswith("gpus "):
+            m = GPUS_LINE.match(line)
+            if m:
+                gpus = m
+        elif line.startswith("cpu threads "):
+            m = CPU_LINE.match(line)
+            if m:
+                cpu_threads = int(m.group(1))
+        i += 1
+    if config is None:
+        raise NotARunLog(f"{path}: no config block, not a train_gpt.py run log")
+
+    seqs, seq_len = int(config.get("seqs_per_step", 0)), int(config.get("train_seq_len", 0))
+    target = float(config.get("target_val_loss") or 0.0)
+    processes = int(run_line.group(2)) if run_line else 1
+    device = run_line.group(3) if run_line else ("cuda" if gpus else "cpu")
+    gpu_name = _short_gpu_name(gpus.group(2)) if gpus and device == "cuda" else None
+    if device == "cuda":
+        hardware = f"{processes}x {gpu_name or 'GPU'}"
+    else:
+        hardware = f"{processes}x {device}" + (f" ({cpu_threads} threads)" if cpu_threads else "")
+
+    curve = [(s, v, t) for s, (v, t) in sorted(val.items())]
+    finished = summary is not None
+    if finished:
+        final_val = float(summary.group(1))
+        steps = int(summary.group(3))
+        train_time_s = float(summary.group(2))
+        # the summary has 0.1 s resolution; the last val line has ms and agrees unless a final checkpoint was timed
+        if curve and curve[-1][0] == steps and abs(curve[-1][2] - train_time_s) <= 0.05 + 1e-9:
+            train_time_s = curve[-1][2]
+        val_step = curve[-1][0] if curve else steps
+    else:
+        final_val = curve[-1][1] if curve else math.nan
+        val_step = curve[-1][0] if curve else None
+        steps = last_step
+        train_time_s = last_time_ms / 1000
+    tokens_per_s = steps * seqs * seq_len / train_time_s if train_time_s > 0 else math.nan
+    reached = None if target <= 0 or math.isnan(final_val) else bool(final_val <= target)
+    return {
+        "run_id": path.stem, "path": str(path), "config": config, "preset": config.get("preset", "?"),
+        "num_iterations": int(config["num_iterations"]), "seqs_per_step": seqs, "train_seq_len": seq_len,
+        "global_batch_tokens": seqs * seq_len, "target_val_loss": target,
+        "processes": processes, "device": device, "gpus": int(gpus.group(1)) if gpus else None,
+        "gpu_name": gpu_name, "cpu_threads": cpu_threads, "hardware": hardware,
+        "steps": steps, "finished": finished, "resumed": resumed, "final_val_loss": final_val, "val_step": val_step,
+        "train_time_s": train_time_s, "tokens_per_s": tokens_per_s, "reached_target": reached, "val_curve": curve,
+    }
+
+
+COLUMNS = ["run", "preset", "hardware", "steps", "val loss", "time (s)", "tokens/s", "target", "status"]
+RIGHT = {"steps", "val loss", "time (s)", "tokens/s"}
+
+
+def table_row(run: dict) -> dict[str, str]:
+    """The formatted cells of one run's row, by column name."""
+    val = run["final_val_loss"]
+    if run["reached_target"] is None:
+        target = "-" if run["target_val_loss"] <= 0 else f"? ({run['target_val_loss']:g})"
+    else:
+        target = f"{'yes' if run['reached_target'] else 'no'} ({run['target_val_loss']:g})"
+    status = "finished" if run["finished"] else "unfinished"
+    if run["resumed"]:
+        status += f", resumed x{run['resumed']}"
+    tps = run["tokens_per_s"]
+    return {
+        "run": run["run_id"], "preset": str(run["preset"]), "hardware": run["hardware"],
+        "steps": f"{run['steps']}/{run['num_iterations']}",
+        "val loss": "-" if math.isnan(val) else f"{val:.4f}",
+        "time (s)": f"{run['train_time_s']:.1f}",
+        "tokens/s": "-" if math.isnan(tps) else f"{tps:,.0f}",
+        "target": target, "status": status,
+    }
+
+
+def format_table(runs: list[dict]) -> str:
+    """An aligned text table with a header line, one line per run."""
+    rows = [dict(zip(COLUMNS, COLUMNS))] + [table_row(r) for r in runs]
+    widths = {c: max(len(row[c]) for row in rows) for c in COLUMNS}
+    out = []
+    for row in rows:
+        cells = [row[c].rjust(widths[c]) if c in RIGHT else row[c].ljust(widths[c]) for c in COLUMNS]
+        out.append("  ".join(cells).rstrip())
+    return "\n".join(out)
+
+
+def make_figure(runs: list[dict]):
+    """A matplotlib Figure (Agg canvas, no display) with val loss vs train time and vs tokens seen."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_time, ax_tokens = fig.subplots(1, 2)
+    for run in runs:
+        if not run["val_curve"]:
+            continue
+        steps = [s for s, _, _ in run["val_curve"]]
+        losses = [v for _, v, _ in run["val_curve"]]
+        times = [t for _, _, t in run["val_curve"]]
+        tokens = [s * run["global_batch_tokens"] for s in steps]
+        label = run["run_id"] + ("" if run["finished"] else " (unfinished)")
+        ax_time.plot(times, losses, marker=".", label=label)
+        ax_tokens.plot(tokens, losses, marker=".", label=label)
+    for target in sorted({r["target_val_loss"] for r in runs if r["target_val_loss"] > 0}):
+        for ax in (ax_time, ax_tokens):
+            ax.axhline(target, linestyle="--", color="gray", linewidth=1, label=f"target {target:g}")
+    ax_time.set_xlabel("training time (s)")
+    ax_tokens.set_xlabel("tokens seen (step x global batch tokens)")
+    for ax in (ax_time, ax_tokens):
+        ax.set_ylabel("val loss")
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    ax_time.set_title("val loss vs training time")
+    ax_tokens.set_title("val loss vs tokens seen")
+    return fig
+
+
+def write_png(runs: list[dict], path) -> Path:
+    """Draw the figure and write it to path atomically (a temp file in the same directory, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = make_figure(runs)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Summarise train_gpt.py run logs: a table, optionally a figure.")
+    parser.add_argument("logs", nargs="*", help="run logs (default: logs/*.txt)")
+    parser.add_argument("--png", metavar="FILE", help="also write val-loss curves to this PNG")
+    args = parser.parse_args(argv)
+    paths = args.logs or sorted(glob.glob(os.path.join("logs", "*.txt")))
+    if not paths:
+        print("report: no log files given and none in logs/*.txt", file=sys.stderr)
+        return 2
+    runs = []
+    for p in paths:
+        try:
+            runs.append(parse_log(p))
+        except NotARunLog as e:
+            print(f"report: skipping {e}", file=sys.stderr)
+    if not runs:
+        print("report: none of the given files is a run log", file=sys.stderr)
+        return 2
+    print(format_table(runs))
+    if args.png:
+        out = write_png(runs, args.png)
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
