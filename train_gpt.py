@@ -1084,7 +1084,8 @@ class RunLog:
 
 
 def environment_report(device: torch.device) -> str:
-    lines = [f"python {platform.python_version()} ({sys.executable})", f"platform {platform.platform()}",
+    lines = [f"python {platform.python_version()} ({platform.python_implementation()})",
+             f"platform {platform.platform()}",
              f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN "
              f"{torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}"]
     if device.type == "cuda":
@@ -1198,6 +1199,12 @@ class Trainer:
         self.model.zero_grad(set_to_none=True)
         self.step += 1
         return total / len(batch)
+
+    def learning_rates(self) -> dict[str, float]:
+        """The rate each parameter group last stepped with, e.g. {"lr/muon": 0.05, "lr/embed": 0.6, ...}."""
+        adam = self.optimizers["adam"].param_groups  # built in this order by build_optimizers
+        return {"lr/muon": self.optimizers["muon"].param_groups[0]["lr"], "lr/embed": adam[0]["lr"],
+                "lr/head": adam[1]["lr"], "lr/scalar": adam[2]["lr"]}
 
     @torch.no_grad()
     def validate(self, val: ValidationSet) -> float:
@@ -1331,7 +1338,7 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
             log.write(f"step:{step}/{N} val_loss:{val_loss:.4f} train_time:{trainer.train_time_ms:.0f}ms "
                       f"step_avg:{avg:.2f}ms")
             if wandb_log:
-                wandb_log.log({"val/loss": val_loss, "train_time_ms": trainer.train_time_ms}, step=step)
+                wandb_log.log({"val/loss": val_loss, "val/train_time_ms": trainer.train_time_ms}, step=step)
             synchronize(device)
             t0 = time.perf_counter()
         if step > start_step and ((last and hp.save_final) or (hp.save_every > 0 and step % hp.save_every == 0)):
@@ -1361,7 +1368,9 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
             line += f" train_loss:{train_loss:.4f}"
             if wandb_log:
                 wandb_log.log({"train/loss": train_loss, "lr_multiplier": lr_multiplier(step, hp),
+                               **trainer.learning_rates(), "muon_momentum": muon_momentum(step, hp),
                                "window": window_size(step, hp), "train_time_ms": elapsed,
+                               "step_avg_ms": elapsed / (step + 1),
                                "tokens_per_s": (step + 1) * hp.global_batch_tokens / (elapsed / 1000)}, step=step + 1)
         log.write(f"{line} train_time:{elapsed:.0f}ms step_avg:{elapsed / (step + 1):.2f}ms")
 

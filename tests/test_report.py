@@ -1,0 +1,203 @@
+"""records/report.py: parsing run logs written by train_gpt.train(), the table, the skips and the PNG."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+import train_gpt as tg
+from conftest import ROOT, parse_log, tiny_hp
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _load_report():
+    spec = importlib.util.spec_from_file_location("records_report", ROOT / "records" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+report = _load_report()
+
+
+@pytest.fixture(scope="module")
+def runs(shared_synthetic_data, tmp_path_factory):
+    """Two real tiny runs: 'hit' (target 20, reached) and 'miss' (target 0.5, not reached; other batch/schedule)."""
+    work = tmp_path_factory.mktemp("report_runs")
+    hit = tg.train(tiny_hp(shared_synthetic_data, work, run_name="hit", num_iterations=6, val_loss_every=3,
+                           train_loss_every=2, target_val_loss=20.0, save_final=False))
+    miss = tg.train(tiny_hp(shared_synthetic_data, work, run_name="miss", num_iterations=4, seqs_per_step=4,
+                            val_loss_every=2, target_val_loss=0.5, save_final=False))
+    logs = work / "logs"
+    return {"hit": (logs / "hit.txt", hit), "miss": (logs / "miss.txt", miss), "dir": logs}
+
+
+def _unfinished_log(path: Path) -> Path:
+    hp = tiny_hp("data", "work", num_iterations=10, seqs_per_step=2, train_seq_len=256, target_val_loss=3.5)
+    rule = "=" * 100
+    path.write_text("\n".join([
+        "# the trainer's source would be here", "config = {}", rule,
+        "config " + json.dumps(asdict(hp), indent=1), rule,
+        "python 3.12.0", "cpu threads 2", rule,
+        "run unfinished: 1 process(es) on cpu, 1 micro-step(s) of 256 tokens each, global batch 512 tokens",
+        "step:0/10 val_loss:10.8000 train_time:0ms step_avg:0.01ms",
+        "step:1/10 train_time:1000ms step_avg:1000.00ms",
+        "step:2/10 train_time:2000ms step_avg:1000.00ms",
+        "step:3/10 train_time:3000ms step_avg:1000.00ms",
+        "step:4/10 train_time:4000ms step_avg:1000.00ms",
+        "step:4/10 val_loss:6.2500 train_time:4000ms step_avg:1000.00ms",
+        "step:5/10 train_loss:6.1000 train_time:5000ms step_avg:1000.00ms",
+    ]) + "\n", encoding="utf-8")
+    return path
+
+
+def _resumed_log(path: Path) -> Path:
+    """A GPU run interrupted at step 4, resumed from its checkpoint with a different target, then finished."""
+    hp = tiny_hp("data", "work", num_iterations=8, seqs_per_step=8, train_seq_len=1024, target_val_loss=9.0)
+    hp2 = tiny_hp("data", "work", num_iterations=8, seqs_per_step=8, train_seq_len=1024, target_val_loss=3.28)
+    rule = "=" * 100
+    env = ["gpus 8: " + ", ".join(["NVIDIA H100 80GB HBM3"] * 8), rule,
+           "run resumed: 8 process(es) on cuda, 1 micro-step(s) of 1024 tokens each"]
+    path.write_text("\n".join(
+        ["source", rule, "config " + json.dumps(asdict(hp), indent=1), rule, *env,
+         "step:0/8 val_loss:10.0000 train_time:0ms step_avg:0.01ms",
+         "step:4/8 val_loss:5.0000 train_time:400ms step_avg:100.00ms",
+         rule, "resumed from checkpoints/resumed/step_000004.pt at step 4",
+         rule, "config " + json.dumps(asdict(hp2), indent=1), rule, *env,
+         "step:4/8 val_loss:4.9000 train_time:400ms step_avg:100.00ms",
+         "step:8/8 val_loss:3.2700 train_time:800ms step_avg:100.00ms",
+         rule, "final val_loss:3.2700 train_time:0.8s (8 steps, 65,536 tokens, 81,920 tokens/s) peak memory: "
+         "1.00 GiB allocated, 1.00 GiB reserved; target 3.28: reached"]) + "\n", encoding="utf-8")
+    return path
+
+
+def test_parsed_values_match_train_summaries(runs):
+    for name in ("hit", "miss"):
+        path, summary = runs[name]
+        run = report.parse_log(path)
+        assert run["run_id"] == name and run["finished"] and run["resumed"] == 0
+        assert run["preset"] == "tiny" and run["device"] == "cpu" and run["processes"] == 1
+        assert run["steps"] == summary["steps"] == run["num_iterations"]
+        assert run["final_val_loss"] == round(summary["final_val_loss"], 4)
+        assert abs(run["train_time_s"] - summary["train_time_s"]) <= 0.0005 + 1e-9  # ms resolution of the log
+        assert run["tokens_per_s"] == pytest.approx(summary["tokens_per_s"], rel=0.001 / summary["train_time_s"])
+        assert run["reached_target"] is summary["reached_target"]
+        _, val = parse_log(path)  # conftest's reading of the same file
+        assert [(s, v) for s, v, _ in run["val_curve"]] == sorted(val.items())
+    assert report.parse_log(runs["hit"][0])["reached_target"] is True
+    assert report.parse_log(runs["miss"][0])["reached_target"] is False
+    assert report.parse_log(runs["miss"][0])["global_batch_tokens"] == 4 * 256
+
+
+def test_table_rows_and_alignment(runs, tmp_path, capsys):
+    paths = [runs["hit"][0], runs["miss"][0], _unfinished_log(tmp_path / "unfinished.txt")]
+    assert report.main([str(p) for p in paths]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 4 and out[0].startswith("run ")
+    rows = {line.split()[0]: line for line in out[1:]}
+    hit_summary, miss_summary = runs["hit"][1], runs["miss"][1]
+    hit = report.table_row(report.parse_log(runs["hit"][0]))
+    assert hit["steps"] == "6/6" and hit["val loss"] == f"{hit_summary['final_val_loss']:.4f}"
+    assert hit["target"] == "yes (20)" and hit["status"] == "finished" and hit["preset"] == "tiny"
+    assert hit["hardware"].startswith("1x cpu")
+    assert float(hit["tokens/s"].replace(",", "")) == pytest.approx(hit_summary["tokens_per_s"], rel=0.01, abs=1)
+    miss = report.table_row(report.parse_log(runs["miss"][0]))
+    assert miss["steps"] == "4/4" and miss["target"] == "no (0.5)"
+    assert miss["val loss"] == f"{miss_summary['final_val_loss']:.4f}"
+    for name, row in (("hit", hit), ("miss", miss)):
+        for cell in row.values():
+            assert cell in rows[name]
+    # aligned: every column starts (left-aligned) or ends (right-aligned) at the same offset on every line
+    header = out[0]
+    for col in ("preset", "hardware", "target", "status"):
+        start = header.index(col)
+        assert all(line[start - 2:start] == "  " and line[start] != " " for line in out)
+    for col in ("steps", "val loss", "time (s)", "tokens/s"):
+        end = header.index(col) + len(col)
+        assert all(line[end - 1] != " " and line[end:end + 2] == "  " for line in out)
+
+
+def test_unfinished_run_uses_last_val_line(tmp_path, capsys):
+    run = report.parse_log(_unfinished_log(tmp_path / "unfinished.txt"))
+    assert not run["finished"] and run["steps"] == 5 and run["num_iterations"] == 10
+    assert run["final_val_loss"] == 6.25 and run["val_step"] == 4
+    assert run["train_time_s"] == 5.0 and run["tokens_per_s"] == pytest.approx(5 * 2 * 256 / 5.0)
+    assert run["reached_target"] is False and run["cpu_threads"] == 2
+    row = report.table_row(run)
+    assert row["status"] == "unfinished" and row["steps"] == "5/10" and row["val loss"] == "6.2500"
+    assert report.main([str(tmp_path / "unfinished.txt")]) == 0
+    assert "unfinished" in capsys.readouterr().out
+
+
+def test_resumed_run_uses_last_config_and_continued_steps(tmp_path):
+    run = report.parse_log(_resumed_log(tmp_path / "resumed.txt"))
+    assert run["finished"] and run["resumed"] == 1 and run["steps"] == 8
+    assert run["target_val_loss"] == 3.28 and run["reached_target"] is True
+    assert run["final_val_loss"] == 3.27 and run["train_time_s"] == 0.8
+    assert [(s, v) for s, v, _ in run["val_curve"]] == [(0, 10.0), (4, 4.9), (8, 3.27)]
+    assert run["tokens_per_s"] == pytest.approx(8 * 8 * 1024 / 0.8)
+    assert run["hardware"] == "8x H100 80GB HBM3" and run["gpus"] == 8
+    assert report.table_row(run)["status"] == "finished, resumed x1"
+
+
+def test_non_logs_are_skipped_with_a_warning(runs, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("config {\n not json\n}\nstep:1/2 train_time:5ms step_avg:5.00ms\n", encoding="utf-8")
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(report.NotARunLog):
+        report.parse_log(notes)
+    assert report.main([str(notes), str(runs["hit"][0]), str(binary)]) == 0
+    captured = capsys.readouterr()
+    assert str(notes) in captured.err and str(binary) in captured.err
+    assert len(captured.out.splitlines()) == 2 and "hit" in captured.out
+
+
+def test_exit_2_when_nothing_is_a_log(tmp_path, capsys, monkeypatch):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("just notes\n", encoding="utf-8")
+    assert report.main([str(notes)]) == 2
+    assert str(notes) in capsys.readouterr().err
+    assert report.main([str(tmp_path / "missing.txt")]) == 2
+    monkeypatch.chdir(tmp_path)  # default logs/*.txt: none there
+    assert report.main([]) == 2
+    assert capsys.readouterr().out == ""
+
+
+def test_default_logs_glob(runs, tmp_path, capsys, monkeypatch):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "hit.txt").write_bytes(runs["hit"][0].read_bytes())
+    monkeypatch.chdir(tmp_path)
+    assert report.main([]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("hit ")
+
+
+def test_png_has_two_panels_and_target_lines(runs, tmp_path, capsys):
+    parsed = [report.parse_log(runs[n][0]) for n in ("hit", "miss")]
+    fig = report.make_figure(parsed)
+    assert len(fig.axes) == 2
+    for ax in fig.axes:
+        solid = [ln for ln in ax.get_lines() if ln.get_linestyle() != "--"]
+        dashed = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+        assert len(solid) == 2 and sorted(ln.get_ydata()[0] for ln in dashed) == [0.5, 20.0]
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert "hit" in labels and "miss" in labels
+    time_ax, tokens_ax = fig.axes
+    hit = parsed[0]
+    assert list(tokens_ax.get_lines()[0].get_xdata()) == [s * hit["global_batch_tokens"] for s, _, _ in
+                                                         hit["val_curve"]]
+    assert list(time_ax.get_lines()[0].get_xdata()) == [t for _, _, t in hit["val_curve"]]
+    assert "tokens" in tokens_ax.get_xlabel() and "time" in time_ax.get_xlabel()
+
+    out = tmp_path / "plots" / "curves.png"
+    assert report.main([str(runs["hit"][0]), str(runs["miss"][0]), "--png", str(out)]) == 0
+    data = out.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 1000
+    assert [p.name for p in out.parent.iterdir()] == ["curves.png"]  # no temp file left behind
+    assert not math.isnan(hit["tokens_per_s"])
