@@ -788,6 +788,22 @@ def read_shard_header(path: str | Path) -> int:
     return num_tokens
 
 
+def atomic_write(path: Path, write) -> None:
+    """write(f) into a temporary file beside path, flushed to disk, then renamed over path: a crash leaves either
+    the old file or the complete new one, never a partial file under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def write_shard(path: str | Path, tokens) -> None:
     """Write tokens (ids < 65536) as a shard: to a temporary file in the same directory, then renamed."""
     path = Path(path)
@@ -796,18 +812,11 @@ def write_shard(path: str | Path, tokens) -> None:
         raise DataError(f"{path}: token ids must fit in uint16 (got {arr.min()}..{arr.max()})")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = (SHARD_MAGIC, SHARD_VERSION, arr.size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header.tobytes())
-            f.write(arr.astype("<u2", copy=False).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    def write(f):
+        f.write(header.tobytes())
+        f.write(arr.astype("<u2", copy=False).tobytes())
+    atomic_write(path, write)
 
 
 def load_shard(path: str | Path) -> np.ndarray:
@@ -965,17 +974,7 @@ class CheckpointError(ValueError):
 
 def atomic_save(obj, path: Path) -> None:
     """torch.save to a temporary file in the same directory, flushed, then renamed over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def point_latest(checkpoint_dir: Path, target: Path) -> None:
