@@ -41,7 +41,7 @@ def build(out_dir: str | Path = DEFAULT_DIR, max_tokens: int = MAX_TOKENS, val_t
           shard_tokens: int = SHARD_TOKENS, quiet: bool = False) -> list[Path]:
     """Tokenise the sources into shards; returns the files written. Each shard is written atomically, and the
     manifest last, so an interrupted build is redone rather than half-used."""
-    from train_gpt import write_shard  # the shard format lives with its reader
+    from train_gpt import atomic_write, write_shard  # the shard format lives with its reader
 
     out = Path(out_dir)
     enc, source = gpt2_tokenizer()
@@ -75,7 +75,8 @@ def build(out_dir: str | Path = DEFAULT_DIR, max_tokens: int = MAX_TOKENS, val_t
     manifest = {"source": "python standard library", "python": sys.version.split()[0], "files": used,
                 "tokens": len(tokens), "val_tokens": val_tokens, "tokenizer": source,
                 "shards": [p.name for p in written]}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    # last, and atomically: its presence says the shards are complete
+    atomic_write(out / "manifest.json", lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode()))
     if not quiet:
         print(f"built-in corpus: {len(tokens):,} tokens from {used} standard-library files into {out} "
               f"(tokenizer: {source})", flush=True)

@@ -398,9 +398,9 @@ def _remove_abandoned_staging(out: Path, name: str) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    from train_gpt import atomic_write
+
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode("utf-8")))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
