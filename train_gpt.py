@@ -1474,8 +1474,16 @@ def main(argv: list[str] | None = None, presets: dict[str, dict] | None = None, 
             backend = "nccl" if torch.cuda.is_available() and hp.device != "cpu" else "gloo"
             if backend == "nccl":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            # torch.distributed.nn.functional binds group.WORLD as a default argument when first imported (the
+            # optimisers' lazy torch._dynamo import pulls it in). Imported after init_process_group, it would keep
+            # the default group alive past destroy_process_group: its threads would then be torn down during
+            # interpreter shutdown, the likely cause of a gloo run aborting at exit ("terminate called without an
+            # active exception").
+            import torch.distributed.nn as _  # noqa: F401
             dist.init_process_group(backend=backend)
         train(hp, source)
+        if distributed:
+            dist.barrier()  # no rank tears its connections down while another still finishes (not after an error)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"train_gpt.py: error: {e}", file=sys.stderr)
         return 2
