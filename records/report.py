@@ -21,6 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train_gpt import TRACK_VAL_TOKENS, target_comparable  # noqa: E402  (one rule for the trainer and the report)
+
 RULE = "=" * 100
 STEP_LINE = re.compile(r"^step:(\d+)/(\d+) (?:(val_loss|train_loss):(\S+) )?train_time:(\d+)ms step_avg:\S+ms$")
 SUMMARY_LINE = re.compile(r"^final val_loss:(\S+) train_time:([\d.]+)s \((\d+) steps, ([\d,]+) tokens")
@@ -142,7 +145,10 @@ def parse_log(path) -> dict:
         steps = last_step
         train_time_s = last_time_ms / 1000
     tokens_per_s = steps * seqs * seq_len / train_time_s if train_time_s > 0 else math.nan
-    reached = None if target <= 0 or math.isnan(final_val) else bool(final_val <= target)
+    val_files = str(config.get("val_files", ""))
+    val_tokens = int(config.get("val_tokens") or TRACK_VAL_TOKENS)
+    comparable = target_comparable(target, val_files, val_tokens) and not math.isnan(final_val)
+    reached = bool(final_val <= target) if comparable else None
     return {
         "run_id": path.stem, "path": str(path), "config": config, "preset": config.get("preset", "?"),
         "num_iterations": int(config["num_iterations"]), "seqs_per_step": seqs, "train_seq_len": seq_len,
@@ -162,7 +168,12 @@ def table_row(run: dict) -> dict[str, str]:
     """The formatted cells of one run's row, by column name."""
     val = run["final_val_loss"]
     if run["reached_target"] is None:
-        target = "-" if run["target_val_loss"] <= 0 else f"? ({run['target_val_loss']:g})"
+        if run["target_val_loss"] <= 0:
+            target = "-"
+        elif math.isnan(val):
+            target = f"? ({run['target_val_loss']:g})"
+        else:  # a record target, but the run validated on other text
+            target = f"n/a ({run['target_val_loss']:g} is for FineWeb val)"
     else:
         target = f"{'yes' if run['reached_target'] else 'no'} ({run['target_val_loss']:g})"
     status = "finished" if run["finished"] else "unfinished"

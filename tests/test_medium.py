@@ -62,7 +62,8 @@ def test_medium_runs_and_logs_both_sources(shared_synthetic_data, tmp_path, caps
     assert config["preset"] == "medium" and config["cooldown_frac"] == 0.7 and config["target_val_loss"] == 2.92
     train, val = parse_log(tmp_path / "logs" / "med.txt")
     assert sorted(val) == [0, 3]
-    assert "target 2.92: not reached" in log
+    # the record target holds for FineWeb's validation set only; this run validated on synthetic tokens
+    assert "target 2.92 not compared: it holds for the first 10,485,760 tokens of fineweb_val_*.bin" in log
 
 
 def test_medium_help_shows_its_defaults(capsys):

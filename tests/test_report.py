@@ -60,7 +60,8 @@ def _unfinished_log(path: Path) -> Path:
 def _resumed_log(path: Path) -> Path:
     """A GPU run interrupted at step 4, resumed from its checkpoint with a different target, then finished."""
     hp = tiny_hp("data", "work", num_iterations=8, seqs_per_step=8, train_seq_len=1024, target_val_loss=9.0)
-    hp2 = tiny_hp("data", "work", num_iterations=8, seqs_per_step=8, train_seq_len=1024, target_val_loss=3.28)
+    hp2 = tiny_hp("data", "work", num_iterations=8, seqs_per_step=8, train_seq_len=1024, target_val_loss=3.28,
+                  val_files="fineweb_val_*.bin", val_tokens=10_485_760)
     rule = "=" * 100
     env = ["gpus 8: " + ", ".join(["NVIDIA H100 80GB HBM3"] * 8), rule,
            "run resumed: 8 process(es) on cuda, 1 micro-step(s) of 1024 tokens each"]
@@ -133,6 +134,17 @@ def test_unfinished_run_uses_last_val_line(tmp_path, capsys):
     assert row["status"] == "unfinished" and row["steps"] == "5/10" and row["val loss"] == "6.2500"
     assert report.main([str(tmp_path / "unfinished.txt")]) == 0
     assert "unfinished" in capsys.readouterr().out
+
+
+def test_record_target_is_only_compared_on_fineweb_validation(tmp_path):
+    path = _resumed_log(tmp_path / "resumed.txt")
+    text = path.read_text(encoding="utf-8").replace('"fineweb_val_*.bin"', '"code_val_*.bin"')
+    other = tmp_path / "other.txt"
+    other.write_text(text, encoding="utf-8")
+    run = report.parse_log(other)
+    assert run["target_val_loss"] == 3.28 and run["final_val_loss"] == 3.27 and run["reached_target"] is None
+    assert report.table_row(run)["target"] == "n/a (3.28 is for FineWeb val)"
+    assert report.parse_log(path)["reached_target"] is True  # the same run on the track's validation set
 
 
 def test_resumed_run_uses_last_config_and_continued_steps(tmp_path):

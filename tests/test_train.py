@@ -110,6 +110,20 @@ def test_config_error_exits_2_without_traceback(tmp_path, shared_synthetic_data,
     assert "no train shards match" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("target,val_files,val_tokens,expected", [
+    (3.28, "fineweb_val_*.bin", 10_485_760, True),
+    (3.28, "/data/fineweb10B/fineweb_val_*.bin", 10_485_760, True),  # an absolute glob of the same shard
+    (2.92, "fineweb_val_*.bin", 10_485_760, True),
+    (3.28, "code_val_*.bin", 10_485_760, False),  # other text: the record target says nothing
+    (3.28, "fineweb_val_*.bin", 1_048_576, False),  # fewer validation tokens: not the record's measurement
+    (2.92, "builtin_val_*.bin", 16_384, False),
+    (4.5, "code_val_*.bin", 1_048_576, True),  # a target of one's own applies to any data
+    (0.0, "fineweb_val_*.bin", 10_485_760, False),  # no target
+])
+def test_record_targets_compare_only_on_fineweb_validation(target, val_files, val_tokens, expected):
+    assert tg.target_comparable(target, val_files, val_tokens) is expected
+
+
 def test_import_has_no_side_effects(tmp_path):
     code = ("import os, sys; sys.argv = ['x', '--bogus']; import train_gpt, torch; "
             "print(torch.distributed.is_initialized(), torch.cuda.is_initialized(), "
