@@ -36,6 +36,77 @@ import train_gpt as tg  # noqa: E402
 PEAK_TFLOPS = {"H100": 800.0, "H200": 800.0, "A10": 125.0}
 
 
+def all_presets() -> dict[str, dict]:
+    """Track 1's presets and train_gpt_medium.py's (medium)."""
+    import train_gpt_medium
+    return {**tg.PRESETS, **train_gpt_medium.PRESETS}
+
+
+# Where the time goes: every GPU kernel's time is put in the first category whose test matches its name. Inductor
+# names fused Triton kernels after the ops they contain, so "_to_copy" in such a name is a dtype cast, not a copy.
+KERNEL_CATEGORIES = [
+    ("attention (flex, fwd + bwd)", lambda k: "flex_attention" in k),
+    ("fp8 matmul (lm_head)", lambda k: "scaled_mm" in k and k.startswith(("nvjet", "sm90", "cutlass"))
+        or k.startswith(("nvjet_sm90_qq", "nvjet_sm90_qr"))),
+    ("bf16 matmul", lambda k: k.startswith(("nvjet", "sm90_xmma", "cutlass", "ampere_", "sm80_")) or "gemm" in k),
+    ("cross-entropy + soft-cap (fp32 logits)", lambda k: "log_softmax" in k or "nll_loss" in k),
+    ("fp8 casts and scales (Triton)", lambda k: k.startswith("triton_") and "scaled_mm" in k),
+    ("norms + rotary (fused)", lambda k: "rms_norm" in k),
+    ("other fused elementwise (Triton)", lambda k: k.startswith("triton_")),
+    ("memcpy / memset", lambda k: "memcpy" in k.lower() or "memset" in k.lower()),
+    ("other (eager kernels: optimisers, ...)", lambda k: True),
+]
+
+
+RANGE_PREFIXES = ("## ", "Optimizer.", "Call CompiledFxGraph", "CompiledFunction", "Torch-Compiled")
+
+
+def profile_steps(trainer, batches, device, steps: int) -> dict:
+    """GPU time per kernel category over a few steps, with CPU-side ranges for the optimiser and data."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            with record_function("## data"):
+                batch = batches.next_batch(device)
+            with record_function("## step"):
+                trainer.train_step(batch)
+        tg.synchronize(device)
+    events = prof.key_averages()
+    totals: dict[str, float] = {name: 0.0 for name, _ in KERNEL_CATEGORIES}
+    kernels = []
+    for e in events:
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0.0)
+        # user ranges ("## step", "Optimizer.step#Muon.step", compiled graph calls) report the device time of the
+        # kernels inside them: counting them too would count those kernels twice
+        if not t or e.key.startswith(RANGE_PREFIXES):
+            continue
+        if getattr(e, "device_type", None) is not None and "CUDA" not in str(e.device_type):
+            continue
+        kernels.append((e.key, t))
+        cat = next(name for name, test in KERNEL_CATEGORIES if test(e.key))
+        totals[cat] += t
+    gpu_total = sum(totals.values()) or 1.0
+    ranges = {e.key: e.cpu_time_total for e in events if e.key.startswith("## ")}
+    ranges.update({e.key: e.cpu_time_total for e in events if e.key.startswith("Optimizer.step#")})
+    print(f"profile over {steps} steps: GPU kernel time {gpu_total / 1e3 / steps:.1f} ms/step")
+    for name, t in sorted(totals.items(), key=lambda kv: -kv[1]):
+        if t:
+            print(f"  {name:42s} {t / 1e3 / steps:8.1f} ms/step  {100 * t / gpu_total:5.1f}%")
+    print("  top kernels:")
+    for key, t in sorted(kernels, key=lambda kv: -kv[1])[:15]:
+        print(f"    {t / 1e3 / steps:8.2f} ms/step  {key[:110]}")
+    for key, t in ranges.items():
+        print(f"  host wall time in {key.removeprefix('## '):28s} {t / 1e3 / steps:8.1f} ms/step")
+    return {"steps": steps, "gpu_ms_per_step": gpu_total / 1e3 / steps,
+            "categories_ms_per_step": {k: round(v / 1e3 / steps, 2) for k, v in totals.items() if v},
+            "top_kernels_ms_per_step": [(k[:200], round(t / 1e3 / steps, 3))
+                                        for k, t in sorted(kernels, key=lambda kv: -kv[1])[:25]],
+            "host_ranges_ms_per_step": {k.removeprefix("## "): round(t / 1e3 / steps, 2) for k, t in ranges.items()}}
+
+
 def synthetic_tokens(n: int, mean_doc_len: int, seed: int) -> np.ndarray:
     """Random tokens cut into documents of geometric length, each preceded by BOS, like packed FineWeb."""
     rng = np.random.default_rng(seed)
@@ -92,9 +163,32 @@ class SyntheticBatches:
         return out
 
 
+def validation_memory(trainer, hp: tg.Hyperparameters, device: torch.device, window: int) -> dict:
+    """One validation-shaped forward (no gradients, val_seq_len tokens): its time and peak memory."""
+    toks = torch.from_numpy(synthetic_tokens(hp.val_seq_len + 1, 1024, hp.seed + 1)).to(device)
+    inputs, targets = toks[:-1].to(torch.int32), toks[1:]
+    win = torch.tensor(window, dtype=torch.int32, device=device)
+    out = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.no_grad():
+        for attempt in ("first (compile)", "second"):
+            tg.synchronize(device)
+            t = time.perf_counter()
+            loss = trainer.forward(inputs, targets, win)
+            tg.synchronize(device)
+            out[f"val_forward_s_{attempt.split()[0]}"] = round(time.perf_counter() - t, 3)
+    out["val_forward_loss"] = round(loss.item(), 4)
+    if device.type == "cuda":
+        out["val_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        out["val_peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
+    print(f"validation forward of {hp.val_seq_len} tokens: {out} ", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny", choices=list(tg.PRESETS))
+    ap.add_argument("--preset", default="tiny", choices=list(all_presets()))
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default: 50 on GPU, 5 on CPU)")
     ap.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first (compile happens here)")
     ap.add_argument("--device", default="auto")
@@ -104,9 +198,13 @@ def main(argv=None) -> int:
     ap.add_argument("--train-files", default=None)
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: known GPUs only)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after timing, profile N steps and print where the GPU time goes (CUDA)")
+    ap.add_argument("--validate", action="store_true",
+                    help="also run one validation forward (val_seq_len tokens) and report its peak memory")
     args = ap.parse_args(argv)
 
-    hp = tg.preset_hyperparameters(args.preset)
+    hp = tg.preset_hyperparameters(args.preset, all_presets())
     over = {}
     if args.no_compile:
         over["compile"] = False
@@ -137,12 +235,22 @@ def main(argv=None) -> int:
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}; attention "
           f"{model.attn_impl}, lm_head {model.head_precision}, compile {hp.compile}", flush=True)
 
+    if os.environ.get("BENCH_STACKS"):  # diagnose a slow warm-up: every N seconds, where is Python?
+        import faulthandler
+        faulthandler.dump_traceback_later(float(os.environ["BENCH_STACKS"]), repeat=True)
     t0 = time.perf_counter()
-    for _ in range(args.warmup_steps):
+    for i in range(args.warmup_steps):
+        t = time.perf_counter()
         trainer.train_step(batches.next_batch(device))
-    tg.synchronize(device)
+        tg.synchronize(device)
+        print(f"warm-up step {i + 1}: {time.perf_counter() - t:.1f}s", flush=True)
     warmup_s = time.perf_counter() - t0
+    if os.environ.get("BENCH_STACKS"):
+        faulthandler.cancel_dump_traceback_later()
+    warmup_memory = {}
     if device.type == "cuda":
+        warmup_memory = {"warmup_peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+                         "warmup_peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2)}
         torch.cuda.reset_peak_memory_stats(device)
 
     # time at the end-of-training window (the most expensive attention); losses are not synced inside the loop
@@ -181,11 +289,19 @@ def main(argv=None) -> int:
         result["driver"] = gpu_driver_version()
         result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
+        result.update(warmup_memory)
+        print(f"peak allocated {result['peak_allocated_gib']} GiB, reserved {result['peak_reserved_gib']} GiB "
+              f"(timed steps); warm-up and compile: allocated {warmup_memory['warmup_peak_allocated_gib']} GiB, "
+              f"reserved {warmup_memory['warmup_peak_reserved_gib']} GiB", flush=True)
     print(f"warm-up {args.warmup_steps} steps (compile included): {warmup_s:.1f}s")
     print(f"step {1000 * step_s:.1f} ms (median of {steps}), {tok_s:,.0f} tokens/s, "
           f"{fpt / 1e9:.3f} GFLOP/token, {achieved / 1e12:.3f} TFLOP/s achieved, "
           f"MFU {'%.1f%%' % (100 * result['mfu']) if peak else 'n/a (no peak known; pass --peak-tflops)'}")
-    print(f"peak memory: {result['peak_memory']}")
+    print(f"peak memory: {result['peak_memory']}", flush=True)
+    if args.validate:
+        result.update(validation_memory(trainer, hp, device, window))
+    if args.profile and device.type == "cuda":
+        result["profile"] = profile_steps(trainer, batches, device, args.profile)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(args.json + ".tmp")

@@ -489,7 +489,7 @@ def tool(name: str) -> str:
 
 
 def test_shellcheck():
-    scripts = ["build.sh", "train.sh", "generate.sh", "lib/common.sh", "test.sh"]
+    scripts = ["build.sh", "train.sh", "generate.sh", "lib/common.sh", "test.sh", "bench/gpu_suite.sh"]
     p = subprocess.run([tool("shellcheck"), "-x", "-S", "warning", *scripts], cwd=ROOT, capture_output=True,
                        text=True)
     assert p.returncode == 0, p.stdout + p.stderr

@@ -1,0 +1,103 @@
+"""The benchmark helpers that produce data or interpret measurements: the code corpus, the profile's kernel
+categories and the GPU suite's driver script (the GPU steps themselves need a GPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+code_corpus = _load("code_corpus")
+bench_train = _load("bench_train")
+
+
+def _tree(root):
+    (root / "pkg" / "sub").mkdir(parents=True)
+    (root / "pkg" / "__pycache__").mkdir()
+    (root / ".hidden").mkdir()
+    (root / "a.py").write_text("print('a')\n", encoding="utf-8")
+    (root / "pkg" / "b.py").write_text("# é ü\nx = 1\n", encoding="utf-8")
+    (root / "pkg" / "sub" / "c.py").write_text("def c():\n    return 3\n", encoding="utf-8")
+    (root / "pkg" / "latin1.py").write_bytes(b"s = '\xe9'\n")  # not UTF-8: left out
+    (root / "pkg" / "empty.py").write_text("", encoding="utf-8")  # left out
+    (root / "pkg" / "big.py").write_text("x = 0\n" * 400_000, encoding="utf-8")  # 2.4 MB: over the file limit
+    (root / "pkg" / "notes.txt").write_text("not python", encoding="utf-8")
+    (root / "pkg" / "__pycache__" / "b.py").write_text("cached = 1\n", encoding="utf-8")
+    (root / ".hidden" / "h.py").write_text("hidden = 1\n", encoding="utf-8")
+
+
+def test_code_corpus_is_deterministic_and_skips_what_it_cannot_use(tmp_path, capsys):
+    _tree(tmp_path / "src")
+    out = tmp_path / "code.jsonl"
+    assert code_corpus.main(["--out", str(out), str(tmp_path / "src")]) == 0
+    docs = [json.loads(line)["text"] for line in out.read_text(encoding="utf-8").splitlines()]
+    assert docs == ["print('a')\n", "# é ü\nx = 1\n", "def c():\n    return 3\n"]  # sorted path order
+    said = capsys.readouterr().out
+    assert said.startswith("3 files") and "(3 left out: empty, too large or not UTF-8)" in said
+    first = out.read_bytes()
+    assert code_corpus.main(["--out", str(out), str(tmp_path / "src")]) == 0
+    assert out.read_bytes() == first
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_code_corpus_stops_at_its_size_cap(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(10):
+        (src / f"m{i}.py").write_text("y = 1\n" * 50_000, encoding="utf-8")  # 0.3 MB each
+    out = tmp_path / "code.jsonl"
+    assert code_corpus.main(["--out", str(out), "--max-mb", "1", str(src)]) == 0
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 4  # stops at the first file that reaches 1 MB
+
+
+def test_code_corpus_reads_a_root_once_when_another_contains_it(tmp_path):
+    _tree(tmp_path / "src")
+    out = tmp_path / "code.jsonl"
+    assert code_corpus.main(["--out", str(out), str(tmp_path / "src"), str(tmp_path / "src" / "pkg")]) == 0
+    docs = [json.loads(line)["text"] for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(docs) == len(set(docs)) == 3
+
+
+# Kernel names as the H100 profile of the speedrun preset reported them (records/h100-2026-11-24.md).
+@pytest.mark.parametrize("kernel,category", [
+    ("triton_tem_fused_flex_attention_backward_transpose_view_10", "attention (flex, fwd + bwd)"),
+    ("triton_per_fused_flex_attention_backward_transpose_view_9", "attention (flex, fwd + bwd)"),
+    ("triton_tem_fused__to_copy__unsafe_view_add_arange_bitwise_and_bitwise_not_bitwise_or_embedding_eq_"
+     "flex_attention_ge_le_lt_mul_select_sort_split_sub_tr", "attention (flex, fwd + bwd)"),
+    ("nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_NNN", "bf16 matmul"),
+    ("nvjet_sm90_qqtst_128x160_128x5_2x1_v_bz_coopA_algo2_TNT", "fp8 matmul (lm_head)"),
+    ("nvjet_sm90_qrsss_128x160_128x5_1x2_h_bz_coopA_algo2_TNT", "fp8 matmul (lm_head)"),
+    ("triton_poi_fused__fused_rms_norm__scaled_mm__to_copy_clamp_clone_div_mul_select_sigmoid_sigmoid_backward_t_2",
+     "fp8 casts and scales (Triton)"),
+    ("triton_red_fused__log_softmax__to_copy_amax_div_mul_sigmoid_sub_33", "cross-entropy + soft-cap (fp32 logits)"),
+    ("triton_red_fused__fused_rms_norm__to_copy__unsafe_view_add_arange_cat_cos_div_mul_neg_pow_sin_split_sub_"
+     "unsqueeze_view_9", "norms + rotary (fused)"),
+    ("triton_poi_fused__unsafe_view_pow_relu_16", "other fused elementwise (Triton)"),
+    ("Memcpy HtoD (Pageable -> Device)", "memcpy / memset"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>", "other (eager kernels: "
+     "optimisers, ...)"),
+])
+def test_profile_kernel_categories(kernel, category):
+    assert next(name for name, test in bench_train.KERNEL_CATEGORIES if test(kernel)) == category
+
+
+def test_gpu_suite_usage_and_unknown_step(tmp_path):
+    p = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh")], capture_output=True, text=True)
+    assert p.returncode == 2 and "Steps (run in the order given)" in p.stdout
+    p = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh"), str(tmp_path / "out"), "nonsense"],
+                       capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+    assert p.returncode == 1 and "unknown step nonsense" in p.stdout
+    assert (tmp_path / "out" / "nonsense.log").read_text() == "unknown step nonsense\n"
