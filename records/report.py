@@ -64,7 +64,8 @@ def parse_log(path) -> dict:
     global_batch_tokens, target_val_loss, processes, device ("cuda"/"cpu"), gpus (count or None), gpu_name,
     cpu_threads, hardware (display), steps (last step reached), finished, resumed (number of resumptions),
     final_val_loss (the summary's, else the last val line's; nan without any), val_step, train_time_s (the summary's,
-    else the last step line's), tokens_per_s, reached_target (True/False, None without a target or a val loss),
+    else the last step line's), tokens_per_s, reached_target (True/False; None without a target or a val loss, or
+    for a record target on other validation data), target_comparable (whether the target applies to this run),
     val_curve (list of (step, val_loss, train_time_s) sorted by step; later lines win).
     """
     path = Path(path)
@@ -147,8 +148,8 @@ def parse_log(path) -> dict:
     tokens_per_s = steps * seqs * seq_len / train_time_s if train_time_s > 0 else math.nan
     val_files = str(config.get("val_files", ""))
     val_tokens = int(config.get("val_tokens") or TRACK_VAL_TOKENS)
-    comparable = target_comparable(target, val_files, val_tokens) and not math.isnan(final_val)
-    reached = bool(final_val <= target) if comparable else None
+    comparable = target_comparable(target, val_files, val_tokens)
+    reached = bool(final_val <= target) if comparable and not math.isnan(final_val) else None
     return {
         "run_id": path.stem, "path": str(path), "config": config, "preset": config.get("preset", "?"),
         "num_iterations": int(config["num_iterations"]), "seqs_per_step": seqs, "train_seq_len": seq_len,
@@ -156,7 +157,8 @@ def parse_log(path) -> dict:
         "processes": processes, "device": device, "gpus": int(gpus.group(1)) if gpus else None,
         "gpu_name": gpu_name, "cpu_threads": cpu_threads, "hardware": hardware,
         "steps": steps, "finished": finished, "resumed": resumed, "final_val_loss": final_val, "val_step": val_step,
-        "train_time_s": train_time_s, "tokens_per_s": tokens_per_s, "reached_target": reached, "val_curve": curve,
+        "train_time_s": train_time_s, "tokens_per_s": tokens_per_s, "reached_target": reached,
+        "target_comparable": comparable, "val_curve": curve,
     }
 
 
@@ -219,7 +221,7 @@ def make_figure(runs: list[dict]):
         label = run["run_id"] + ("" if run["finished"] else " (unfinished)")
         ax_time.plot(times, losses, marker=".", label=label)
         ax_tokens.plot(tokens, losses, marker=".", label=label)
-    for target in sorted({r["target_val_loss"] for r in runs if r["target_val_loss"] > 0}):
+    for target in sorted({r["target_val_loss"] for r in runs if r["target_comparable"]}):  # not on other text
         for ax in (ax_time, ax_tokens):
             ax.axhline(target, linestyle="--", color="gray", linewidth=1, label=f"target {target:g}")
     ax_time.set_xlabel("training time (s)")

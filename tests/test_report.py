@@ -143,7 +143,9 @@ def test_record_target_is_only_compared_on_fineweb_validation(tmp_path):
     other.write_text(text, encoding="utf-8")
     run = report.parse_log(other)
     assert run["target_val_loss"] == 3.28 and run["final_val_loss"] == 3.27 and run["reached_target"] is None
-    assert report.table_row(run)["target"] == "n/a (3.28 is for FineWeb val)"
+    assert report.table_row(run)["target"] == "n/a (3.28 is for FineWeb val)" and not run["target_comparable"]
+    fig = report.make_figure([run])
+    assert not [line for ax in fig.axes for line in ax.get_lines() if line.get_label().startswith("target")]
     assert report.parse_log(path)["reached_target"] is True  # the same run on the track's validation set
 
 
