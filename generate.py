@@ -240,20 +240,32 @@ class SamplingConfig:
     compile: bool = False
 
 
+def new_decoder(model: tg.GPT, window: int, prompt_len: int, sc: SamplingConfig) -> KVDecoder:
+    """A decoder sized for a prompt of prompt_len tokens (BOS not counted) and sc; compiled when sc.compile."""
+    decoder = KVDecoder(model, window, sc.num_samples, prompt_len + 1 + sc.max_tokens, static=sc.compile)
+    if sc.compile:
+        decoder.compile()
+    return decoder
+
+
 def generate(model: tg.GPT, window: int, prompt_ids: list[int], sc: SamplingConfig,
-             on_token=None) -> list[list[int]]:
+             on_token=None, decoder: KVDecoder | None = None) -> list[list[int]]:
     """New token ids of each sample (the prompt excluded; a final EOT excluded when stopping at it).
 
     The prompt is preceded by BOS like every training document and fed in one forward for all samples; then one
     token per step. on_token(sample, token_id) is called as each token is chosen. A stopped sample keeps being fed
     EOT (its output is ignored) so that the batch keeps its shape; the loop ends when every sample has stopped.
+    decoder: a KVDecoder to reuse (reset first), e.g. one already compiled; by default a new one is made.
     """
     device = model.embed.weight.device
     ids = [EOT_ID] + list(prompt_ids)
     B = sc.num_samples
-    decoder = KVDecoder(model, window, B, len(ids) + sc.max_tokens, static=sc.compile)
-    if sc.compile:
-        decoder.compile()
+    if decoder is None:
+        decoder = new_decoder(model, window, len(prompt_ids), sc)
+    elif decoder.batch != B or decoder.max_len < len(ids) + sc.max_tokens:
+        raise ValueError(f"the decoder holds {decoder.batch} x {decoder.max_len} positions; this call needs "
+                         f"{B} x {len(ids) + sc.max_tokens}")
+    decoder.reset()
     generator = torch.Generator(device=device)
     generator.manual_seed(sc.seed)
     out: list[list[int]] = [[] for _ in range(B)]

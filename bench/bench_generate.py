@@ -51,10 +51,11 @@ def bench_ours(model: tg.GPT, window: int, prompt: list[int], new_tokens: int, b
                device: torch.device) -> dict:
     sc = g.SamplingConfig(max_tokens=new_tokens, num_samples=batch, temperature=0, stop_at_eot=False,
                           compile=compile_)
-    # warm up with exactly the timed call: a compiled decode step is specialised to the cache's size and the batch,
-    # so a shorter warm-up would leave the compilation inside the timing
-    g.generate(model, window, prompt, sc)
-    seconds = timed(lambda: g.generate(model, window, prompt, sc), device)
+    # one decoder for the warm-up and the timed call: a compiled decode step belongs to its decoder and is specialised
+    # to the cache's size and the batch, so anything else would leave a compilation inside the timing
+    decoder = g.new_decoder(model, window, len(prompt), sc)
+    g.generate(model, window, prompt, sc, decoder=decoder)
+    seconds = timed(lambda: g.generate(model, window, prompt, sc, decoder=decoder), device)
     ids = torch.tensor([[g.EOT_ID] + prompt] * batch, device=device)
     decoder = g.KVDecoder(model, window, batch, ids.size(1))
     prefill = timed(lambda: decoder.step(ids), device)

@@ -3,6 +3,8 @@ behave, and the command line reports bad input without tracebacks."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +115,21 @@ def test_generate_greedy_equals_recomputing_everything(loaded):
         logits = model(torch.tensor(seq), long_window=window)[-1]
         seq.append(int(logits[:g.TEXT_VOCAB].argmax()))
     assert got == [seq[151:], seq[151:]]
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_a_reused_decoder_gives_what_a_fresh_one_gives(loaded, static):
+    """Stale cache entries of an earlier, longer call must not leak into the next one (benchmarks reuse decoders)."""
+    model, window = loaded.model, loaded.window
+    sc = g.SamplingConfig(max_tokens=8, num_samples=2, temperature=0.9, seed=5)
+    long_prompt = documents(200, seed=6, bos_at=(90,))[:200].tolist()
+    short_prompt = [464, 3290, 318]
+    decoder = g.KVDecoder(model, window, 2, len(long_prompt) + 1 + sc.max_tokens, static=static)
+    g.generate(model, window, long_prompt, sc, decoder=decoder)
+    assert g.generate(model, window, short_prompt, sc, decoder=decoder) == g.generate(model, window, short_prompt, sc)
+    assert g.generate(model, window, long_prompt, sc, decoder=decoder) == g.generate(model, window, long_prompt, sc)
+    with pytest.raises(ValueError, match="holds 2 x"):
+        g.generate(model, window, long_prompt, dataclasses.replace(sc, max_tokens=50), decoder=decoder)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
