@@ -427,12 +427,32 @@ class GPT(nn.Module):
         self.attn_impl = "dense"
         self.head_precision = "fp32"
         self.act_dtype = torch.float32
+        # Rotary cos/sin tables for positions 0..n-1, filled by reserve_rotary (not saved in checkpoints).
+        self.register_buffer("rope_cos", torch.empty(0, cfg.head_dim // 2), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0, cfg.head_dim // 2), persistent=False)
 
     def configure(self, device: torch.device, attention: str = "auto", fp8: bool = True) -> "GPT":
         self.attn_impl = ("flex" if device.type == "cuda" else "dense") if attention == "auto" else attention
         self.head_precision = head_precision(device, fp8)
         self.act_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         return self
+
+    def reserve_rotary(self, max_len: int) -> "GPT":
+        """Compute the rotary tables once for sequences of up to max_len tokens, on the model's device.
+
+        Without them the tables are computed inside every forward; compiled, inductor then recomputes the powers, sines
+        and cosines for every element of q and k in the fused norm-and-rotary kernels, which made those kernels take
+        21% of an H100 step (records/h100-2026-11-24.md). Read from a buffer, they are loads instead.
+        """
+        cos, sin = rotary_tables(max_len, self.cfg.head_dim, self.cfg.rope_base, self.embed.weight.device)
+        self.rope_cos, self.rope_sin = cos, sin
+        return self
+
+    def rotary(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos, sin tables (seq_len, head_dim // 2): the reserved ones when long enough, else computed here."""
+        if self.rope_cos.size(0) >= seq_len:
+            return self.rope_cos[:seq_len], self.rope_sin[:seq_len]
+        return rotary_tables(seq_len, self.cfg.head_dim, self.cfg.rope_base, device)
 
     def value_embed_layers(self) -> list[int | None]:
         """Which value-embedding table each block mixes in: tables 0..n-1 for the first n and for the last n blocks."""
@@ -457,7 +477,7 @@ class GPT(nn.Module):
         x = x0 = norm(self.embed(input_seq)[None].to(self.act_dtype))
         ve_tables = [e(input_seq)[None].to(self.act_dtype) for e in self.value_embeds]
         ve = [ve_tables[t] if t is not None else None for t in self.value_embed_layers()]
-        rope = rotary_tables(input_seq.numel(), cfg.head_dim, cfg.rope_base, input_seq.device)
+        rope = self.rotary(input_seq.numel(), input_seq.device)
         masks = AttentionMasks(input_seq, long_window, self.attn_impl, cfg.attn_scale)
         skips = []
         for i, (block, kind) in enumerate(zip(self.blocks, self.block_window_kinds())):
@@ -1177,6 +1197,7 @@ class Trainer:
         torch.manual_seed(hp.seed)
         self.cfg = GPTConfig.from_hyperparameters(hp)
         self.model = GPT(self.cfg).to(device).configure(device, hp.attention, hp.fp8)
+        self.model.reserve_rotary(max(hp.train_seq_len, hp.val_seq_len))
         if world_size > 1:  # identical by seed already; make it certain
             for p in self.model.parameters():
                 dist.broadcast(p.data, src=0)

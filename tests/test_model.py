@@ -369,3 +369,29 @@ def test_configure_on_cpu():
     assert model.attn_impl == "flex" and model.head_precision == "fp32"
     assert tg.head_precision(torch.device("cpu"), True) == "fp32"
     assert tg.head_precision(torch.device("cpu"), False) == "fp32"
+
+
+def test_reserved_rotary_tables_give_the_same_forward():
+    """Tables computed once (what the trainer does before compiling) or inside every forward: the same function."""
+    model = make_model(3)
+    randomise_zero_init(model)
+    tokens = make_tokens(4)
+    win = torch.tensor(128, dtype=torch.int32)
+    computed = model.hidden(tokens, win)
+    assert model.rope_cos.numel() == 0
+    model.reserve_rotary(4 * SEQ)
+    assert model.rope_cos.shape == (4 * SEQ, model.cfg.head_dim // 2)
+    assert torch.equal(model.hidden(tokens, win), computed)
+    cos, sin = model.rotary(SEQ, tokens.device)
+    ref_cos, ref_sin = tg.rotary_tables(SEQ, model.cfg.head_dim, model.cfg.rope_base, tokens.device)
+    assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
+    model.reserve_rotary(SEQ // 2)  # too short for this sequence: computed in the forward instead
+    assert torch.equal(model.hidden(tokens, win), computed)
+
+
+def test_rotary_tables_are_not_part_of_checkpoints():
+    model = make_model(0).reserve_rotary(1024)
+    assert not [k for k in model.state_dict() if "rope" in k]
+    fresh = make_model(0)
+    fresh.load_state_dict(model.state_dict())  # strict: the same keys with or without reserved tables
+    assert fresh.rope_cos.numel() == 0

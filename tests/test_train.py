@@ -267,6 +267,7 @@ def test_compiled_forward_backward_matches_eager():
                 p.normal_(0, 0.05)
     compiled_model = tg.GPT(cfg).configure(torch.device("cpu"), "dense", fp8=False)
     compiled_model.load_state_dict(eager.state_dict())
+    compiled_model.reserve_rotary(256)  # as the trainer does: the compiled graph reads the tables from buffers
     compiled = torch.compile(compiled_model, dynamic=False)
     tokens = torch.randint(0, cfg.vocab_size, (129,))  # one document: the 64-token window shapes the mask
     inputs, targets = tokens[:-1].to(torch.int32), tokens[1:].long()
@@ -284,6 +285,14 @@ def test_compiled_forward_backward_matches_eager():
         gc = compiled_model.get_parameter(name).grad
         assert ge is not None and gc is not None and ge.abs().sum() > 0, name
         torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_trainer_reserves_rotary_tables_for_its_longest_sequence(shared_synthetic_data, tmp_path):
+    for train_len, val_len in ((256, 1024), (2048, 512)):
+        hp = tiny_hp(shared_synthetic_data, tmp_path, train_seq_len=train_len, val_seq_len=val_len,
+                     val_tokens=val_len)
+        trainer = tg.Trainer(hp, torch.device("cpu"))
+        assert trainer.model.rope_cos.shape == (max(train_len, val_len), hp.head_dim // 2)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
