@@ -23,19 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
-
-
-def random_documents(T: int, mean_doc_len: int, gen: torch.Generator) -> torch.Tensor:
-    toks = torch.randint(0, tg.BOS_ID, (T,), generator=gen)
-    toks[torch.rand(T, generator=gen) < 1.0 / mean_doc_len] = tg.BOS_ID
-    toks[0] = tg.BOS_ID
-    return toks
+from bench_train import SyntheticBatches, synthetic_tokens  # noqa: E402  (this directory is on sys.path)
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -50,7 +43,7 @@ def check_attention(device: torch.device, backward: bool) -> dict:
                                       (16384, 5000, 1024, "short"), (4096, 100000, 1792, "long")]:
         if device.type != "cuda" and T > 4096:
             continue  # the fp32 dense reference of a long sequence is too slow on a CPU
-        tokens = random_documents(T, mean_doc, gen).to(device)
+        tokens = torch.from_numpy(synthetic_tokens(T, mean_doc, len(cases))).to(device)
         H, D = 6, 128
         q, k, v = (torch.randn(1, H, T, D, generator=gen).to(device) for _ in range(3))
         win = torch.tensor(window, dtype=torch.int32, device=device)
@@ -111,20 +104,11 @@ def check_compile(device: torch.device, args) -> dict:
     for compiled in (False, True):
         run = dataclasses.replace(hp, compile=compiled)
         trainer = tg.Trainer(run, device, train_files=files)
-        if files is None:
-            gen = torch.Generator().manual_seed(2)
-            stream = random_documents(args.steps * 2 * (args.seq_len + 1) + 1, 800, gen).numpy()
+        batches = trainer.loader if files is not None else SyntheticBatches(run, trainer.grad_accum, device, seed=2)
         t0 = time.perf_counter()
         out = []
         for step in range(args.steps):
-            if files is not None:
-                batch = trainer.loader.next_batch(device)
-            else:
-                batch = []
-                for j in range(2):
-                    s = (2 * step + j) * (args.seq_len + 1)
-                    buf = torch.from_numpy(stream[s:s + args.seq_len + 1].astype(np.int64)).to(device)
-                    batch.append((buf[:-1].to(torch.int32), buf[1:]))
+            batch = batches.next_batch(device)
             out.append(trainer.train_step(batch).item())
         times["compiled" if compiled else "eager"] = time.perf_counter() - t0
         losses["compiled" if compiled else "eager"] = out
