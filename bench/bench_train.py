@@ -12,6 +12,8 @@ The mean attended keys come from the actual masks of the batch (causal, same doc
 sparse document masks are not counted as dense attention. Embedding lookups count as zero.
 MFU = achieved model FLOP/s / peak; peak defaults to 800 TFLOP/s for an H100 (measured bf16 dense matmul),
 125 for an A10 (datasheet); on other devices pass --peak-tflops or MFU is not reported.
+BENCH_STACKS=N (seconds) prints every thread's Python stack every N seconds during the warm-up: where a slow first
+step is spending its time (compilation or running).
 """
 
 from __future__ import annotations
