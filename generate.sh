@@ -28,6 +28,9 @@ Runs generate.py in the Docker image built by ./build.sh (or with --local in a v
   -h, --help            this text
   -- FLAGS...           everything after -- goes to generate.py unchanged (e.g. --prompt-file F, --no-stop-at-eot)
 
+Environment:
+  KIT_COMPILE_CACHE     torch.compile cache kept between runs, as in ./train.sh (used by -- --compile)
+
 Example:
   ./generate.sh --checkpoint checkpoints/my-run --prompt "The meaning of life is" --max-tokens 100
 TXT

@@ -9,6 +9,7 @@ KIT_PROG=${KIT_PROG:-$(basename "$0")}
 KIT_IMAGE_DEFAULT=nanogpt-speedrun:latest
 KIT_WORKDIR=/workspace          # where the repository is mounted inside the container
 KIT_HF_CACHE_IN=/hf-cache        # where the Hugging Face cache is mounted inside the container
+KIT_COMPILE_CACHE_IN=/compile-cache  # where the torch.compile cache is mounted inside the container
 
 KIT_RUNTIME=docker               # docker | local
 KIT_DRY_RUN=0
@@ -165,6 +166,20 @@ repo_dir_mount() {
   printf '%s\n' "$host:$KIT_WORKDIR/$name"
 }
 
+# compile_cache_dir: the host directory that keeps torch.compile's caches (inductor's and Triton's) between runs. A
+# container's own /tmp is gone when it exits, and a cold compile of the track-1 model took 135 s on an H100 against
+# 16 s with a warm cache (records/h100-2026-11-24.md).
+compile_cache_dir() {
+  local dir=${KIT_COMPILE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/nanogpt-speedrun/compile}
+  [[ "$dir" == /* ]] || dir=$PWD/$dir  # commands run from the repository root, and docker -v needs a full path
+  printf '%s\n' "$dir"
+}
+
+# compile_cache_env ROOT: fills CACHE_ENV with the NAME=VALUE pairs that put both caches under ROOT
+compile_cache_env() {
+  CACHE_ENV=("TORCHINDUCTOR_CACHE_DIR=$1/inductor" "TRITON_CACHE_DIR=$1/triton")
+}
+
 # docker_run_args: fills DOCKER_RUN with `docker run ... IMAGE` (the command to run inside follows it)
 docker_run_args() {
   DOCKER_RUN=(docker run --rm)
@@ -193,6 +208,16 @@ docker_run_args() {
     DOCKER_RUN+=(-v "$(repo_dir_mount "$name")")
   done
   DOCKER_RUN+=(-v "$hf_cache:$KIT_HF_CACHE_IN" -e "HF_HOME=$KIT_HF_CACHE_IN")
+  local compile_cache pair
+  compile_cache=$(compile_cache_dir)
+  if ((!KIT_DRY_RUN)); then
+    mkdir -p "$compile_cache"
+  fi
+  compile_cache_env "$KIT_COMPILE_CACHE_IN"
+  DOCKER_RUN+=(-v "$compile_cache:$KIT_COMPILE_CACHE_IN")
+  for pair in "${CACHE_ENV[@]}"; do
+    DOCKER_RUN+=(-e "$pair")
+  done
   if ((${#KIT_MOUNTS[@]})); then
     DOCKER_RUN+=("${KIT_MOUNTS[@]}")
   fi
@@ -203,7 +228,6 @@ docker_run_args() {
       DOCKER_RUN+=(-e "$var")
     fi
   done
-  local pair
   for pair in "${KIT_ENV[@]+"${KIT_ENV[@]}"}"; do
     DOCKER_RUN+=(-e "$pair")
   done
@@ -257,11 +281,20 @@ ensure_venv() {
   run_cmd "$KIT_PY" -m pip install --quiet --no-deps "$KIT_WHISPER_SPEC"
 }
 
-# local_cmd CMD...: fills LOCAL_CMD with CMD, prefixed with `env NAME=VALUE...` when KIT_ENV is not empty
+# local_cmd CMD...: fills LOCAL_CMD with CMD, prefixed with `env NAME=VALUE...` for KIT_ENV and for the compile
+# cache (unless TORCHINDUCTOR_CACHE_DIR or TRITON_CACHE_DIR is already set, which then wins)
 local_cmd() {
+  local pairs=("${KIT_ENV[@]+"${KIT_ENV[@]}"}") pair name
+  compile_cache_env "$(compile_cache_dir)"
+  for pair in "${CACHE_ENV[@]}"; do
+    name=${pair%%=*}
+    if [[ -z "${!name-}" ]]; then
+      pairs+=("$pair")
+    fi
+  done
   LOCAL_CMD=()
-  if ((${#KIT_ENV[@]})); then
-    LOCAL_CMD=(env "${KIT_ENV[@]}")
+  if ((${#pairs[@]})); then
+    LOCAL_CMD=(env "${pairs[@]}")
   fi
   LOCAL_CMD+=("$@")
 }

@@ -186,6 +186,36 @@ def test_train_hf_home_is_mounted(kit, tmp_path):
     assert ("-v", f"{tmp_path / 'hf'}:/hf-cache") in pairs(opts)
 
 
+def test_compile_cache_persists_on_the_host(kit):
+    # the container's /tmp goes with it: without a mounted cache every run would compile from scratch
+    opts, _, p = kit.train("--preset", "tiny")
+    host = kit.home / ".cache" / "nanogpt-speedrun" / "compile"
+    assert host.is_dir()  # created by the wrapper, so Docker does not create it owned by root
+    assert ("-v", f"{host}:/compile-cache") in pairs(opts)
+    assert ("-e", "TORCHINDUCTOR_CACHE_DIR=/compile-cache/inductor") in pairs(opts)
+    assert ("-e", "TRITON_CACHE_DIR=/compile-cache/triton") in pairs(opts)
+    assert f"compile cache: {host}" in p.stdout
+
+
+def test_compile_cache_location(kit, tmp_path):
+    opts, _, _ = kit.train("--preset", "tiny", XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    assert ("-v", f"{tmp_path / 'xdg' / 'nanogpt-speedrun' / 'compile'}:/compile-cache") in pairs(opts)
+    opts, _, _ = kit.train("--preset", "tiny", KIT_COMPILE_CACHE="rel/cache")  # relative to where it is run
+    assert ("-v", f"{kit.tmp / 'rel' / 'cache'}:/compile-cache") in pairs(opts)
+    assert (kit.tmp / "rel" / "cache").is_dir()
+
+
+def test_local_compile_cache_unless_set(kit, tmp_path):
+    host = kit.home / ".cache" / "nanogpt-speedrun" / "compile"
+    p = kit.run(TRAIN_SH, "--local", "--dry-run", "--preset", "tiny")
+    (cmd,) = dry_run_commands(p.stdout)
+    assert cmd[:3] == ["env", f"TORCHINDUCTOR_CACHE_DIR={host}/inductor", f"TRITON_CACHE_DIR={host}/triton"]
+    p = kit.run(TRAIN_SH, "--local", "--dry-run", "--preset", "tiny", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "mine"))
+    (cmd,) = dry_run_commands(p.stdout)
+    assert cmd[:2] == ["env", f"TRITON_CACHE_DIR={host}/triton"] and "TORCHINDUCTOR_CACHE_DIR" not in " ".join(cmd)
+    assert f"compile cache: {tmp_path / 'mine'} (from TORCHINDUCTOR_CACHE_DIR)" in p.stdout
+
+
 def test_train_tty_adds_t_and_i(kit):
     master, slave = pty.openpty()
     try:
@@ -303,8 +333,9 @@ def test_local_single_process_is_plain_python(kit):
     p = kit.run(TRAIN_SH, "--local", "--dry-run", "--preset", "tiny", "--num-iterations", "3", FAKE_GPUS="0")
     assert p.returncode == 0, p.stderr
     (cmd,) = dry_run_commands(p.stdout)
-    assert cmd[0] == str(Path(sys.prefix) / "bin" / "python")
-    assert cmd[1:] == ["train_gpt.py", "--preset", "tiny", "--num-iterations", "3"]
+    python = cmd.index(str(Path(sys.prefix) / "bin" / "python"))
+    assert cmd[0] == "env" and all("=" in pair for pair in cmd[1:python])  # only the compile cache's variables
+    assert cmd[python + 1:] == ["train_gpt.py", "--preset", "tiny", "--num-iterations", "3"]
     assert "local virtualenv" in p.stdout
     assert not kit.calls()  # no docker at all
 
@@ -314,8 +345,8 @@ def test_local_gpu_list_and_nccl(kit):
     assert p.returncode == 0, p.stderr
     (cmd,) = dry_run_commands(p.stdout)
     assert cmd[:3] == ["env", "CUDA_VISIBLE_DEVICES=0,2", "NCCL_P2P_DISABLE=1"]
-    assert cmd[3] == str(Path(sys.prefix) / "bin" / "torchrun")
-    assert cmd[4:7] == ["--standalone", "--nproc_per_node=2", "train_gpt.py"]
+    torchrun = cmd.index(str(Path(sys.prefix) / "bin" / "torchrun"))
+    assert cmd[torchrun + 1:torchrun + 4] == ["--standalone", "--nproc_per_node=2", "train_gpt.py"]
 
 
 def test_local_without_nvidia_smi_skips_gpu_check(kit, tmp_path):
@@ -423,6 +454,7 @@ def test_generate_checkpoint_path(kit, tmp_path):
     assert ("-v", f"{ckpt}:{ckpt}") in pairs(cmd)
     assert contains(cmd, ["generate.py", "--checkpoint", str(ckpt)])
     assert ("--user", f"{os.getuid()}:{os.getgid()}") in pairs(cmd) and "--ipc=host" in cmd
+    assert ("-e", "TORCHINDUCTOR_CACHE_DIR=/compile-cache/inductor") in pairs(cmd)  # --compile reuses it
     assert SECRET not in p.stdout + p.stderr
 
 
