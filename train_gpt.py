@@ -219,9 +219,18 @@ def fp8_linear(x: Tensor, w: Tensor) -> Tensor:
     return FP8Matmul.apply(x.reshape(-1, shape[-1]), w).view(*shape[:-1], w.size(0))
 
 
+MIN_TRAIN_CAPABILITY = (8, 0)  # bfloat16 tensor cores and FlexAttention's Triton kernels: A100, A10, 3090 and newer
+
+
+def has_bf16(device: torch.device) -> bool:
+    """Whether the device computes in bfloat16 natively (CPU: not used; GPUs: compute capability >= 8.0)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= MIN_TRAIN_CAPABILITY
+
+
 def head_precision(device: torch.device, want_fp8: bool) -> str:
-    """fp8 on compute capability >= 8.9 (H100, L4, 4090), bf16 on other GPUs, fp32 on CPU."""
-    if device.type != "cuda":
+    """fp8 on compute capability >= 8.9 (H100, L4, 4090), bf16 on other Ampere-or-newer GPUs, fp32 on CPU and on
+    older GPUs (which only sample: the trainer refuses them)."""
+    if not has_bf16(device):
         return "fp32"
     if want_fp8 and torch.cuda.get_device_capability(device) >= (8, 9):
         return "fp8"
@@ -434,7 +443,7 @@ class GPT(nn.Module):
     def configure(self, device: torch.device, attention: str = "auto", fp8: bool = True) -> "GPT":
         self.attn_impl = ("flex" if device.type == "cuda" else "dense") if attention == "auto" else attention
         self.head_precision = head_precision(device, fp8)
-        self.act_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.act_dtype = torch.bfloat16 if has_bf16(device) else torch.float32
         return self
 
     def reserve_rotary(self, max_len: int) -> "GPT":
@@ -1179,6 +1188,13 @@ def resolve_device(spec: str, local_rank: int) -> torch.device:
             raise ConfigError(f"process {local_rank} needs GPU {device.index} but only "
                               f"{torch.cuda.device_count()} are visible")
         torch.cuda.set_device(device)
+        cap = torch.cuda.get_device_capability(device)
+        if cap < MIN_TRAIN_CAPABILITY:
+            raise ConfigError(
+                f"GPU {device.index} ({torch.cuda.get_device_name(device)}) has compute capability {cap[0]}.{cap[1]}; "
+                f"training needs {MIN_TRAIN_CAPABILITY[0]}.{MIN_TRAIN_CAPABILITY[1]} or newer for bfloat16 and "
+                "FlexAttention (A100, A10, L4, RTX 3090/4090, H100). generate.py still samples on it in fp32; "
+                "--device cpu trains slowly")
     return device
 
 

@@ -395,3 +395,18 @@ def test_rotary_tables_are_not_part_of_checkpoints():
     fresh = make_model(0)
     fresh.load_state_dict(model.state_dict())  # strict: the same keys with or without reserved tables
     assert fresh.rope_cos.numel() == 0
+
+
+@pytest.mark.parametrize("capability,fp8,head,act", [
+    ((7, 5), True, "fp32", torch.float32),  # T4: no bfloat16, samples in fp32
+    ((8, 0), True, "bf16", torch.bfloat16),  # A100: no FP8
+    ((8, 6), True, "bf16", torch.bfloat16),  # A10, 3090
+    ((8, 9), True, "fp8", torch.bfloat16),  # L4, 4090
+    ((9, 0), True, "fp8", torch.bfloat16),  # H100
+    ((9, 0), False, "bf16", torch.bfloat16),  # --no-fp8
+])
+def test_configure_follows_the_gpu_generation(monkeypatch, capability, fp8, head, act):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    model = tg.GPT(small_cfg(num_layers=2, model_dim=16, num_heads=1, head_dim=16))
+    model.configure(torch.device("cuda", 0), fp8=fp8)  # configure only reads the capability: no GPU needed
+    assert (model.attn_impl, model.head_precision, model.act_dtype) == ("flex", head, act)

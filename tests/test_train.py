@@ -393,3 +393,18 @@ def test_wandb_offline_logs_metrics(shared_synthetic_data, tmp_path, monkeypatch
     assert final["val/loss"] == pytest.approx(summary["final_val_loss"], abs=1e-6)
     assert "artifact" in kinds  # the run log is attached
     assert not (tmp_path / "elsewhere").exists() or not list((tmp_path / "elsewhere").rglob("*.wandb"))
+
+
+@pytest.mark.parametrize("capability,ok", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_training_refuses_gpus_without_bfloat16(monkeypatch, capability, ok):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    if ok:
+        assert tg.resolve_device("auto", 1) == torch.device("cuda", 1)
+        return
+    with pytest.raises(tg.ConfigError, match=rf"GPU 1 \(Fake GPU\) has compute capability "
+                                             rf"{capability[0]}\.{capability[1]}; training needs 8\.0"):
+        tg.resolve_device("cuda", 1)
