@@ -587,55 +587,74 @@ class Muon(ShardedOptimizer):
 
     Nesterov momentum, then the update is orthogonalised and scaled by sqrt(max(1, rows / cols)). Parameters of one
     shape are processed world_size at a time: the averaged gradient of parameter i of a chunk lands on process i
-    (reduce-scatter), which keeps its momentum and orthogonalises it; the new weights are all-gathered.
+    (reduce-scatter), which keeps its momentum and orthogonalises it; the new weights are all-gathered. Each process
+    orthogonalises all the parameters of one shape that it owns as one batch: one Newton-Schulz call per shape instead
+    of one per matrix, which on one GPU turns the track-1 model's 46 calls (about 1,400 small kernels) into 4.
     """
 
-    def __init__(self, named_params, lr: float = 0.05, momentum: float = 0.95, ns_steps: int = 5):
+    def __init__(self, named_params, lr: float = 0.05, momentum: float = 0.95, ns_steps: int = 5,
+                 compile_ns: bool = False):
         super().__init__([{"params": list(named_params)}], dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
         params = [p for g in self.param_groups for p in g["params"]]
         shapes = sorted({tuple(p.shape) for p in params})
         # chunks of same-shape parameters, world_size at a time; the i-th of a chunk belongs to process i
-        self.chunks = []
+        self.chunks, self.shape_groups = [], []
         for shape in shapes:
             same = [p for p in params if tuple(p.shape) == shape]
+            first = len(self.chunks)
             self.chunks += [same[i:i + self.world_size] for i in range(0, len(same), self.world_size)]
+            self.shape_groups.append(range(first, len(self.chunks)))
         self.owner = {id(p): i for chunk in self.chunks for i, p in enumerate(chunk)}
+        # compiled (on GPUs): the iteration's matmuls and elementwise work fused into fewer kernels, one graph per shape
+        self.newton_schulz = (torch.compile(zeropower_via_newtonschulz5, dynamic=False) if compile_ns
+                              else zeropower_via_newtonschulz5)
 
     @torch.no_grad()
     def step(self):
         group = self.param_groups[0]
         lr, momentum, ns_steps = group["lr"], group["momentum"], group["ns_steps"]
         W, r = self.world_size, self.rank
-        pending = []
+        received = []  # per chunk: (averaged gradient of this process's parameter or None, pending reduction)
         for chunk in self.chunks:  # launch every reduction first so communication overlaps the updates
-            mine = chunk[r] if r < len(chunk) else None
             if W == 1:
-                pending.append((chunk, mine, mine.grad, None))
+                received.append((chunk[0].grad, None))
                 continue
             grads = [p.grad.flatten() for p in chunk] + [torch.zeros_like(chunk[0]).flatten()] * (W - len(chunk))
             g = torch.empty_like(chunk[0])
             work = dist.reduce_scatter_tensor(g.view(-1), torch.cat(grads), op=dist.ReduceOp.AVG, async_op=True)
-            pending.append((chunk, mine, g, work))
+            received.append((g if r < len(chunk) else None, work))
         gathers = []
-        for chunk, mine, g, work in pending:
-            if work is not None:
-                work.wait()
-            if mine is not None:
-                state = self.state[mine]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(g)
-                buf = state["momentum_buffer"]
-                buf.lerp_(g, 1 - momentum)
-                update = zeropower_via_newtonschulz5(g.lerp(buf, momentum), ns_steps)
-                scale = math.sqrt(max(1.0, g.size(-2) / g.size(-1)))
-                new = mine - (lr * scale) * update.to(mine.dtype)
-            else:
-                new = torch.zeros_like(chunk[0])
-            if W == 1:
-                mine.copy_(new)
-            else:
+        for indices in self.shape_groups:
+            owned = []  # (parameter, averaged gradient) for the parameters of this shape that this process updates
+            for i in indices:
+                g, work = received[i]
+                if work is not None:
+                    work.wait()
+                if g is not None:
+                    owned.append((self.chunks[i][r], g))
+            new = {}
+            if owned:
+                nesterov = []
+                for p, g in owned:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(g)
+                    buf = state["momentum_buffer"]
+                    buf.lerp_(g, 1 - momentum)
+                    nesterov.append(g.lerp(buf, momentum))
+                update = self.newton_schulz(torch.stack(nesterov), ns_steps)
+                shape = owned[0][0].shape
+                scale = math.sqrt(max(1.0, shape[-2] / shape[-1]))
+                for (p, _), u in zip(owned, update):
+                    new[id(p)] = p - (lr * scale) * u.to(p.dtype)
+            for i in indices:
+                chunk = self.chunks[i]
+                if W == 1:
+                    chunk[0].copy_(new[id(chunk[0])])
+                    continue
+                mine = new[id(chunk[r])] if r < len(chunk) else torch.zeros_like(chunk[0])
                 outs = [p.data for p in chunk] + [torch.empty_like(chunk[0]) for _ in range(W - len(chunk))]
-                gathers.append(dist.all_gather(outs, new, async_op=True))
+                gathers.append(dist.all_gather(outs, mine, async_op=True))
         for work in gathers:
             work.wait()
 
@@ -757,7 +776,8 @@ def build_optimizers(model: GPT, hp: Hyperparameters) -> dict[str, ShardedOptimi
     betas = (hp.adam_beta1, hp.adam_beta2)
     adam = DistAdam([{"params": groups["embed"], "lr": hp.adam_lr}, {"params": groups["head"], "lr": hp.head_lr},
                      {"params": groups["scalar"], "lr": hp.scalar_lr}], lr=hp.adam_lr, betas=betas, eps=hp.adam_eps)
-    muon = Muon(groups["muon"], lr=hp.muon_lr, momentum=hp.muon_momentum)
+    on_gpu = model.embed.weight.device.type == "cuda"
+    muon = Muon(groups["muon"], lr=hp.muon_lr, momentum=hp.muon_momentum, compile_ns=hp.compile and on_gpu)
     for opt in (adam, muon):
         for g in opt.param_groups:
             g["initial_lr"] = g["lr"]
