@@ -40,6 +40,7 @@ Training (passed to train_gpt.py):
   --train-loss-every N            steps between train-loss lines
   --val-loss-every N              steps between validations
   --save-every N                  steps between checkpoints
+  --save-every-minutes X          minutes between rolling checkpoints, each replacing the last (default 30; 0: off)
   --run-name NAME                 run id: logs/NAME.txt, checkpoints/NAME/
   --resume [PATH]                 continue from a checkpoint file or run directory (default: the newest)
   --wandb                         log to Weights & Biases (WANDB_API_KEY is passed on by name when set)
@@ -113,7 +114,7 @@ parse_args() {
         shift ;;
       --num-iterations)
         need_value "$1" "$#" "${2-}"; check_int "$1" "$2" 1; NUM_ITERATIONS=$((10#$2)); TRAIN_ARGS+=("$1" "$2"); shift ;;
-      --max-batch-span-multiplier | --adam-lr | --muon-lr)
+      --max-batch-span-multiplier | --adam-lr | --muon-lr | --save-every-minutes)
         need_value "$1" "$#" "${2-}"; check_float "$1" "$2"; TRAIN_ARGS+=("$1" "$2"); shift ;;
       --run-name) need_value "$1" "$#" "${2-}"; RUN_NAME=$2; TRAIN_ARGS+=("$1" "$2"); shift ;;
       --resume)

@@ -9,7 +9,8 @@ Run it
 
 The global batch (seqs_per_step x train_seq_len tokens) does not depend on the number of processes: with 8 GPUs each
 takes one sequence per step, with 1 GPU it accumulates 8. Each run writes logs/<run_id>.txt (this file's source, the
-config, the environment, one line per step) and checkpoints/<run_id>/step_NNNNNN.pt when --save-every is set.
+config, the environment, one line per step) and checkpoints/<run_id>/step_NNNNNN.pt: at the end, every --save-every
+steps, and a rolling one every --save-every-minutes (30) that the next save replaces, so a crash loses little.
 
 Importing this module has no side effects: no CUDA call, no argument parsing, no process group. main() does the work.
 """
@@ -102,6 +103,7 @@ class Hyperparameters:
     train_loss_every: int = 0  # steps between train-loss lines (0: never; costs a sync)
     target_val_loss: float = TRACK1_TARGET  # the track's target, in the summary (0: none; 3.28/2.92: FineWeb val only)
     save_every: int = 0  # steps between checkpoints (0: only at the end)
+    save_every_minutes: float = 30.0  # rolling checkpoint this long after any save, replacing the last one (0: off)
     save_final: bool = True  # write a checkpoint at the end
     log_dir: str = "logs"  # run logs: <log_dir>/<run_id>.txt
     checkpoint_dir: str = "checkpoints"  # checkpoints: <checkpoint_dir>/<run_id>/step_NNNNNN.pt and latest
@@ -161,6 +163,8 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(hp, name)}")
     if hp.val_tokens % hp.val_seq_len:
         problems.append(f"--val-tokens {hp.val_tokens} must be a multiple of --val-seq-len {hp.val_seq_len}")
+    if hp.save_every < 0 or hp.save_every_minutes < 0:
+        problems.append("--save-every and --save-every-minutes must not be negative")
     if not 0.0 <= hp.cooldown_frac <= 1.0:
         problems.append(f"--cooldown-frac must be in [0, 1], got {hp.cooldown_frac}")
     if hp.max_batch_span_multiplier < 1.0:
@@ -1317,6 +1321,20 @@ class Trainer:
         set_rng_state(ckpt["rng"])
 
 
+ROLLING_CHECK_EVERY = 5  # steps between checks of the rolling checkpoint's clock (a broadcast when distributed)
+
+
+def rolling_save_due(hp: Hyperparameters, step: int, last_save: float, device: torch.device, world_size: int) -> bool:
+    """Whether a rolling checkpoint is due at this step: hp.save_every_minutes since the last save by process 0's
+    clock. Saving is collective, so process 0 decides for all; it is asked every ROLLING_CHECK_EVERY steps only."""
+    if hp.save_every_minutes <= 0 or step % ROLLING_CHECK_EVERY:
+        return False
+    due = torch.tensor([time.monotonic() - last_save >= 60 * hp.save_every_minutes], device=device)
+    if world_size > 1:
+        dist.broadcast(due, src=0)
+    return bool(due.item())
+
+
 def new_run_id(hp: Hyperparameters) -> str:
     return f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{hp.preset}-{uuid.uuid4().hex[:6]}"
 
@@ -1394,6 +1412,7 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
     ckpt_root = Path(hp.checkpoint_dir)
     N, start_step = hp.num_iterations, trainer.step
     val_loss, last_val_step = float("nan"), -1
+    rolling, last_save = None, time.monotonic()  # the rolling checkpoint on disk, when the last save ended
     synchronize(device)
     t0 = time.perf_counter()
     for step in range(start_step, N + 1):
@@ -1409,7 +1428,10 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
                 wandb_log.log({"val/loss": val_loss, "val/train_time_ms": trainer.train_time_ms}, step=step)
             synchronize(device)
             t0 = time.perf_counter()
-        if step > start_step and ((last and hp.save_final) or (hp.save_every > 0 and step % hp.save_every == 0)):
+        keep = step > start_step and ((last and hp.save_final) or (hp.save_every > 0 and step % hp.save_every == 0))
+        roll = (not keep and not last and step > start_step
+                and rolling_save_due(hp, step, last_save, device, world_size))
+        if keep or roll:
             synchronize(device)
             trainer.train_time_ms += 1000 * (time.perf_counter() - t0)
             state = trainer.checkpoint(run_id)
@@ -1417,10 +1439,15 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
                 path = ckpt_root / run_id / f"step_{step:06d}.pt"
                 atomic_save(state, path)
                 point_latest(ckpt_root, path)
-                log.write(f"saved checkpoint {path}", console=True)
+                if rolling is not None and rolling != path:  # superseded by the newer checkpoint
+                    rolling.unlink(missing_ok=True)
+                rolling = path if roll else None
+                log.write(f"saved checkpoint {path}" + (" (rolling: replaced by the next save)" if roll else ""),
+                          console=True)
             del state
             if world_size > 1:
                 dist.barrier()
+            last_save = time.monotonic()
             t0 = time.perf_counter()
         if last:
             break

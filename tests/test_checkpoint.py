@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -52,6 +53,34 @@ def test_checkpoint_files_and_latest_symlink(run_b):
     assert latest.resolve() == ckpt_path(hp, N).resolve()
     assert {p.name for p in Path(hp.checkpoint_dir).iterdir()} == {"B", "latest"}
     assert summary["steps"] == N and summary["run_id"] == "B"
+
+
+@pytest.mark.parametrize("save_final,kept", [(True, [15, 25]), (False, [15, 20])])
+def test_rolling_checkpoints_replace_each_other(shared_synthetic_data, tmp_path, save_final, kept):
+    """With the clock always due, a rolling checkpoint is written at every check (steps 5, 10, 20; 15 is a --save-every
+    one) and each save removes the rolling one before it; the kept ones stay."""
+    hp = tiny_hp(shared_synthetic_data, tmp_path, num_iterations=25, save_every=15, save_every_minutes=1e-9,
+                 save_final=save_final, val_loss_every=0, run_name="roll")
+    tg.train(hp)
+    run_dir = Path(hp.checkpoint_dir) / "roll"
+    assert sorted(p.name for p in run_dir.iterdir()) == [f"step_{s:06d}.pt" for s in kept]
+    assert (Path(hp.checkpoint_dir) / "latest").resolve() == ckpt_path(hp, kept[-1]).resolve()
+    log = (Path(hp.log_dir) / "roll.txt").read_text()
+    saved = re.findall(r"saved checkpoint \S+step_(\d+)\.pt( \(rolling)?", log)
+    expected = [(5, True), (10, True), (15, False), (20, True)] + ([(25, False)] if save_final else [])
+    assert [(int(step), bool(r)) for step, r in saved] == expected
+    assert tg.load_checkpoint(ckpt_path(hp, kept[-1]))["step"] == kept[-1]  # a rolling one resumes like any other
+
+
+def test_rolling_save_due_follows_process_zero_clock(monkeypatch):
+    hp = dataclasses.replace(tg.Hyperparameters(), save_every_minutes=2.0)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(tg.time, "monotonic", lambda: 1000.0)
+    assert tg.rolling_save_due(hp, 2 * tg.ROLLING_CHECK_EVERY, 1000.0 - 120, cpu, 1)
+    assert not tg.rolling_save_due(hp, 2 * tg.ROLLING_CHECK_EVERY, 1000.0 - 119, cpu, 1)  # not yet 2 minutes
+    assert not tg.rolling_save_due(hp, 2 * tg.ROLLING_CHECK_EVERY + 1, 0.0, cpu, 1)  # checked on a fixed cadence
+    assert not tg.rolling_save_due(dataclasses.replace(hp, save_every_minutes=0), 2 * tg.ROLLING_CHECK_EVERY, 0.0,
+                                   cpu, 1)  # 0: off
 
 
 def test_checkpoint_contents(run_b, shared_synthetic_data):

@@ -219,8 +219,9 @@ def test_tiny_run_learns(logged_run):
 
 def test_two_processes_match_one(shared_synthetic_data, tmp_path):
     steps = 6
+    # a rolling checkpoint falls due at step 5: process 0 decides, both take part in the collective save
     common = dict(num_iterations=steps, train_loss_every=1, val_loss_every=3, seqs_per_step=2, val_tokens=2048,
-                  save_final=False)
+                  save_final=False, save_every_minutes=1e-6)
     env = subprocess_env(**FAST_ENV)
     with open(tmp_path / "one.out", "wb") as out:  # both at once: the single process runs beside the two workers
         one = subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py"),
@@ -251,6 +252,13 @@ def test_two_processes_match_one(shared_synthetic_data, tmp_path):
     for step in val_one:
         assert val_two[step] == pytest.approx(val_one[step], abs=2e-4), step
     assert train_one[steps] < train_one[1] - 0.1  # it trained, so the comparison means something
+    for run in ("one", "two"):
+        assert [p.name for p in (tmp_path / run / "checkpoints" / run).iterdir()] == ["step_000005.pt"]
+    rolled = torch.load(tmp_path / "two" / "checkpoints" / "two" / "step_000005.pt", weights_only=True)
+    single = torch.load(tmp_path / "one" / "checkpoints" / "one" / "step_000005.pt", weights_only=True)
+    assert rolled["step"] == single["step"] == 5
+    for name, w in single["model"].items():
+        torch.testing.assert_close(rolled["model"][name], w, atol=1e-5, rtol=1e-4, msg=name)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

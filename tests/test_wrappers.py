@@ -134,6 +134,7 @@ FLAG_CASES = [
     (["--muon-lr", "2e-2"], ["--muon-lr", "2e-2"]),
     (["--preset", "tiny"], ["--preset", "tiny"]),
     (["--save-every", "10"], ["--save-every", "10"]),
+    (["--save-every-minutes", "7.5"], ["--save-every-minutes", "7.5"]),
     (["--run-name", "my run"], ["--run-name", "my run"]),
     (["--resume"], ["--resume"]),
     (["--resume", "checkpoints/old-run"], ["--resume", "checkpoints/old-run"]),
@@ -369,7 +370,7 @@ def test_unknown_flag(kit):
 
 TRAIN_NUMERIC = ["--num-gpus", "--nnodes", "--node-rank", "--master-port", "--train-seq-len", "--val-seq-len",
                  "--train-loss-every", "--val-loss-every", "--save-every", "--num-iterations", "--shards",
-                 "--max-batch-span-multiplier", "--adam-lr", "--muon-lr"]
+                 "--max-batch-span-multiplier", "--adam-lr", "--muon-lr", "--save-every-minutes"]
 GENERATE_NUMERIC = ["--max-tokens", "--top-k", "--seed", "--num-samples", "--temperature", "--top-p"]
 
 
