@@ -9,7 +9,8 @@ bf16 reference, and compiled against eager training losses.
    error is within 2x the dense bf16 path's own error (plus a small floor): both are the same function in bf16.
 2. fp8: the FP8 lm_head matmul (e4m3 forward, e5m2 gradient) against fp32, next to bf16 against fp32.
 3. compile: the same training steps, data and initial weights with and without torch.compile; the losses must
-   agree to within bf16 noise at every step (default 20 steps, track-1 model, 16K-token micro-batches).
+   agree to within bf16 noise at every step (default 20 steps, track-1 model, 2 micro-batches of the speedrun's 48K
+   tokens: the shapes of bench_train.py and of a real run, so a warm compile cache from either serves this check).
 Exit status 0 when every check passes, 1 otherwise. On a CPU the script runs the forward checks only (FlexAttention
 has no CPU backward; FP8 matmuls need a GPU).
 """
@@ -26,9 +27,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train_gpt.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_train.py, also when this file is imported
 import train_gpt as tg  # noqa: E402
-from bench_train import SyntheticBatches, synthetic_tokens  # noqa: E402  (this directory is on sys.path)
+from bench_train import SyntheticBatches, synthetic_tokens  # noqa: E402
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -105,6 +107,7 @@ def check_compile(device: torch.device, args) -> dict:
         run = dataclasses.replace(hp, compile=compiled)
         trainer = tg.Trainer(run, device, train_files=files)
         batches = trainer.loader if files is not None else SyntheticBatches(run, trainer.grad_accum, device, seed=2)
+        print(f"compile check: {args.steps} steps {'compiled' if compiled else 'eager'}...", flush=True)
         t0 = time.perf_counter()
         out = []
         for step in range(args.steps):
@@ -130,7 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--checks", default="attention,fp8,compile", help="comma-separated subset")
     p.add_argument("--steps", type=int, default=20, help="training steps of the compile check")
-    p.add_argument("--seq-len", type=int, default=16 * 1024, help="tokens per micro-batch in the compile check")
+    p.add_argument("--seq-len", type=int, default=48 * 1024, help="tokens per micro-batch in the compile check")
     p.add_argument("--loss-tol", type=float, default=0.05, help="largest allowed |eager - compiled| loss")
     p.add_argument("--data-dir", default=None, help="train shards for the compile check (default: random tokens)")
     p.add_argument("--train-files", default="*_train_*.bin")
@@ -146,18 +149,22 @@ def main(argv=None) -> int:
     print(f"device {name}, torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
     results = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
                "date": time.strftime("%Y-%m-%d")}
-    if "attention" in checks:
-        results["attention"] = check_attention(device, backward=on_gpu)
-    if "fp8" in checks:
-        if on_gpu and tg.head_precision(device, True) == "fp8":
+    for check in checks:
+        t0 = time.perf_counter()
+        if check == "attention":
+            results["attention"] = check_attention(device, backward=on_gpu)
+        elif check == "fp8":
+            if not (on_gpu and tg.head_precision(device, True) == "fp8"):
+                print("fp8: skipped (needs a GPU of compute capability >= 8.9)")
+                continue
             results["fp8"] = check_fp8(device)
-        else:
-            print("fp8: skipped (needs a GPU of compute capability >= 8.9)")
-    if "compile" in checks:
-        if on_gpu:
+        elif check == "compile":
+            if not on_gpu:
+                print("compile: skipped (the flex training path needs CUDA)")
+                continue
             results["compile"] = check_compile(device, args)
-        else:
-            print("compile: skipped (the flex training path needs CUDA)")
+        results[check]["seconds_total"] = time.perf_counter() - t0
+        print(f"{check}: {results[check]['seconds_total']:.1f}s", flush=True)
     passed = all(v["passed"] for v in results.values() if isinstance(v, dict))
     results["passed"] = passed
     if args.json:

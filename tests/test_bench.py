@@ -101,3 +101,22 @@ def test_gpu_suite_usage_and_unknown_step(tmp_path):
                        capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
     assert p.returncode == 1 and "unknown step nonsense" in p.stdout
     assert (tmp_path / "out" / "nonsense.log").read_text() == "unknown step nonsense\n"
+
+
+def test_check_cuda_on_cpu_runs_the_forward_checks(tmp_path, capsys):
+    """On a CPU the correctness script runs the attention forward comparison and says what it skipped; its JSON
+    holds every case, the verdict and the time each check took."""
+    check_cuda = _load("check_cuda")
+    out = tmp_path / "check.json"
+    assert check_cuda.main(["--device", "cpu", "--checks", "attention,fp8,compile", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "fp8: skipped" in printed and "compile: skipped" in printed and "all checks passed" in printed
+    results = json.loads(out.read_text())
+    attention = results["attention"]
+    assert results["passed"] and attention["passed"] and not attention["backward"]
+    assert [c["T"] for c in attention["cases"]] == [2048, 4096, 4096]  # the CPU leaves out the long sequences
+    for case in attention["cases"]:  # both bf16 paths differ from fp32 by bf16 rounding: neither is exact
+        assert 1e-4 < case["dense_bf16_rel_err"] < 2e-2 and 1e-4 < case["flex_bf16_rel_err"] < 2e-2
+    assert attention["seconds_total"] > 0 and "fp8" not in results and "compile" not in results
+    with pytest.raises(SystemExit):
+        check_cuda.main(["--device", "cpu", "--checks", "attention,bogus"])
