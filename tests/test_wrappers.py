@@ -64,8 +64,8 @@ class Kit:
             exe.chmod(0o755)
         self.home = tmp_path / "home"
         self.home.mkdir()
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("WANDB_", "HF_", "NCCL_", "CUDA_VISIBLE", "KIT_", "TORCHINDUCTOR_", "TRITON_"))}
+        inherited = ("WANDB_", "HF_", "NCCL_", "CUDA_VISIBLE", "KIT_", "TORCHINDUCTOR_", "TRITON_")
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(inherited)}
         self.env.update(PATH=f"{self.bin}{os.pathsep}{os.environ['PATH']}", HOME=str(self.home),
                         FAKE_DOCKER_LOG=str(self.log), FAKE_DOCKER_IMAGES=IMAGE, FAKE_GPUS="8",
                         KIT_VENV=sys.prefix)
