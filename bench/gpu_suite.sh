@@ -13,7 +13,8 @@
 #   mem-medium   the same for the medium (track-2) preset
 #   sample       bench/bench_generate.py on the track-1 model, compiled, next to Hugging Face GPT-2 (--hf)
 #   learn-fp8    train_gpt.py --preset speedrun --num-iterations 300 on data/code, val every 25 steps
-#   learn-bf16   the same with --no-fp8 (same data, same seed: the FP8 loss comparison)
+#   learn-bf16   the same with --no-fp8 (same data, same seed), then records/report.py --compare against the FP8 run
+#                (this call's learn-fp8 log, else the newest one in records/logs)
 # Every step's output goes to OUTDIR/STEP.log (and .json where the tool writes one); run logs to OUTDIR/logs/.
 # Environment: PYTHON (default python3), STEP_LIMIT_<STEP> in seconds to change a step's limit (dashes as _),
 # CORPUS_MB (default 400). Limits allow for a cold compile cache: a first compile of the track-1 model took 135 s.
@@ -58,7 +59,14 @@ torch.cuda.get_device_capability(0))'" ;;
         sample) $py bench/bench_generate.py --preset speedrun --compile --hf --prompt-len 128 --new-tokens 256 \
                     --batches 1,8 ;;
         learn-fp8) $py train_gpt.py "${learn_flags[@]}" --run-name h100-speedrun-300-code-fp8 ;;
-        learn-bf16) $py train_gpt.py "${learn_flags[@]}" --no-fp8 --run-name h100-speedrun-300-code-bf16 ;;
+        learn-bf16)
+            $py train_gpt.py "${learn_flags[@]}" --no-fp8 --run-name h100-speedrun-300-code-bf16 || return
+            local fp8_log
+            fp8_log=$(ls -t "$out/logs/h100-speedrun-300-code-fp8.txt" records/logs/h100-speedrun-300-code-fp8*.txt \
+                2>/dev/null | head -n 1)
+            if [[ -n $fp8_log ]]; then
+                $py records/report.py "$fp8_log" "$out/logs/h100-speedrun-300-code-bf16.txt" --compare
+            fi ;;
         *) echo "unknown step $1" >&2; return 2 ;;
     esac
 }

@@ -1,6 +1,7 @@
 """Run reports: one table row per run log written by train_gpt.py, and optionally a loss-curve figure.
 
     python records/report.py [LOGS...] [--png FILE]      (default LOGS: logs/*.txt)
+    python records/report.py A.txt B.txt --compare       (also: val loss of B, C, ... minus A's, step by step)
 
 A run log (logs/<run_id>.txt) holds the trainer's source, then blocks separated by a line of 100 '=': "config {json}",
 the environment ("gpus N: names" or "cpu threads N"), a "run <id>: W process(es) on <device>, ..." line, the step lines
@@ -203,6 +204,48 @@ def format_table(runs: list[dict]) -> str:
     return "\n".join(out)
 
 
+def compare_runs(runs: list[dict]) -> dict:
+    """Val losses of runs at the steps every one of them validated at, and each later run minus the first.
+
+    For "does this change learning?" questions (FP8 on vs off, one seed vs another): the runs should share data and
+    validation steps. Step 0 (before any training) is left out of the summary statistics.
+    """
+    shared = sorted(set.intersection(*({s for s, _, _ in r["val_curve"]} for r in runs)))
+    losses = [{s: v for s, v, _ in r["val_curve"]} for r in runs]
+    rows = [(s, [loss[s] for loss in losses]) for s in shared]
+    summary = []
+    for k in range(1, len(runs)):
+        diffs = [vals[k] - vals[0] for s, vals in rows if s > 0]
+        summary.append({"run": runs[k]["run_id"], "steps": len(diffs),
+                        "mean_diff": sum(diffs) / len(diffs) if diffs else math.nan,
+                        "mean_abs_diff": sum(map(abs, diffs)) / len(diffs) if diffs else math.nan,
+                        "max_abs_diff": max(map(abs, diffs)) if diffs else math.nan,
+                        "final_diff": diffs[-1] if diffs else math.nan})
+    ignore = {"run_name", "log_dir", "checkpoint_dir", "resume", "wandb", "wandb_project"}
+    keys = sorted({k for r in runs for k in r["config"]} - ignore)
+    differ = [k for k in keys if any(r["config"].get(k) != runs[0]["config"].get(k) for r in runs[1:])]
+    return {"base": runs[0]["run_id"], "runs": [r["run_id"] for r in runs], "rows": rows, "summary": summary,
+            "config_differences": differ}
+
+
+def format_comparison(cmp: dict) -> str:
+    """The comparison as an aligned table (step, each run's loss, each difference) and one summary line per run."""
+    if not cmp["rows"]:
+        return f"compare: the runs {', '.join(cmp['runs'])} share no validation step"
+    names = cmp["runs"]
+    header = ["step", *names, *(f"{n} - {names[0]}" for n in names[1:])]
+    body = [[str(s), *(f"{v:.4f}" for v in vals), *(f"{v - vals[0]:+.4f}" for v in vals[1:])]
+            for s, vals in cmp["rows"]]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in [header, *body]]
+    lines.append("settings that differ: " + (", ".join(cmp["config_differences"]) or "none"))
+    for item in cmp["summary"]:
+        lines.append(f"{item['run']} - {cmp['base']} over {item['steps']} shared steps after step 0: mean "
+                     f"{item['mean_diff']:+.4f}, mean |diff| {item['mean_abs_diff']:.4f}, max |diff| "
+                     f"{item['max_abs_diff']:.4f}, at the last shared step {item['final_diff']:+.4f}")
+    return "\n".join(lines)
+
+
 def make_figure(runs: list[dict]):
     """A matplotlib Figure (Agg canvas, no display) with val loss vs train time and vs tokens seen."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -262,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Summarise train_gpt.py run logs: a table, optionally a figure.")
     parser.add_argument("logs", nargs="*", help="run logs (default: logs/*.txt)")
     parser.add_argument("--png", metavar="FILE", help="also write val-loss curves to this PNG")
+    parser.add_argument("--compare", action="store_true",
+                        help="also print the val losses at the steps all runs share, and each run minus the first")
     args = parser.parse_args(argv)
     paths = args.logs or sorted(glob.glob(os.path.join("logs", "*.txt")))
     if not paths:
@@ -277,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
         print("report: none of the given files is a run log", file=sys.stderr)
         return 2
     print(format_table(runs))
+    if args.compare:
+        if len(runs) < 2:
+            print("report: --compare needs at least two run logs", file=sys.stderr)
+            return 2
+        print()
+        print(format_comparison(compare_runs(runs)))
     if args.png:
         out = write_png(runs, args.png)
         print(f"wrote {out}", file=sys.stderr)

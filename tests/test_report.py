@@ -215,3 +215,42 @@ def test_png_has_two_panels_and_target_lines(runs, tmp_path, capsys):
     assert data[:8] == PNG_MAGIC and len(data) > 1000
     assert [p.name for p in out.parent.iterdir()] == ["curves.png"]  # no temp file left behind
     assert not math.isnan(hit["tokens_per_s"])
+
+
+def _curve_log(path: Path, val: dict[int, float], **overrides) -> Path:
+    """A finished-looking run log with the given val losses (steps of one second each)."""
+    hp = tiny_hp("data", "work", num_iterations=max(val), **overrides)
+    rule = "=" * 100
+    lines = ["# source", rule, "config " + json.dumps(asdict(hp), indent=1), rule, "cpu threads 2", rule,
+             f"run {path.stem}: 1 process(es) on cpu, 1 micro-step(s) of 256 tokens each, global batch 512 tokens"]
+    lines += [f"step:{s}/{max(val)} val_loss:{v:.4f} train_time:{1000 * s}ms step_avg:1000.00ms"
+              for s, v in sorted(val.items())]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_compare_runs_step_by_step(tmp_path, capsys):
+    a = _curve_log(tmp_path / "fp8.txt", {0: 10.8, 4: 6.25, 8: 5.0})
+    b = _curve_log(tmp_path / "bf16.txt", {0: 10.8, 4: 6.30, 6: 5.5, 8: 4.9}, fp8=False)
+    cmp = report.compare_runs([report.parse_log(a), report.parse_log(b)])
+    assert [s for s, _ in cmp["rows"]] == [0, 4, 8]  # step 6 is not shared
+    assert cmp["config_differences"] == ["fp8"]
+    (summary,) = cmp["summary"]
+    assert summary["run"] == "bf16" and summary["steps"] == 2  # step 0 left out
+    assert summary["mean_diff"] == pytest.approx(-0.025) and summary["mean_abs_diff"] == pytest.approx(0.075)
+    assert summary["max_abs_diff"] == pytest.approx(0.10) and summary["final_diff"] == pytest.approx(-0.10)
+    assert report.main([str(a), str(b), "--compare"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    i = next(i for i, line in enumerate(out) if line.split()[:1] == ["step"])
+    assert out[i].split() == ["step", "fp8", "bf16", "bf16", "-", "fp8"]
+    assert out[i + 2].split() == ["4", "6.2500", "6.3000", "+0.0500"]
+    assert "settings that differ: fp8" in out and out[-1].startswith("bf16 - fp8 over 2 shared steps")
+
+
+def test_compare_needs_two_runs(tmp_path, capsys):
+    a = _curve_log(tmp_path / "one.txt", {0: 10.8, 4: 6.25})
+    assert report.main([str(a), "--compare"]) == 2
+    assert "--compare needs at least two run logs" in capsys.readouterr().err
+    c = _curve_log(tmp_path / "other.txt", {1: 9.0, 3: 7.0})
+    assert "share no validation step" in report.format_comparison(
+        report.compare_runs([report.parse_log(a), report.parse_log(c)]))
