@@ -116,6 +116,7 @@ class Hyperparameters:
     device: str = "auto"  # auto, cuda, cuda:N or cpu
     compile: bool = True  # torch.compile the model (warm-up excluded from timing)
     fp8: bool = True  # FP8 lm_head where the GPU supports it (compute capability >= 8.9)
+    fp8_grad_scale: str = "amax"  # FP8 head gradient scale: amax (a pass over the gradient) or bound (known bound)
     attention: str = "auto"  # flex (FlexAttention, CUDA), dense (explicit mask, any device), auto
     warmup_steps: int = -1  # compile warm-up steps before the timed run (-1: 3 when compiling, else 0)
     seed: int = 0  # initial weights; data order is fixed by the shards
@@ -171,6 +172,8 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
         problems.append(f"--max-batch-span-multiplier must be >= 1, got {hp.max_batch_span_multiplier}")
     if hp.vocab_size <= BOS_ID:
         problems.append(f"--vocab-size must exceed the BOS id {BOS_ID}, got {hp.vocab_size}")
+    if hp.fp8_grad_scale not in ("amax", "bound"):
+        problems.append(f"--fp8-grad-scale must be amax or bound, got {hp.fp8_grad_scale!r}")
     if hp.attention not in ("auto", "flex", "dense"):
         problems.append(f"--attention must be auto, flex or dense, got {hp.attention!r}")
     if hp.attention == "flex":
@@ -182,7 +185,8 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# FP8 matmul for lm_head: e4m3 operands forward, e5m2 gradient backward, per-tensor dynamic scales
+# FP8 matmul for lm_head: e4m3 operands forward, e5m2 gradient backward, per-tensor scales (the gradient's from its
+# amax, or from a known bound on it)
 
 FP8_E4M3_MAX = 448.0
 FP8_E5M2_MAX = 57344.0
@@ -194,33 +198,53 @@ def _to_fp8(x: Tensor, dtype: torch.dtype, fmax: float) -> tuple[Tensor, Tensor]
     return (x / scale).to(dtype), scale
 
 
+def _to_fp8_bounded(x: Tensor, dtype: torch.dtype, fmax: float, bound: float) -> tuple[Tensor, Tensor]:
+    """Cast to an FP8 dtype with the scale that puts a known bound on |x| at the format's max: no pass over x to find
+    its amax first. Values beyond the bound (there should be none) saturate instead of becoming inf."""
+    scale = torch.full((), bound / fmax, dtype=torch.float32, device=x.device)
+    return (x / scale).clamp(-fmax, fmax).to(dtype), scale
+
+
 class FP8Matmul(torch.autograd.Function):
-    """y = x @ w.T with both operands in float8_e4m3fn; the incoming gradient is cast to float8_e5m2.
+    """y = x @ w.T with both operands in float8_e4m3fn; the incoming gradient is cast to float8_e5m2, scaled by its
+    amax, or by grad_bound when given (a bound on its magnitude, which spares the reduction that finds the amax).
 
     torch._scaled_mm wants its first operand row-major and its second column-major, hence the transposes.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, w: Tensor, grad_bound: float | None = None) -> Tensor:
         x8, x_s = _to_fp8(x, torch.float8_e4m3fn, FP8_E4M3_MAX)
         w8, w_s = _to_fp8(w, torch.float8_e4m3fn, FP8_E4M3_MAX)
         ctx.save_for_backward(x8, x_s, w8, w_s)
-        ctx.x_dtype, ctx.w_dtype = x.dtype, w.dtype
+        ctx.x_dtype, ctx.w_dtype, ctx.grad_bound = x.dtype, w.dtype, grad_bound
         return torch._scaled_mm(x8, w8.t(), scale_a=x_s, scale_b=w_s, out_dtype=x.dtype)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
         x8, x_s, w8, w_s = ctx.saved_tensors
-        g8, g_s = _to_fp8(grad.contiguous(), torch.float8_e5m2, FP8_E5M2_MAX)
+        if ctx.grad_bound is None:
+            g8, g_s = _to_fp8(grad.contiguous(), torch.float8_e5m2, FP8_E5M2_MAX)
+        else:
+            g8, g_s = _to_fp8_bounded(grad.contiguous(), torch.float8_e5m2, FP8_E5M2_MAX, ctx.grad_bound)
         grad_x = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=g_s, scale_b=w_s, out_dtype=ctx.x_dtype)
         grad_w = torch._scaled_mm(g8.t().contiguous(), x8.t().contiguous().t(), scale_a=g_s, scale_b=x_s,
                                   out_dtype=torch.float32).to(ctx.w_dtype)
-        return grad_x, grad_w
+        return grad_x, grad_w, None
 
 
-def fp8_linear(x: Tensor, w: Tensor) -> Tensor:
+def fp8_linear(x: Tensor, w: Tensor, grad_bound: float | None = None) -> Tensor:
     shape = x.shape
-    return FP8Matmul.apply(x.reshape(-1, shape[-1]), w).view(*shape[:-1], w.size(0))
+    return FP8Matmul.apply(x.reshape(-1, shape[-1]), w, grad_bound).view(*shape[:-1], w.size(0))
+
+
+def head_grad_bound(cfg: "GPTConfig", tokens: int, grad_accum: int) -> float:
+    """A bound on |d(step loss) / d(raw logit)| for the soft-capped head: the step loss is the mean cross-entropy over
+    `tokens` positions divided by `grad_accum` micro-steps; d(loss)/d(capped) = (softmax - onehot) / (tokens *
+    grad_accum) lies in [-1, 1] / (tokens * grad_accum), and d(capped)/d(raw) = cap * s * (1 - s) / div <= cap / (4 div)
+    for s = sigmoid(raw / div). The bound is reached at raw = 0 (where s = 1/2) for a target with probability near 0.
+    """
+    return cfg.logit_cap / (4 * cfg.logit_cap_div * tokens * grad_accum)
 
 
 MIN_TRAIN_CAPABILITY = (8, 0)  # bfloat16 tensor cores and FlexAttention's Triton kernels: A100, A10, 3090 and newer
@@ -439,6 +463,7 @@ class GPT(nn.Module):
         # Run-time choices, not weights: set by the trainer for the device at hand.
         self.attn_impl = "dense"
         self.head_precision = "fp32"
+        self.head_grad_bound = None  # FP8 head: scale the gradient by this bound instead of its amax (None: amax)
         self.act_dtype = torch.float32
         # Rotary cos/sin tables for positions 0..n-1, filled by reserve_rotary (not saved in checkpoints).
         self.register_buffer("rope_cos", torch.empty(0, cfg.head_dim // 2), persistent=False)
@@ -479,7 +504,7 @@ class GPT(nn.Module):
     def head_logits(self, x: Tensor) -> Tensor:
         """Soft-capped logits in fp32 from the final hidden state."""
         if self.head_precision == "fp8":
-            raw = fp8_linear(x, self.lm_head.weight)
+            raw = fp8_linear(x, self.lm_head.weight, self.head_grad_bound)
         else:
             raw = self.lm_head(x)
         return self.cfg.logit_cap * torch.sigmoid(raw.float() / self.cfg.logit_cap_div)
@@ -1238,6 +1263,8 @@ class Trainer:
         self.cfg = GPTConfig.from_hyperparameters(hp)
         self.model = GPT(self.cfg).to(device).configure(device, hp.attention, hp.fp8)
         self.model.reserve_rotary(max(hp.train_seq_len, hp.val_seq_len))
+        if hp.fp8_grad_scale == "bound":
+            self.model.head_grad_bound = head_grad_bound(self.cfg, hp.train_seq_len, self.grad_accum)
         if world_size > 1:  # identical by seed already; make it certain
             for p in self.model.parameters():
                 dist.broadcast(p.data, src=0)
@@ -1382,9 +1409,12 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
     log.write(f"{rule}\n{environment_report(device)}\n{rule}", console=False)
 
     trainer = Trainer(hp, device, rank, world_size, train_files)
+    head = trainer.model.head_precision
+    if head == "fp8" and trainer.model.head_grad_bound is not None:
+        head += " (gradient scale: bound)"
     log.write(f"run {run_id}: {world_size} process(es) on {device.type}, {trainer.grad_accum} micro-step(s) of "
               f"{hp.train_seq_len} tokens each, global batch {hp.global_batch_tokens} tokens; attention "
-              f"{trainer.model.attn_impl}, lm_head {trainer.model.head_precision}, "
+              f"{trainer.model.attn_impl}, lm_head {head}, "
               f"compile {'on' if hp.compile else 'off'}; "
               f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters")
     wandb_log = WandbLogger(hp, run_id, ckpt is not None) if hp.wandb and rank == 0 else None
@@ -1523,7 +1553,7 @@ def build_arg_parser(presets: dict[str, dict] | None = None, default_preset: str
         argument_default=argparse.SUPPRESS)
     helps = _field_help()
     defaults = preset_hyperparameters(default_preset, presets)
-    special = {"compile", "fp8", "save_final", "wandb", "resume", "preset", "attention"}
+    special = {"compile", "fp8", "save_final", "wandb", "resume", "preset", "attention", "fp8_grad_scale"}
     parser.add_argument("--preset", choices=list(presets),
                         help=f"starting values for every flag (default {default_preset})")
     for f in fields(Hyperparameters):
@@ -1537,6 +1567,8 @@ def build_arg_parser(presets: dict[str, dict] | None = None, default_preset: str
                         help="attention implementation: flex needs CUDA for training; auto picks flex on CUDA")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="do not torch.compile the model")
     parser.add_argument("--no-fp8", dest="fp8", action="store_false", help="bf16 lm_head even where FP8 is available")
+    parser.add_argument("--fp8-grad-scale", choices=["amax", "bound"],
+                        help=f"{helps.get('fp8_grad_scale')} ({default_preset} default: {defaults.fp8_grad_scale})")
     parser.add_argument("--no-save-final", dest="save_final", action="store_false",
                         help="do not write a checkpoint at the end")
     parser.add_argument("--wandb", action="store_true", help=helps.get("wandb"))

@@ -198,6 +198,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-fp8", action="store_true")
+    ap.add_argument("--fp8-grad-scale", choices=["amax", "bound"], default=None,
+                    help="the FP8 head's gradient scale (default: the trainer's)")
     ap.add_argument("--data-dir", default=None, help="read real train shards from here instead of synthetic tokens")
     ap.add_argument("--train-files", default=None)
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: known GPUs only)")
@@ -214,6 +216,8 @@ def main(argv=None) -> int:
         over["compile"] = False
     if args.no_fp8:
         over["fp8"] = False
+    if args.fp8_grad_scale:
+        over["fp8_grad_scale"] = args.fp8_grad_scale
     if args.data_dir:
         over["data_dir"] = args.data_dir
     if args.train_files:
@@ -237,7 +241,8 @@ def main(argv=None) -> int:
     print(f"preset {hp.preset}: {hp.num_layers}x{hp.model_dim}, {hp.global_batch_tokens} tokens per step "
           f"({trainer.grad_accum} micro-steps of {hp.train_seq_len}) on {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}; attention "
-          f"{model.attn_impl}, lm_head {model.head_precision}, compile {hp.compile}", flush=True)
+          f"{model.attn_impl}, lm_head {model.head_precision} (gradient scale {hp.fp8_grad_scale}), "
+          f"compile {hp.compile}", flush=True)
 
     if os.environ.get("BENCH_STACKS"):  # diagnose a slow warm-up: every N seconds, where is Python?
         import faulthandler
@@ -280,6 +285,7 @@ def main(argv=None) -> int:
     result = {
         "preset": hp.preset, "device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
         "date": time.strftime("%Y-%m-%d"), "compile": hp.compile, "lm_head": model.head_precision,
+        "fp8_grad_scale": hp.fp8_grad_scale,
         "attention": model.attn_impl, "global_batch_tokens": hp.global_batch_tokens,
         "grad_accum": trainer.grad_accum, "timed_steps": steps, "warmup_steps": args.warmup_steps,
         "warmup_s": round(warmup_s, 2), "step_ms_median": round(1000 * step_s, 2),

@@ -31,16 +31,17 @@ E4M3 = dict(rel=2.0 ** -4, sub=2.0 ** -10, fmax=448.0)
 E5M2 = dict(rel=2.0 ** -3, sub=2.0 ** -17, fmax=57344.0)
 
 
-def rounding_bound(x: torch.Tensor, fmt: dict) -> torch.Tensor:
-    """Largest possible |dequantised - x| per element for per-tensor scaled FP8 (float64)."""
+def rounding_bound(x: torch.Tensor, fmt: dict, scale: float | None = None) -> torch.Tensor:
+    """Largest possible |dequantised - x| per element for per-tensor scaled FP8 (float64); the scale is amax / fmax
+    unless given (an element within fmax * scale)."""
     x = x.detach().double()
-    scale = x.abs().max() / fmt["fmax"]
+    scale = x.abs().max() / fmt["fmax"] if scale is None else scale
     return fmt["rel"] * x.abs() + fmt["sub"] * scale
 
 
-def matmul_bound(a: torch.Tensor, fa: dict, b: torch.Tensor, fb: dict) -> torch.Tensor:
+def matmul_bound(a: torch.Tensor, fa: dict, b: torch.Tensor, fb: dict, scale_a: float | None = None) -> torch.Tensor:
     """Bound on |a~ @ b~ - a @ b| elementwise, a: (M, K), b: (K, N), plus fp32 accumulation over K."""
-    ea, eb = rounding_bound(a, fa), rounding_bound(b, fb)
+    ea, eb = rounding_bound(a, fa, scale_a), rounding_bound(b, fb)
     A, B = a.detach().double().abs(), b.detach().double().abs()
     K = a.size(1)
     accumulate = K * 2.0 ** -24 * ((A + ea) @ (B + eb))
@@ -101,6 +102,61 @@ def test_backward_within_fp8_rounding_bounds():
     limit = math.sqrt(E5M2["rel"] ** 2 + E4M3["rel"] ** 2)
     for got, ref in ((x.grad, ref_gx), (w.grad, ref_gw)):
         assert 0.005 < rel_fro(got, ref) < limit
+
+
+def test_backward_with_a_gradient_bound_within_fp8_rounding_bounds(monkeypatch):
+    """With grad_bound the gradient's scale is bound / 57344, not amax / 57344: the same rounding bounds hold with
+    that scale, and the backward matmuls receive it."""
+    x, w = random_operands(64, 128, 96, seed=13)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    gout = torch.randn(64, 96, generator=torch.Generator().manual_seed(14))
+    bound = 2 * gout.abs().max().item()  # a loose bound: the gradient uses half the format's range
+    scales = []
+    real = torch._scaled_mm
+
+    def spy(a, b, *args, scale_a, **kwargs):
+        scales.append((a.dtype, scale_a.item()))
+        return real(a, b, *args, scale_a=scale_a, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    tg.FP8Matmul.apply(x, w, bound).backward(gout)
+    g_scales = [sc for dtype, sc in scales if dtype == torch.float8_e5m2]
+    assert g_scales == [pytest.approx(bound / E5M2["fmax"], rel=1e-6)] * 2
+    ref_gx, ref_gw = gout.double() @ w.double(), gout.double().T @ x.double()
+    scale = bound / E5M2["fmax"]
+    assert ((x.grad.double() - ref_gx).abs() <= matmul_bound(gout, E5M2, w, E4M3, scale)).all()
+    assert ((w.grad.double() - ref_gw).abs() <= matmul_bound(gout.T, E5M2, x, E4M3, scale)).all()
+    limit = math.sqrt(E5M2["rel"] ** 2 + E4M3["rel"] ** 2)
+    for got, ref in ((x.grad, ref_gx), (w.grad, ref_gw)):
+        assert 0.005 < rel_fro(got, ref) < limit
+
+
+def test_gradient_beyond_its_bound_saturates():
+    x, w = random_operands(32, 64, 48, seed=15)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    gout = torch.randn(32, 48, generator=torch.Generator().manual_seed(16))
+    tg.FP8Matmul.apply(x, w, 0.1 * gout.abs().max().item()).backward(gout)  # a wrong bound, 10x too small
+    assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()  # clamped to the format's max, not inf
+
+
+@pytest.mark.parametrize("tokens,accum", [(64, 1), (128, 4)])
+def test_head_gradient_bound_holds_and_is_reached(tokens, accum):
+    """|d(loss / accum) / d raw| <= head_grad_bound for any raw logits, and nearly equals it at raw = 0 (where the
+    soft-cap is steepest) with uniform predictions."""
+    cfg = tg.GPTConfig(vocab_size=512)
+    bound = tg.head_grad_bound(cfg, tokens, accum)
+    assert bound == pytest.approx(30 / (4 * 7.5 * tokens * accum))
+    g = torch.Generator().manual_seed(17)
+    targets = torch.randint(0, 512, (tokens,), generator=g)
+    for raw in (torch.randn(tokens, 512, generator=g) * 20, torch.randn(tokens, 512, generator=g) * 0.5,
+                torch.zeros(tokens, 512)):
+        raw = raw.double().requires_grad_(True)
+        capped = cfg.logit_cap * torch.sigmoid(raw / cfg.logit_cap_div)
+        (F.cross_entropy(capped, targets) / accum).backward()
+        assert raw.grad.abs().max().item() <= bound * (1 + 1e-9)
+    assert raw.grad.abs().max().item() >= bound * (1 - 1 / 512) * (1 - 1e-9)  # raw = 0: the bound is tight
 
 
 def test_backward_matches_fp32_autograd_direction():
@@ -190,3 +246,24 @@ def test_gpt_fp8_head_loss_close_to_fp32():
     assert abs(losses["fp32"] - math.log(50304)) > 0.1  # the head is not uniform
     cos = F.cosine_similarity(grads["fp8"].flatten().double(), grads["fp32"].flatten().double(), dim=0).item()
     assert cos > 0.99
+
+
+def test_training_with_the_bound_scale_follows_the_amax_scale(shared_synthetic_data, tmp_path):
+    """The same run with --fp8-grad-scale amax and bound (the FP8 head forced on, as CPUs run torch._scaled_mm):
+    identical first loss (the forward does not depend on it), then losses that differ by FP8 rounding only."""
+    from conftest import tiny_hp
+
+    cpu, steps = torch.device("cpu"), 8
+    losses = {}
+    for mode in ("amax", "bound"):
+        hp = tiny_hp(shared_synthetic_data, tmp_path / mode, fp8_grad_scale=mode, num_iterations=steps)
+        trainer = tg.Trainer(hp, cpu, train_files=tg.find_shards(hp.data_dir, hp.train_files, "train"))
+        trainer.model.head_precision = "fp8"
+        expected = tg.head_grad_bound(trainer.cfg, hp.train_seq_len, trainer.grad_accum) if mode == "bound" else None
+        assert trainer.model.head_grad_bound == expected
+        losses[mode] = [trainer.train_step(trainer.loader.next_batch(cpu)).item() for _ in range(steps)]
+    amax, bound = losses["amax"], losses["bound"]
+    assert amax[0] == bound[0]
+    assert amax != bound  # the bound-scaled gradient was used
+    assert max(abs(a - b) for a, b in zip(amax, bound)) < 0.01
+    assert amax[-1] < amax[0] - 0.5 and bound[-1] < bound[0] - 0.5  # both trained

@@ -84,6 +84,7 @@ def test_parse_args_preset_then_flags():
     (["--cooldown-frac", "x"], "--cooldown-frac"),
     (["--preset", "huge"], "--preset"),
     (["--attention", "sparse"], "--attention"),
+    (["--fp8-grad-scale", "max"], "--fp8-grad-scale"),
 ])
 def test_parse_args_errors_exit_2(argv, words, capsys):
     with pytest.raises(SystemExit) as exc:
