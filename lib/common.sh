@@ -175,6 +175,16 @@ compile_cache_dir() {
   printf '%s\n' "$dir"
 }
 
+# compile_cache_summary: where this run's compile cache is, for the settings a wrapper prints (local_cmd's rule: in a
+# local run an inductor cache directory the user set wins)
+compile_cache_summary() {
+  if [[ "$KIT_RUNTIME" == local && -n "${TORCHINDUCTOR_CACHE_DIR-}" ]]; then
+    printf '%s (from TORCHINDUCTOR_CACHE_DIR)\n' "$TORCHINDUCTOR_CACHE_DIR"
+  else
+    compile_cache_dir
+  fi
+}
+
 # compile_cache_env ROOT: fills CACHE_ENV with the NAME=VALUE pairs that put both caches under ROOT
 compile_cache_env() {
   CACHE_ENV=("TORCHINDUCTOR_CACHE_DIR=$1/inductor" "TRITON_CACHE_DIR=$1/triton")
