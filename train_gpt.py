@@ -1356,10 +1356,12 @@ def rolling_save_due(hp: Hyperparameters, step: int, last_save: float, device: t
     clock. Saving is collective, so process 0 decides for all; it is asked every ROLLING_CHECK_EVERY steps only."""
     if hp.save_every_minutes <= 0 or step % ROLLING_CHECK_EVERY:
         return False
-    due = torch.tensor([time.monotonic() - last_save >= 60 * hp.save_every_minutes], device=device)
-    if world_size > 1:
-        dist.broadcast(due, src=0)
-    return bool(due.item())
+    due = time.monotonic() - last_save >= 60 * hp.save_every_minutes
+    if world_size == 1:
+        return due
+    flag = torch.tensor([due], device=device)  # a device tensor: NCCL broadcasts only those
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def new_run_id(hp: Hyperparameters) -> str:

@@ -26,6 +26,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import train_gpt as tg  # noqa: E402
+from conftest import tiny_hp  # noqa: E402
 
 E4M3 = dict(rel=2.0 ** -4, sub=2.0 ** -10, fmax=448.0)
 E5M2 = dict(rel=2.0 ** -3, sub=2.0 ** -17, fmax=57344.0)
@@ -251,8 +252,6 @@ def test_gpt_fp8_head_loss_close_to_fp32():
 def test_training_with_the_bound_scale_follows_the_amax_scale(shared_synthetic_data, tmp_path):
     """The same run with --fp8-grad-scale amax and bound (the FP8 head forced on, as CPUs run torch._scaled_mm):
     identical first loss (the forward does not depend on it), then losses that differ by FP8 rounding only."""
-    from conftest import tiny_hp
-
     cpu, steps = torch.device("cpu"), 8
     losses = {}
     for mode in ("amax", "bound"):
