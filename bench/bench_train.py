@@ -241,7 +241,8 @@ def main(argv=None) -> int:
     print(f"preset {hp.preset}: {hp.num_layers}x{hp.model_dim}, {hp.global_batch_tokens} tokens per step "
           f"({trainer.grad_accum} micro-steps of {hp.train_seq_len}) on {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}; attention "
-          f"{model.attn_impl}, lm_head {model.head_precision} (gradient scale {hp.fp8_grad_scale}), "
+          f"{model.attn_impl}, lm_head {model.head_precision}"
+          f"{f' (gradient scale {hp.fp8_grad_scale})' if model.head_precision == 'fp8' else ''}, "
           f"compile {hp.compile}", flush=True)
 
     if os.environ.get("BENCH_STACKS"):  # diagnose a slow warm-up: every N seconds, where is Python?
