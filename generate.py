@@ -6,9 +6,10 @@
     python generate.py --compile --max-tokens 1000                         # CUDA: compiled decode step
 
 Sampling computes the same function as the trained model at the end of training: the long attention window is
-train_gpt.window_size(num_iterations) of the run (the short one half of it), with value embeddings, U-net skips,
-x0 mixing and soft-capped logits taken from the model's own modules. Token 50256 (<|endoftext|>) starts a document
-and attention never crosses documents, so the prompt is preceded by it, as every training document is.
+train_gpt.window_blocks(num_iterations) of the run, in 128-token blocks (the short one half of it), with value
+embeddings, attention gates, U-net skips, x0 mixing and soft-capped logits taken from the model's own modules.
+Token 50256 (<|endoftext|>) starts a document and attention never crosses documents, so the prompt is preceded by
+it, as every training document is.
 
 The decode path (KVDecoder) runs the blocks of the train_gpt.GPT instance itself on the new positions only, with a
 preallocated cache of keys, values and document ids of the positions so far. Importing this module has no side
@@ -46,20 +47,20 @@ class GenerateError(ValueError):
 @dataclasses.dataclass
 class LoadedModel:
     model: tg.GPT
-    window: int  # long attention window at the end of training (the short one is half)
+    window_blocks: int  # long attention window at the end of training, in 128-token blocks (the short one: half)
     path: Path
     step: int
     run_id: str
 
 
-def final_window(ckpt: dict) -> int:
+def final_window_blocks(ckpt: dict) -> int:
     """The long window the model was trained with last: sampling with another one would be a different function."""
     known = {f.name for f in fields(tg.Hyperparameters)}
     saved = ckpt.get("hyperparameters")
     if not isinstance(saved, dict):
         raise tg.CheckpointError("it has no hyperparameters")
     hp = tg.Hyperparameters(**{k: v for k, v in saved.items() if k in known})
-    return tg.window_size(hp.num_iterations, hp)
+    return tg.window_blocks(hp.num_iterations, hp)
 
 
 def load_model(spec: str, device: torch.device, checkpoint_dir: str = "checkpoints") -> LoadedModel:
@@ -72,7 +73,7 @@ def load_model(spec: str, device: torch.device, checkpoint_dir: str = "checkpoin
     ckpt = tg.load_checkpoint(path)
     try:
         cfg = tg.GPTConfig(**ckpt["model_config"])
-        window = final_window(ckpt)
+        window = final_window_blocks(ckpt)
         model = tg.GPT(cfg)
         model.load_state_dict(ckpt["model"])
     except (KeyError, TypeError, RuntimeError, tg.CheckpointError) as e:
@@ -93,18 +94,19 @@ class KVDecoder:
     positions so far in tensors preallocated for max_len positions.
 
     Each call to step() appends the given tokens (the same number for every sequence) and returns their logits. The
-    mask of a layer is what the training forward uses: causal, within the layer's window (long for even blocks, short
-    for odd ones, as in GPT.hidden) and within the same document; document ids continue from the cached positions.
-    Rotary angles come from one table for all max_len positions, the same values rotary_tables(offset=...) gives.
+    mask of a layer is what the training forward uses: causal, within the same document, and at most the layer's
+    window (long or short, as GPT.window_kinds says) minus one 128-token blocks back; document ids continue from the
+    cached positions. Rotary angles come from one table for all max_len positions.
 
     static=False (eager): attention reads only the keys inside the window, fastest on CPU. static=True: every step
     reads the whole cache under a mask, so a one-token step always has the same shapes and can be compiled.
     """
 
-    def __init__(self, model: tg.GPT, window: int, batch: int, max_len: int, static: bool = False):
+    def __init__(self, model: tg.GPT, window_blocks: int, batch: int, max_len: int, static: bool = False):
         cfg = model.cfg
         self.model, self.batch, self.max_len, self.static = model, batch, max_len, static
-        self.windows = [window if kind == "long" else window // 2 for kind in model.block_window_kinds()]
+        # blocks each layer's queries may look back, their own included (a window of 0 blocks still sees its own)
+        self.windows = [max(1, window_blocks if kind == "L" else window_blocks // 2) for kind in model.window_kinds()]
         device = model.embed.weight.device
         dtype = model.act_dtype
         self.k = [torch.zeros(batch, cfg.num_heads, max_len, cfg.head_dim, device=device, dtype=dtype)
@@ -112,7 +114,7 @@ class KVDecoder:
         self.v = [torch.zeros_like(k) if k is not None else None for k in self.k]
         self.docs = torch.zeros(batch, max_len, dtype=torch.int64, device=device)
         self.cur_doc = torch.zeros(batch, dtype=torch.int64, device=device)  # document id of the last position
-        self.cos, self.sin = tg.rotary_tables(max_len, cfg.head_dim, cfg.rope_base, device)
+        self.cos, self.sin = tg.rotary_tables(max_len, cfg.head_dim, device)
         self.ve_layers = model.value_embed_layers()
         self.length = 0
         self._compiled = None
@@ -146,7 +148,8 @@ class KVDecoder:
         """Cache slice a layer's attention reads: all of it when static, else the window of the new queries."""
         if self.static:
             return 0, self.max_len
-        return max(0, start - self.windows[layer] + 1), start + T
+        first_block = start // tg.FLEX_BLOCK_SIZE - (self.windows[layer] - 1)
+        return max(0, first_block * tg.FLEX_BLOCK_SIZE), start + T
 
     def _forward(self, tokens: Tensor, pos: Tensor, start: int) -> Tensor:
         """Final normalised hidden state (batch, T, model_dim) of the new tokens; writes them into the cache.
@@ -190,11 +193,13 @@ class KVDecoder:
         self.v[i].index_copy_(2, pos, v.transpose(1, 2).to(self.v[i].dtype))
         lo, hi = self._key_range(i, start, T)
         key_pos = torch.arange(lo, hi, device=x.device)
-        dist_ = pos[:, None] - key_pos[None, :]  # (T, keys)
-        mask = ((dist_ >= 0) & (dist_ < self.windows[i]))[None] & (docs_new[:, :, None] == self.docs[:, None, lo:hi])
+        blocks_back = pos[:, None] // tg.FLEX_BLOCK_SIZE - key_pos[None, :] // tg.FLEX_BLOCK_SIZE  # (T, keys)
+        near = (pos[:, None] >= key_pos[None, :]) & (blocks_back < self.windows[i])
+        mask = near[None] & (docs_new[:, :, None] == self.docs[:, None, lo:hi])
         y = F.scaled_dot_product_attention(q.transpose(1, 2), self.k[i][:, :, lo:hi], self.v[i][:, :, lo:hi],
-                                           attn_mask=mask[:, None], scale=self.model.cfg.attn_scale)
-        return attn.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+                                           attn_mask=mask[:, None], scale=self.model.cfg.attn_scale).transpose(1, 2)
+        y = y * torch.sigmoid(attn.gate(x[..., :attn.gate.in_features]))[..., None]
+        return attn.c_proj(y.reshape(B, T, -1))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -240,15 +245,15 @@ class SamplingConfig:
     compile: bool = False
 
 
-def new_decoder(model: tg.GPT, window: int, prompt_len: int, sc: SamplingConfig) -> KVDecoder:
+def new_decoder(model: tg.GPT, window_blocks: int, prompt_len: int, sc: SamplingConfig) -> KVDecoder:
     """A decoder sized for a prompt of prompt_len tokens (BOS not counted) and sc; compiled when sc.compile."""
-    decoder = KVDecoder(model, window, sc.num_samples, prompt_len + 1 + sc.max_tokens, static=sc.compile)
+    decoder = KVDecoder(model, window_blocks, sc.num_samples, prompt_len + 1 + sc.max_tokens, static=sc.compile)
     if sc.compile:
         decoder.compile()
     return decoder
 
 
-def generate(model: tg.GPT, window: int, prompt_ids: list[int], sc: SamplingConfig,
+def generate(model: tg.GPT, window_blocks: int, prompt_ids: list[int], sc: SamplingConfig,
              on_token=None, decoder: KVDecoder | None = None) -> list[list[int]]:
     """New token ids of each sample (the prompt excluded; a final EOT excluded when stopping at it).
 
@@ -261,7 +266,7 @@ def generate(model: tg.GPT, window: int, prompt_ids: list[int], sc: SamplingConf
     ids = [EOT_ID] + list(prompt_ids)
     B = sc.num_samples
     if decoder is None:
-        decoder = new_decoder(model, window, len(prompt_ids), sc)
+        decoder = new_decoder(model, window_blocks, len(prompt_ids), sc)
     elif decoder.batch != B or decoder.max_len < len(ids) + sc.max_tokens:
         raise ValueError(f"the decoder holds {decoder.batch} x {decoder.max_len} positions; this call needs "
                          f"{B} x {len(ids) + sc.max_tokens}")
@@ -396,8 +401,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 2
     prompt_ids = encoding.encode_ordinary(prompt)
-    print(f"generate.py: {loaded.path} (run {loaded.run_id}, step {loaded.step}), window {loaded.window}, "
-          f"{len(prompt_ids)} prompt tokens, on {device}", file=sys.stderr)
+    print(f"generate.py: {loaded.path} (run {loaded.run_id}, step {loaded.step}), window "
+          f"{loaded.window_blocks} x {tg.FLEX_BLOCK_SIZE} tokens, {len(prompt_ids)} prompt tokens, on {device}",
+          file=sys.stderr)
     sc = SamplingConfig(max_tokens=args.max_tokens, num_samples=args.num_samples, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_at_eot=args.stop_at_eot,
                         compile=args.compile)
@@ -407,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         out.write(prompt)
         out.flush()
     t0 = time.perf_counter()
-    samples = generate(loaded.model, loaded.window, prompt_ids, sc,
+    samples = generate(loaded.model, loaded.window_blocks, prompt_ids, sc,
                        on_token=(lambda b, t: printer.write(t)) if printer is not None else None)
     seconds = time.perf_counter() - t0
     if printer is not None:

@@ -1,16 +1,44 @@
 """Single-file GPT trainer for the NanoGPT speedrun (track 1: GPT-2 small class, target val loss 3.28).
 
-Run it
     python train_gpt.py --preset tiny                          # CPU, built-in corpus, a couple of minutes
     python train_gpt.py --preset a10                           # one 24 GB GPU, same global batch as 8xH100
     torchrun --standalone --nproc_per_node=8 train_gpt.py      # the 8xH100 record settings (default preset)
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 --nproc_per_node=8 train_gpt.py
     python train_gpt.py --help                                 # every hyper-parameter
 
+The default preset is track-1 record 28 of the public speedrun (2025-08-23, "SparseAttnGate": 1,695 steps, 2.81 min
+on 8xH100, final val loss 3.2772), whose log is records/track_1_short/2025-08-23_SparseAttnGate/
+020630eb-2191-4ba2-9ee4-4cdc94316943.txt in the modded-nanogpt repository. The model, the block-granular attention
+windows, the loss, the FP8 head, the optimisers' update rules and the order in which the loader reads the shards
+follow that log, so a run's val-loss lines can be set beside the record's, step by step.
+
 The global batch (seqs_per_step x train_seq_len tokens) does not depend on the number of processes: with 8 GPUs each
-takes one sequence per step, with 1 GPU it accumulates 8. Each run writes logs/<run_id>.txt (this file's source, the
-config, the environment, one line per step) and checkpoints/<run_id>/step_NNNNNN.pt: at the end, every --save-every
-steps, and a rolling one every --save-every-minutes (30) that the next save replaces, so a crash loses little.
+takes one sequence per step, with 1 GPU it accumulates 8, and the update is the record's 8-GPU one either way. Each
+run writes logs/<run_id>.txt (this file's source, the config, the environment, one line per step) and
+checkpoints/<run_id>/step_NNNNNN.pt: at the end, every --save-every steps, and a rolling one every
+--save-every-minutes (30) that the next save replaces, so a crash loses little.
+
+Differences from the record, each deliberate:
+- Any number of processes and micro-steps, not only divisors of 8 on 8 GPUs. The training loss is the record's sum
+  over each sequence's tokens; every micro-step's loss is multiplied by world_size x loss_sum_tokens / global batch
+  (1 on 8 GPUs, 1/8 on one), so the averaged gradient, Adam's eps and the FP8 gradient's codes are the record's.
+- On a CPU (tests, the tiny preset): attention through scaled_dot_product_attention with the same mask written out
+  densely (FlexAttention has no CPU backward), weights and activations in fp32, the head in fp32, no compile.
+- The FP8 casts saturate at the format's largest value instead of overflowing. The record's fixed scales keep every
+  operand in range (the head's input is RMS-normalised, |x| <= sqrt(model_dim)), so this changes nothing unless a
+  head weight grows past 448 x 2^-9 = 0.875.
+- Muon orthogonalises with plain (compiled) matmuls instead of the record's Triton kernels for X @ X.T: the same
+  bf16 iteration. Parameters are separate tensors where the record packs them (qkv and the output projection in one
+  (4, d, d) tensor, every scalar in one vector): Muon works per matrix and Adam per element, so the updates agree.
+- The loader wraps around to the first shard after the last (the record stops there); reads a fresh shard too small
+  for the record's look-ahead with the look-ahead cut to the shard (the record skips it); and, where no document
+  starts close enough to align all of a step's sequences (the record fails an assertion), aligns those it can; the
+  log's last lines say how many steps did so (on FineWeb at its settings the record ran to the end, so none).
+- Compile warm-up: 3 steps on real batches and a validation forward (the record: 10 single-batch steps). Either way
+  the weights and optimisers are reset before the clock starts.
+- The a10 preset cuts the record's 49,152-token sequences into 12,288-token ones (four times the accumulation, the
+  same update rule): documents are cut at other places, so it reads slightly different tokens, and it validates in
+  65,536-token chunks (the record: 262,144), which changes the context of the few documents that cross a chunk edge.
 
 Importing this module has no side effects: no CUDA call, no argument parsing, no process group. main() does the work.
 """
@@ -74,20 +102,21 @@ class Hyperparameters:
     train_seq_len: int = 48 * 1024  # tokens in one flat, BOS-aligned training sequence (one micro-step)
     val_seq_len: int = 4 * 64 * 1024  # tokens per validation forward
     seqs_per_step: int = 8  # sequences per optimiser step over all processes (8 GPUs: one each)
-    max_batch_span_multiplier: float = 2.0  # a step's sequences lie within this x batch tokens of the stream
+    max_batch_span_multiplier: float = 2.0  # a step's sequences start at BOS tokens within this x batch tokens
+    loss_sum_tokens: int = 48 * 1024  # the step's loss: token losses summed, averaged over groups of this many tokens
     # schedule
     num_iterations: int = 1695  # optimiser steps
     cooldown_frac: float = 0.45  # last fraction of steps with linear decay to 0.1 x lr
-    window_start: int = 128  # long attention window at step 0 (tokens; short window is half)
-    window_end: int = 1792  # long attention window at the end of training, grown in 128-token blocks
+    window_tokens: int = 1728  # long window at step s: ceil(this x s / num_iterations / 128) blocks of 128, >= 1
     # optimisers
     muon_lr: float = 0.05  # Muon, for the 2-D weights inside the blocks
     muon_momentum: float = 0.95  # Muon momentum after the warm-up (Nesterov)
     muon_momentum_start: float = 0.85  # momentum warm-up from this value ...
     muon_momentum_warmup_steps: int = 300  # ... over this many steps
-    adam_lr: float = 0.6  # Adam, token embedding and value embeddings
-    head_lr: float = 0.008  # Adam, lm_head
-    scalar_lr: float = 0.04  # Adam, learned scalars (x0 mixing, value mixing, skip weights)
+    # Adam: the record's lr 0.008 x lr_mul, with lr_mul 75 for the embeddings, 1 for the head and 5 for the scalars
+    adam_lr: float = 0.6  # Adam, token embedding and value embeddings (0.008 x 75)
+    head_lr: float = 0.008  # Adam, lm_head (0.008 x 1)
+    scalar_lr: float = 0.04  # Adam, learned scalars: x0 mixing, value mixing, skip weights (0.008 x 5)
     adam_beta1: float = 0.8  # Adam betas and eps for every Adam group
     adam_beta2: float = 0.95  # second-moment decay
     adam_eps: float = 1e-10  # added to the root of the second moment
@@ -98,6 +127,7 @@ class Hyperparameters:
     num_heads: int = 6  # attention heads per block
     head_dim: int = 128  # width of one head
     no_attn_layer: int = 7  # index of the block without attention (-1: none)
+    window_pattern: str = "LSSSLSSLSSSL"  # long (L) or short (S) window of each block, repeated for deeper models
     # evaluation, logging, checkpoints
     val_loss_every: int = 125  # steps between validations (0: only at the end)
     train_loss_every: int = 0  # steps between train-loss lines (0: never; costs a sync)
@@ -116,7 +146,6 @@ class Hyperparameters:
     device: str = "auto"  # auto, cuda, cuda:N or cpu
     compile: bool = True  # torch.compile the model (warm-up excluded from timing)
     fp8: bool = True  # FP8 lm_head where the GPU supports it (compute capability >= 8.9)
-    fp8_grad_scale: str = "amax"  # FP8 head gradient scale: amax (a pass over the gradient) or bound (known bound)
     attention: str = "auto"  # flex (FlexAttention, CUDA), dense (explicit mask, any device), auto
     warmup_steps: int = -1  # compile warm-up steps before the timed run (-1: 3 when compiling, else 0)
     seed: int = 0  # initial weights; data order is fixed by the shards
@@ -127,7 +156,7 @@ class Hyperparameters:
 
 
 PRESETS: dict[str, dict] = {
-    # The 8xH100 record settings (record 28 era); also right for 1 to 8 H100s, which accumulate the same batch.
+    # Record 28 (8xH100); also right for 1 to 8 H100s, which accumulate the same batch and take the same steps.
     "speedrun": {},
     # One 24 GB card (A10, 3090, 4090, L4): quarter-length sequences, four times the accumulation, same global batch.
     "a10": dict(train_seq_len=12 * 1024, seqs_per_step=32, val_seq_len=64 * 1024),
@@ -135,8 +164,8 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(
         data_dir="data/builtin", train_files="builtin_train_*.bin", val_files="builtin_val_*.bin",
         val_tokens=16 * 1024, train_seq_len=1024, val_seq_len=4096, seqs_per_step=2, num_iterations=200,
-        cooldown_frac=0.4, window_start=128, window_end=512, val_loss_every=25, train_loss_every=10,
-        num_layers=6, model_dim=128, num_heads=2, head_dim=64, no_attn_layer=-1,
+        cooldown_frac=0.4, window_tokens=448, val_loss_every=25, train_loss_every=10, loss_sum_tokens=1024,
+        num_layers=6, model_dim=128, num_heads=2, head_dim=64, no_attn_layer=-1, window_pattern="LS",
         muon_momentum_warmup_steps=50, compile=False, target_val_loss=0.0,
     ),
 }
@@ -159,7 +188,7 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
         problems.append(f"--seqs-per-step {hp.seqs_per_step} must be a multiple of the number of processes "
                         f"({world_size}) so every process accumulates the same number of sequences")
     for name in ("train_seq_len", "val_seq_len", "val_tokens", "num_iterations", "seqs_per_step",
-                 "num_layers", "model_dim", "num_heads", "head_dim", "window_start", "window_end"):
+                 "num_layers", "model_dim", "num_heads", "head_dim", "window_tokens", "loss_sum_tokens"):
         if getattr(hp, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(hp, name)}")
     if hp.val_tokens % hp.val_seq_len:
@@ -172,8 +201,11 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
         problems.append(f"--max-batch-span-multiplier must be >= 1, got {hp.max_batch_span_multiplier}")
     if hp.vocab_size <= BOS_ID:
         problems.append(f"--vocab-size must exceed the BOS id {BOS_ID}, got {hp.vocab_size}")
-    if hp.fp8_grad_scale not in ("amax", "bound"):
-        problems.append(f"--fp8-grad-scale must be amax or bound, got {hp.fp8_grad_scale!r}")
+    if not hp.window_pattern or set(hp.window_pattern) - {"L", "S"}:
+        problems.append(f"--window-pattern must be a string of L (long) and S (short), got {hp.window_pattern!r}")
+    if hp.head_dim % 4:
+        problems.append(f"--head-dim must be a multiple of 4 (rotary: head_dim/4 frequencies and head_dim/4 "
+                        f"unrotated pairs), got {hp.head_dim}")
     if hp.attention not in ("auto", "flex", "dense"):
         problems.append(f"--attention must be auto, flex or dense, got {hp.attention!r}")
     if hp.attention == "flex":
@@ -185,66 +217,57 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# FP8 matmul for lm_head: e4m3 operands forward, e5m2 gradient backward, per-tensor scales (the gradient's from its
-# amax, or from a known bound on it)
+# FP8 matmul for lm_head (record 28: @YouJiacheng's): e4m3 operands forward, e5m2 gradient backward, fixed scales
 
 FP8_E4M3_MAX = 448.0
 FP8_E5M2_MAX = 57344.0
+FP8_W_SCALE = 2.0 ** -9  # head weights up to 448 x 2^-9 = 0.875 in magnitude
+FP8_GRAD_SCALE = 1 / 448  # the gradient of one token's summed loss w.r.t. a raw logit is at most 1 in magnitude
 
 
-def _to_fp8(x: Tensor, dtype: torch.dtype, fmax: float) -> tuple[Tensor, Tensor]:
-    """Cast to an FP8 dtype with a per-tensor scale so that the largest magnitude lands on the format's max."""
-    scale = (x.detach().abs().amax().float() / fmax).clamp(min=1e-12)
-    return (x / scale).to(dtype), scale
+def fp8_x_scale(model_dim: int) -> float:
+    """The head's input is RMS-normalised, so |x| <= sqrt(model_dim): this scale puts that bound at e4m3's 448."""
+    return math.sqrt(model_dim) / FP8_E4M3_MAX
 
 
-def _to_fp8_bounded(x: Tensor, dtype: torch.dtype, fmax: float, bound: float) -> tuple[Tensor, Tensor]:
-    """Cast to an FP8 dtype with the scale that puts a known bound on |x| at the format's max: no pass over x to find
-    its amax first. Values beyond the bound (there should be none) saturate instead of becoming inf."""
-    scale = torch.full((), bound / fmax, dtype=torch.float32, device=x.device)
-    return (x / scale).clamp(-fmax, fmax).to(dtype), scale
+def _to_fp8(x: Tensor, scale: float, dtype: torch.dtype, fmax: float) -> Tensor:
+    """x / scale in an FP8 format, saturating at its largest value (the fixed scales keep x in range)."""
+    return x.div(scale).clamp(-fmax, fmax).to(dtype)
 
 
 class FP8Matmul(torch.autograd.Function):
-    """y = x @ w.T with both operands in float8_e4m3fn; the incoming gradient is cast to float8_e5m2, scaled by its
-    amax, or by grad_bound when given (a bound on its magnitude, which spares the reduction that finds the amax).
+    """y = x @ w.T with both operands in float8_e4m3fn and the incoming gradient in float8_e5m2, each with the
+    record's fixed per-tensor scale: no pass over any tensor to find its range.
 
-    torch._scaled_mm wants its first operand row-major and its second column-major, hence the transposes.
+    torch._scaled_mm wants its first operand row-major and its second column-major, hence the transposes. The
+    output is in x's dtype, the weight's gradient in fp32.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, grad_bound: float | None = None) -> Tensor:
-        x8, x_s = _to_fp8(x, torch.float8_e4m3fn, FP8_E4M3_MAX)
-        w8, w_s = _to_fp8(w, torch.float8_e4m3fn, FP8_E4M3_MAX)
-        ctx.save_for_backward(x8, x_s, w8, w_s)
-        ctx.x_dtype, ctx.w_dtype, ctx.grad_bound = x.dtype, w.dtype, grad_bound
-        return torch._scaled_mm(x8, w8.t(), scale_a=x_s, scale_b=w_s, out_dtype=x.dtype)
+    def forward(ctx, x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float) -> Tensor:
+        x8 = _to_fp8(x, x_s, torch.float8_e4m3fn, FP8_E4M3_MAX)
+        w8 = _to_fp8(w, w_s, torch.float8_e4m3fn, FP8_E4M3_MAX)
+        ctx.save_for_backward(x8, w8)
+        ctx.scales, ctx.x_dtype, ctx.w_dtype = (x_s, w_s, grad_s), x.dtype, w.dtype
+        return torch._scaled_mm(x8, w8.t(), scale_a=x.new_tensor(x_s, dtype=torch.float32),
+                                scale_b=x.new_tensor(w_s, dtype=torch.float32), out_dtype=x.dtype,
+                                use_fast_accum=True)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        x8, x_s, w8, w_s = ctx.saved_tensors
-        if ctx.grad_bound is None:
-            g8, g_s = _to_fp8(grad.contiguous(), torch.float8_e5m2, FP8_E5M2_MAX)
-        else:
-            g8, g_s = _to_fp8_bounded(grad.contiguous(), torch.float8_e5m2, FP8_E5M2_MAX, ctx.grad_bound)
-        grad_x = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=g_s, scale_b=w_s, out_dtype=ctx.x_dtype)
-        grad_w = torch._scaled_mm(g8.t().contiguous(), x8.t().contiguous().t(), scale_a=g_s, scale_b=x_s,
-                                  out_dtype=torch.float32).to(ctx.w_dtype)
-        return grad_x, grad_w, None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None, None]:
+        x8, w8 = ctx.saved_tensors
+        x_s, w_s, grad_s = (grad.new_tensor(s, dtype=torch.float32) for s in ctx.scales)
+        g8 = _to_fp8(grad.contiguous(), ctx.scales[2], torch.float8_e5m2, FP8_E5M2_MAX)
+        grad_x = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=grad_s, scale_b=w_s, out_dtype=ctx.x_dtype)
+        # (x8.T @ g8).T rather than g8.T @ x8: the faster order for a (50304, 768) head, in the record's measurement
+        grad_w = torch._scaled_mm(x8.t().contiguous(), g8.t().contiguous().t(), scale_a=x_s, scale_b=grad_s,
+                                  out_dtype=torch.float32).t()
+        return grad_x, grad_w.to(ctx.w_dtype), None, None, None
 
 
-def fp8_linear(x: Tensor, w: Tensor, grad_bound: float | None = None) -> Tensor:
+def fp8_linear(x: Tensor, w: Tensor, x_s: float, w_s: float = FP8_W_SCALE, grad_s: float = FP8_GRAD_SCALE) -> Tensor:
     shape = x.shape
-    return FP8Matmul.apply(x.reshape(-1, shape[-1]), w, grad_bound).view(*shape[:-1], w.size(0))
-
-
-def head_grad_bound(cfg: "GPTConfig", tokens: int, grad_accum: int) -> float:
-    """A bound on |d(step loss) / d(raw logit)| for the soft-capped head: the step loss is the mean cross-entropy over
-    `tokens` positions divided by `grad_accum` micro-steps; d(loss)/d(capped) = (softmax - onehot) / (tokens *
-    grad_accum) lies in [-1, 1] / (tokens * grad_accum), and d(capped)/d(raw) = cap * s * (1 - s) / div <= cap / (4 div)
-    for s = sigmoid(raw / div). The bound is reached at raw = 0 (where s = 1/2) for a target with probability near 0.
-    """
-    return cfg.logit_cap / (4 * cfg.logit_cap_div * tokens * grad_accum)
+    return FP8Matmul.apply(x.reshape(-1, shape[-1]), w, x_s, w_s, grad_s).view(*shape[:-1], w.size(0))
 
 
 MIN_TRAIN_CAPABILITY = (8, 0)  # bfloat16 tensor cores and FlexAttention's Triton kernels: A100, A10, 3090 and newer
@@ -266,7 +289,9 @@ def head_precision(device: torch.device, want_fp8: bool) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Attention masks: causal AND same document AND within a sliding window, as FlexAttention BlockMasks or dense masks
+# Attention masks (record 28, block masks by @YouJiacheng): windows counted in whole 128-token blocks. A query block
+# sees the key blocks at most window - 1 blocks back (its own block always) that share a document with it; inside
+# those blocks a query sees the keys that are not in its future and in its document.
 
 
 def document_ids(tokens: Tensor) -> Tensor:
@@ -274,41 +299,44 @@ def document_ids(tokens: Tensor) -> Tensor:
     return (tokens == BOS_ID).cumsum(0)
 
 
-def dense_attention_mask(docs: Tensor, window: Tensor | int) -> Tensor:
-    """(T, T) boolean mask, True where query i may attend to key j."""
+def dense_attention_mask(docs: Tensor, window_blocks: Tensor | int, block_size: int = FLEX_BLOCK_SIZE) -> Tensor:
+    """(T, T) boolean mask, True where query i may attend to key j: the block mask below, written out per position."""
     pos = torch.arange(docs.numel(), device=docs.device)
-    dist_ = pos[:, None] - pos[None, :]
-    return (dist_ >= 0) & (dist_ < window) & (docs[:, None] == docs[None, :])
+    blk = pos // block_size
+    near = (blk[:, None] - blk[None, :]) < torch.clamp(torch.as_tensor(window_blocks, device=docs.device), min=1)
+    return (pos[:, None] >= pos[None, :]) & near & (docs[:, None] == docs[None, :])
 
 
-def flex_block_mask(docs: Tensor, window: Tensor | int, block_size: int = FLEX_BLOCK_SIZE) -> BlockMask:
-    """The same mask as dense_attention_mask as a FlexAttention BlockMask, built from block-level bounds.
+def flex_block_mask(docs: Tensor, window_blocks: Tensor | int, block_size: int = FLEX_BLOCK_SIZE) -> BlockMask:
+    """The FlexAttention BlockMask of dense_attention_mask, built from each block's first and last document id.
 
-    Documents ids never decrease along the sequence, so a block is described by its first and last document id.
-    A (query block, key block) pair is skipped when no pair of positions can attend, computed in full (no mask_mod)
-    when every pair can, and evaluated position by position otherwise.
+    Document ids never decrease along the sequence, so two blocks share a document when their id ranges overlap. A
+    visible key block is full (computed without mask_mod) when it lies strictly before the query block and both hold
+    one and the same document, and partial (mask_mod decides per position) otherwise. Each row lists its blocks
+    nearest first, as the record's masks do.
     """
     num_blocks = docs.numel() // block_size
     blocks = docs.view(num_blocks, block_size)
     first, last = blocks[:, 0], blocks[:, -1]
     blk = torch.arange(num_blocks, device=docs.device, dtype=torch.int32)
     d = blk[:, None] - blk[None, :]  # query block - key block
-    any_pair = (d >= 0) & (first[:, None] <= last[None, :]) & ((d == 0) | ((d - 1) * block_size + 1 < window))
+    near = (d >= 0) & (d < torch.clamp(torch.as_tensor(window_blocks, device=docs.device), min=1))
+    shared = (first[:, None] <= last[None, :]) & (last[:, None] >= first[None, :])
     one_doc = first == last
-    all_pairs = ((d > 0) & one_doc[:, None] & one_doc[None, :] & (first[:, None] == first[None, :])
-                 & (d * block_size + block_size - 1 < window))
-    partial = any_pair & ~all_pairs
+    full = near & (d > 0) & one_doc[:, None] & one_doc[None, :] & (first[:, None] == first[None, :])
+    partial = near & shared & ~full
 
     def as_kv_blocks(m: Tensor) -> tuple[Tensor, Tensor]:
         num = m.sum(dim=-1, dtype=torch.int32)
-        idx = torch.argsort(m.to(torch.int32), dim=-1, descending=True, stable=True).to(torch.int32)
-        return num[None, None].contiguous(), idx[None, None].contiguous()
+        # listed blocks first, nearest (highest index) first: sort by index + 1 where listed, 0 elsewhere
+        idx = torch.argsort(m.to(torch.int32) * (blk[None, :] + 1), dim=-1, descending=True, stable=True)
+        return num[None, None].contiguous(), idx.to(torch.int32)[None, None].contiguous()
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (q_idx - kv_idx < window) & (docs[q_idx] == docs[kv_idx])
+        return (q_idx >= kv_idx) & (docs[q_idx] == docs[kv_idx])
 
     partial_num, partial_idx = as_kv_blocks(partial)
-    full_num, full_idx = as_kv_blocks(all_pairs)
+    full_num, full_idx = as_kv_blocks(full)
     return BlockMask.from_kv_blocks(partial_num, partial_idx, full_num, full_idx, BLOCK_SIZE=block_size,
                                     mask_mod=mask_mod)
 
@@ -327,22 +355,21 @@ def _flex_attention_fn():
 
 
 class AttentionMasks:
-    """The long- and short-window masks of one sequence, built once per forward and shared by all blocks."""
+    """The long- and short-window masks of one sequence (short = long // 2 blocks), built once per forward and
+    shared by all blocks."""
 
-    def __init__(self, tokens: Tensor, long_window: Tensor, impl: str, scale: float):
+    def __init__(self, tokens: Tensor, long_blocks: Tensor, impl: str, scale: float):
         self.impl, self.scale = impl, scale
         docs = document_ids(tokens)
-        windows = {"long": long_window, "short": long_window // 2}
-        if impl == "flex":
-            self.masks = {k: flex_block_mask(docs, w) for k, w in windows.items()}
-        else:
-            self.masks = {k: dense_attention_mask(docs, w) for k, w in windows.items()}
+        windows = {"L": long_blocks, "S": long_blocks // 2}
+        build = flex_block_mask if impl == "flex" else dense_attention_mask
+        self.masks = {k: build(docs, w) for k, w in windows.items()}
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, kind: str) -> Tensor:
-        """q, k, v: (B, heads, T, head_dim)."""
+        """q, k, v: (B, heads, T, head_dim); kind: "L" or "S". Flex is compiled on every device: run eagerly on a CPU
+        it would apply mask_mod alone and ignore the block lists, where the window lives."""
         if self.impl == "flex":
-            fn = _flex_attention_fn() if q.is_cuda else flex_attention
-            return fn(q, k, v, block_mask=self.masks[kind], scale=self.scale)
+            return _flex_attention_fn()(q, k, v, block_mask=self.masks[kind], scale=self.scale)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.masks[kind], scale=self.scale)
 
 
@@ -358,20 +385,31 @@ class GPTConfig:
     num_heads: int = 6  # attention heads per block
     head_dim: int = 128  # width of one head
     no_attn_layer: int = 7  # -1: every block has attention
+    window_pattern: str = "LSSSLSSLSSSL"  # long or short window of each block (repeated for deeper models)
     num_value_embeds: int = 3  # tables feeding the first three and the last three blocks
     attn_scale: float = 0.12
     logit_cap: float = 30.0  # logits = cap * sigmoid(raw / cap_div)
     logit_cap_div: float = 7.5
-    rope_base: float = 1024.0
 
     @classmethod
     def from_hyperparameters(cls, hp: Hyperparameters) -> "GPTConfig":
         return cls(vocab_size=hp.vocab_size, num_layers=hp.num_layers, model_dim=hp.model_dim,
-                   num_heads=hp.num_heads, head_dim=hp.head_dim, no_attn_layer=hp.no_attn_layer)
+                   num_heads=hp.num_heads, head_dim=hp.head_dim, no_attn_layer=hp.no_attn_layer,
+                   window_pattern=hp.window_pattern)
+
+    @property
+    def gate_dim(self) -> int:
+        """Inputs of the sparse attention gate: the first model_dim / 64 channels of the block's input (12)."""
+        return max(1, self.model_dim // 64)
 
 
 def norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
+
+
+def init_bound(fan_in: int) -> float:
+    """Uniform init bound sqrt(3) * 0.5 / sqrt(fan_in): std 0.5 / sqrt(fan_in) (@YouJiacheng's scale)."""
+    return math.sqrt(3) * 0.5 / math.sqrt(fan_in)
 
 
 class CastedLinear(nn.Linear):
@@ -383,25 +421,29 @@ class CastedLinear(nn.Linear):
             if zero_init:
                 self.weight.zero_()
             else:
-                bound = math.sqrt(3) * 0.5 / math.sqrt(in_features)
-                self.weight.uniform_(-bound, bound)
+                self.weight.uniform_(-init_bound(in_features), init_bound(in_features))
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight.to(x.dtype))
 
 
 def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: (B, T, heads, head_dim); cos, sin: (T, head_dim // 2)."""
+    """x: (B, T, heads, head_dim); cos, sin: (T, head_dim // 2). Rotates the pairs (x[k], x[k + head_dim / 2])."""
     x1, x2 = x.float().chunk(2, dim=-1)
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1).type_as(x)
 
 
-def rotary_tables(seq_len: int, head_dim: int, base: float, device: torch.device, offset: int = 0):
-    inv_freq = base ** -(torch.arange(0, head_dim // 2, device=device, dtype=torch.float32) / (head_dim // 2))
-    pos = torch.arange(offset, offset + seq_len, device=device, dtype=torch.float32)
-    angles = pos[:, None] * inv_freq[None, :]
-    return angles.cos(), angles.sin()
+def rotary_tables(seq_len: int, head_dim: int, device: torch.device, offset: int = 0) -> tuple[Tensor, Tensor]:
+    """cos, sin (seq_len, head_dim // 2) of the half-truncated rotary embedding (@YouJiacheng): head_dim / 4
+    frequencies (1/1024) ** linspace(0, 1), then head_dim / 4 zero frequencies, whose pairs are not rotated.
+
+    Computed on the CPU, as the record's tables are, then moved to the device."""
+    quarter = head_dim // 4
+    freq = (1 / 1024) ** torch.linspace(0, 1, steps=quarter, dtype=torch.float32)
+    freq = torch.cat([freq, freq.new_zeros(quarter)])
+    angles = torch.arange(offset, offset + seq_len, dtype=torch.float32)[:, None] * freq[None, :]
+    return angles.cos().to(device), angles.sin().to(device)
 
 
 class CausalSelfAttention(nn.Module):
@@ -409,9 +451,11 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         hdim = cfg.num_heads * cfg.head_dim
-        bound = math.sqrt(3) * 0.5 / math.sqrt(cfg.model_dim)
+        bound = init_bound(cfg.model_dim)
         self.qkv_w = nn.Parameter(torch.empty(3, hdim, cfg.model_dim).uniform_(-bound, bound))
         self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # mix of values and value embeddings
+        # sparse attention gate (record 28): each head's output times sigmoid(W x[:gate_dim]), W zero-initialised
+        self.gate = CastedLinear(cfg.gate_dim, cfg.num_heads, zero_init=True)
         self.c_proj = CastedLinear(hdim, cfg.model_dim, zero_init=True)
 
     def forward(self, x: Tensor, ve: Tensor | None, rope: tuple[Tensor, Tensor], masks: AttentionMasks,
@@ -421,18 +465,20 @@ class CausalSelfAttention(nn.Module):
         q, k, v = qkv.chunk(3, dim=-2)
         q, k = rotary(norm(q), *rope), rotary(norm(k), *rope)
         v = self.lambdas[0] * v + (self.lambdas[1] * ve.view_as(v) if ve is not None else 0)
-        y = masks.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), kind)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+        y = masks.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), kind).transpose(1, 2)
+        y = y * torch.sigmoid(self.gate(x[..., :self.gate.in_features]))[..., None]
+        return self.c_proj(y.reshape(B, T, -1))
 
 
 class MLP(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
-        self.c_fc = CastedLinear(dim, 4 * dim)
+        # c_fc stored as (dim, 4 dim), as the record has since record 27: Muon's shape scale for it is then 1
+        self.c_fc = nn.Parameter(torch.empty(dim, 4 * dim).uniform_(-init_bound(dim), init_bound(dim)))
         self.c_proj = CastedLinear(4 * dim, dim, zero_init=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        return self.c_proj(F.relu(x @ self.c_fc.to(x.dtype)).square())
 
 
 class Block(nn.Module):
@@ -463,16 +509,20 @@ class GPT(nn.Module):
         # Run-time choices, not weights: set by the trainer for the device at hand.
         self.attn_impl = "dense"
         self.head_precision = "fp32"
-        self.head_grad_bound = None  # FP8 head: scale the gradient by this bound instead of its amax (None: amax)
+        self.fp8_grad_scale = FP8_GRAD_SCALE  # the trainer multiplies it by its loss scale (see Trainer)
         self.act_dtype = torch.float32
         # Rotary cos/sin tables for positions 0..n-1, filled by reserve_rotary (not saved in checkpoints).
         self.register_buffer("rope_cos", torch.empty(0, cfg.head_dim // 2), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0, cfg.head_dim // 2), persistent=False)
 
     def configure(self, device: torch.device, attention: str = "auto", fp8: bool = True) -> "GPT":
+        """Attention implementation, head precision and activation dtype for the device. Where activations are bf16
+        the embedding tables are stored in bf16 too, as the record stores them (the rest stays fp32)."""
         self.attn_impl = ("flex" if device.type == "cuda" else "dense") if attention == "auto" else attention
         self.head_precision = head_precision(device, fp8)
         self.act_dtype = torch.bfloat16 if has_bf16(device) else torch.float32
+        for table in [self.embed, *self.value_embeds]:
+            table.to(self.act_dtype)
         return self
 
     def reserve_rotary(self, max_len: int) -> "GPT":
@@ -482,43 +532,45 @@ class GPT(nn.Module):
         and cosines for every element of q and k in the fused norm-and-rotary kernels, which made those kernels take
         21% of an H100 step (records/h100-2026-11-24.md). Read from a buffer, they are loads instead.
         """
-        cos, sin = rotary_tables(max_len, self.cfg.head_dim, self.cfg.rope_base, self.embed.weight.device)
-        self.rope_cos, self.rope_sin = cos, sin
+        self.rope_cos, self.rope_sin = rotary_tables(max_len, self.cfg.head_dim, self.lm_head.weight.device)
         return self
 
     def rotary(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """cos, sin tables (seq_len, head_dim // 2): the reserved ones when long enough, else computed here."""
         if self.rope_cos.size(0) >= seq_len:
             return self.rope_cos[:seq_len], self.rope_sin[:seq_len]
-        return rotary_tables(seq_len, self.cfg.head_dim, self.cfg.rope_base, device)
+        return rotary_tables(seq_len, self.cfg.head_dim, device)
 
     def value_embed_layers(self) -> list[int | None]:
         """Which value-embedding table each block mixes in: tables 0..n-1 for the first n and for the last n blocks."""
         n, L = self.cfg.num_value_embeds, self.cfg.num_layers
         return [i if i < n else (i - (L - n) if i >= L - n else None) for i in range(L)]
 
-    def block_window_kinds(self) -> list[str]:
-        """Which window each block attends with: long and short alternate, starting with long."""
-        return ["long" if i % 2 == 0 else "short" for i in range(self.cfg.num_layers)]
+    def window_kinds(self) -> list[str]:
+        """The window of each block, "L" (long) or "S" (short): window_pattern, repeated to the model's depth."""
+        pattern = self.cfg.window_pattern
+        return [pattern[i % len(pattern)] for i in range(self.cfg.num_layers)]
 
     def head_logits(self, x: Tensor) -> Tensor:
-        """Soft-capped logits in fp32 from the final hidden state."""
-        if self.head_precision == "fp8":
-            raw = fp8_linear(x, self.lm_head.weight, self.head_grad_bound)
+        """Soft-capped logits in fp32 from the final hidden state. The FP8 head is used while training only, as in
+        the record: validation and sampling run it in the activation dtype."""
+        if self.head_precision == "fp8" and self.training:
+            raw = fp8_linear(x, self.lm_head.weight, fp8_x_scale(self.cfg.model_dim), FP8_W_SCALE,
+                             self.fp8_grad_scale)
         else:
             raw = self.lm_head(x)
         return self.cfg.logit_cap * torch.sigmoid(raw.float() / self.cfg.logit_cap_div)
 
-    def hidden(self, input_seq: Tensor, long_window: Tensor) -> Tensor:
+    def hidden(self, input_seq: Tensor, window_blocks: Tensor) -> Tensor:
         """Final normalised hidden state (1, T, model_dim) of one flat sequence of token ids."""
         cfg = self.cfg
         x = x0 = norm(self.embed(input_seq)[None].to(self.act_dtype))
         ve_tables = [e(input_seq)[None].to(self.act_dtype) for e in self.value_embeds]
         ve = [ve_tables[t] if t is not None else None for t in self.value_embed_layers()]
         rope = self.rotary(input_seq.numel(), input_seq.device)
-        masks = AttentionMasks(input_seq, long_window, self.attn_impl, cfg.attn_scale)
+        masks = AttentionMasks(input_seq, window_blocks, self.attn_impl, cfg.attn_scale)
         skips = []
-        for i, (block, kind) in enumerate(zip(self.blocks, self.block_window_kinds())):
+        for i, (block, kind) in enumerate(zip(self.blocks, self.window_kinds())):
             j = i - (cfg.num_layers - self.num_encoder)
             if 0 <= j < self.num_encoder:
                 x = x + self.skip_weights[j] * skips[self.num_encoder - 1 - j]
@@ -527,24 +579,27 @@ class GPT(nn.Module):
                 skips.append(x)
         return norm(x)
 
-    def forward(self, input_seq: Tensor, target_seq: Tensor | None = None, long_window: Tensor | int = 1792,
+    def forward(self, input_seq: Tensor, target_seq: Tensor | None = None, window_blocks: Tensor | int = 14,
                 loss_chunk: int = 16384) -> Tensor:
-        """Mean cross-entropy over the sequence when targets are given, else soft-capped logits (T, vocab).
+        """Soft-capped logits (T, vocab) without targets. With targets, the cross-entropy as the record reduces it:
+        summed over the tokens in training mode, the mean in eval mode (validation).
 
-        Without gradients (validation) the loss is computed in chunks so that long sequences fit in memory.
+        window_blocks: the long window in 128-token blocks (the short one is half). Without gradients the loss is
+        computed in chunks of loss_chunk positions, so that long validation sequences fit in memory.
         """
-        if not isinstance(long_window, Tensor):
-            long_window = torch.tensor(long_window, device=input_seq.device, dtype=torch.int32)
-        x = self.hidden(input_seq, long_window)[0]
+        if not isinstance(window_blocks, Tensor):
+            window_blocks = torch.tensor(window_blocks, device=input_seq.device, dtype=torch.int32)
+        x = self.hidden(input_seq, window_blocks)[0]
         if target_seq is None:
             return self.head_logits(x)
         if torch.is_grad_enabled() or x.size(0) <= loss_chunk:
-            return F.cross_entropy(self.head_logits(x), target_seq)
-        total = x.new_zeros((), dtype=torch.float32)
-        for s in range(0, x.size(0), loss_chunk):
-            total = total + F.cross_entropy(self.head_logits(x[s:s + loss_chunk]), target_seq[s:s + loss_chunk],
-                                            reduction="sum")
-        return total / x.size(0)
+            total = F.cross_entropy(self.head_logits(x), target_seq, reduction="sum")
+        else:
+            total = x.new_zeros((), dtype=torch.float32)
+            for s in range(0, x.size(0), loss_chunk):
+                total = total + F.cross_entropy(self.head_logits(x[s:s + loss_chunk]), target_seq[s:s + loss_chunk],
+                                                reduction="sum")
+        return total if self.training else total / x.size(0)
 
     def param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Muon takes the blocks' matrices; Adam the embeddings, the head and every scalar."""
@@ -713,8 +768,11 @@ class Muon(ShardedOptimizer):
 
 
 class DistAdam(ShardedOptimizer):
-    """Adam without weight decay. Parameters whose first dimension divides by world_size are sharded along it
-    (reduce-scatter, update a slice, all-gather); small ones are all-reduced and updated everywhere."""
+    """Adam without weight decay, with the record's arrangement of eps and the bias corrections:
+    p -= lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + eps).
+
+    Parameters whose first dimension divides by world_size are sharded along it (reduce-scatter, update a slice,
+    all-gather); small ones are all-reduced and updated everywhere."""
 
     def __init__(self, named_groups: list[dict], lr: float, betas=(0.8, 0.95), eps: float = 1e-10):
         super().__init__(named_groups, dict(lr=lr, betas=betas, eps=eps))
@@ -756,10 +814,11 @@ class DistAdam(ShardedOptimizer):
             state["step"] += 1
             t = state["step"].item()
             beta1, beta2 = group["betas"]
-            state["exp_avg"].lerp_(g, 1 - beta1)
+            state["exp_avg"].mul_(beta1).add_(g, alpha=1 - beta1)
             state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
-            step_size = group["lr"] / (1 - beta1 ** t)
+            # the record's arrangement: eps is added to the uncorrected root, the bias corrections go to the step size
+            denom = state["exp_avg_sq"].sqrt().add_(group["eps"])
+            step_size = group["lr"] * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
             if sharded:
                 new = target.addcdiv(state["exp_avg"], denom, value=-step_size)
                 gathers.append(dist.all_gather_into_tensor(p.data, new, async_op=True))
@@ -831,12 +890,12 @@ def muon_momentum(step: int, hp: Hyperparameters) -> float:
     return (1 - frac) * hp.muon_momentum_start + frac * hp.muon_momentum
 
 
-def window_size(step: int, hp: Hyperparameters) -> int:
-    """Long attention window in tokens: grows linearly from window_start to window_end in 128-token blocks."""
-    frac = min(step / hp.num_iterations, 1.0)
-    blocks = lambda t: max(1, round(t / FLEX_BLOCK_SIZE))  # noqa: E731
-    start, end = blocks(hp.window_start), blocks(hp.window_end)
-    return int(round(start + (end - start) * frac)) * FLEX_BLOCK_SIZE
+def window_blocks(step: int, hp: Hyperparameters) -> int:
+    """The long attention window at a step, in 128-token blocks (the short one is half of it, rounded down): the
+    record's ceil(1728 * step / num_iterations / 128), at least 1. With the record's 1,695 steps: 1 block (short 0:
+    a query sees its own block only) for steps 0-125, 14 blocks (1,792 tokens) at the end. Exact integer arithmetic,
+    which agrees with the record's floating-point one at every step of its schedule."""
+    return max(1, -(-hp.window_tokens * step // (hp.num_iterations * FLEX_BLOCK_SIZE)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -965,66 +1024,97 @@ class TokenStream:
             start, n, i = start + take, n - take, i + 1
         return np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
 
-    def find_bos(self, start: int, limit: int) -> int:
-        """First position p in [start, start + limit] with a BOS token, or -1."""
-        end = min(start + limit + 1, self.total)
-        chunk = 1 << 16
-        for s in range(start, end, chunk):
-            hits = np.flatnonzero(self.read(s, min(chunk, end - s)) == BOS_ID)
-            if hits.size:
-                return s + int(hits[0])
-        return -1
-
 
 class TrainLoader:
-    """Deterministic BOS-aligned sequences for each step, the same for any split over processes and micro-steps.
+    """The record's training batches, the same for any split over processes and micro-steps.
 
-    A step takes seqs_per_step sequences of seq_len + 1 tokens (inputs and shifted targets) from the stream. Each
-    starts at the first BOS at or after where the previous one ended, as long as the step's sequences stay within
-    max_batch_span_multiplier x the batch's tokens; where no BOS is close enough the sequence starts unaligned.
-    Sequence j of a step goes to process j % world_size as its micro-step j // world_size. The position in the
-    stream (and the epoch, when the stream wraps) is the loader's whole state.
+    Shards are read one after the other, as the record reads them. A step takes seqs_per_step sequences of seq_len
+    + 1 tokens (inputs and shifted targets) from the current shard: the first starts at the first BOS at or after
+    the loader's position, each next one at the first BOS at least seq_len tokens after the start of the one before,
+    and the loader moves on to the first BOS at least seq_len tokens after the last start. Every BOS used lies within
+    the step's look-ahead, span = max_batch_span_multiplier x the batch's tokens past its position. When a step starts
+    with fewer than span + 1 tokens left in the shard, the rest of it is dropped and the step starts at the next one.
+    Sequence j of a step goes to process j % world_size as its micro-step j // world_size.
+
+    Beyond the record (which stops or fails an assertion there): after the last shard the loader starts the first
+    again (a new epoch); a fresh shard too small for the look-ahead is read with the look-ahead cut to its end;
+    a step whose documents are too long to align within the look-ahead starts each sequence at the first BOS that
+    leaves room for the rest back to back, else right after the previous one. Shards too small for a step are skipped.
+    The shard, the position in it and the epoch are the loader's whole state.
     """
 
     def __init__(self, files: list[str], seq_len: int, seqs_per_step: int, rank: int = 0, world_size: int = 1,
                  span_multiplier: float = 2.0):
-        self.stream = TokenStream(files)
+        self.files = list(files)
+        self.shards = [load_shard(f) for f in self.files]
         self.seq_len, self.seqs_per_step = seq_len, seqs_per_step
         self.rank, self.world_size = rank, world_size
-        self.span = int(span_multiplier * seqs_per_step * seq_len)
-        if self.stream.total < seqs_per_step * (seq_len + 1):
-            raise DataError(f"the train shards hold {self.stream.total} tokens, fewer than one step needs "
-                            f"({seqs_per_step * (seq_len + 1)}); add shards or lower --train-seq-len")
-        self.pos, self.epoch = 0, 0
+        self.batch = seqs_per_step * seq_len
+        self.span = max(self.batch, int(span_multiplier * self.batch))
+        if not any(self._holds_a_step(i) for i in range(len(self.shards))):
+            raise DataError(f"no train shard holds the {self.batch + 1} tokens one step needs (the largest holds "
+                            f"{max(len(t) for t in self.shards)}); add data or lower --train-seq-len")
+        self.shard, self.pos, self.epoch = 0, 0, 0
+        self.aligned_steps = self.unaligned_steps = 0  # how often the record's alignment succeeded or could not
+
+    def _holds_a_step(self, i: int) -> bool:
+        return len(self.shards[i]) >= self.batch + 1
 
     def state_dict(self) -> dict:
-        return {"pos": self.pos, "epoch": self.epoch, "files": [os.path.basename(f) for f in self.stream.files]}
+        return {"shard": self.shard, "pos": self.pos, "epoch": self.epoch,
+                "files": [os.path.basename(f) for f in self.files]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.pos, self.epoch = int(state["pos"]), int(state["epoch"])
+        self.shard, self.pos, self.epoch = int(state["shard"]), int(state["pos"]), int(state["epoch"])
+
+    def _next_shard(self) -> None:
+        self.pos = 0
+        while True:
+            self.shard += 1
+            if self.shard == len(self.shards):
+                self.shard, self.epoch = 0, self.epoch + 1
+            if self._holds_a_step(self.shard):
+                return
 
     def step_starts(self) -> list[int]:
-        """Start positions of this step's sequences (advances the loader)."""
+        """Start positions in the current shard of this step's sequences (advances the loader)."""
         T, S = self.seq_len, self.seqs_per_step
-        if self.pos + S * (T + 1) > self.stream.total:  # not even an unaligned step fits: start another pass
-            self.pos, self.epoch = 0, self.epoch + 1
-        step_start, pos, starts = self.pos, self.pos, []
-        for j in range(S):
-            room = step_start + self.span - pos - (S - j) * T  # how far this sequence may skip ahead
-            room = min(room, self.stream.total - pos - (S - j) * (T + 1))
-            found = self.stream.find_bos(pos, room) if room >= 0 else -1
-            start = found if found >= 0 else pos
+        if not self._holds_a_step(self.shard) or (self.pos > 0 and self.pos + self.span + 1 >= len(self.tokens)):
+            self._next_shard()
+        tokens, pos = self.tokens, self.pos
+        limit = min(pos + self.span, len(tokens) - 1)  # every BOS used lies before this position
+        bos = pos + np.flatnonzero(tokens[pos:limit] == BOS_ID)
+        starts, end = [], (int(bos[0]) if bos.size else None)
+        for _ in range(S):
+            if end is None:
+                break
+            starts.append(end)
+            i = int(np.searchsorted(bos, end + T))  # the first BOS at least T tokens after this start
+            end = int(bos[i]) if i < bos.size else None
+        if end is not None:
+            self.aligned_steps += 1
+            self.pos = end
+            return starts
+        self.unaligned_steps += 1
+        starts, cur = [], pos
+        for j in range(S):  # each sequence at the first BOS that leaves room for the rest back to back, else here
+            i = int(np.searchsorted(bos, cur))
+            start = int(bos[i]) if i < bos.size and bos[i] <= limit - (S - j) * T else cur
             starts.append(start)
-            pos = start + T
-        self.pos = pos + 1
+            cur = start + T
+        self.pos = cur
         return starts
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.shards[self.shard]
 
     def next_batch(self, device: torch.device) -> list[tuple[Tensor, Tensor]]:
         """This process's (inputs, targets) for every micro-step of the next step."""
         starts = self.step_starts()
         out = []
         for start in starts[self.rank::self.world_size]:
-            buf = torch.from_numpy(self.stream.read(start, self.seq_len + 1).astype(np.int64))
+            buf = torch.from_numpy(self.tokens[start:start + self.seq_len + 1].astype(np.int64))
             if device.type == "cuda":
                 buf = buf.pin_memory().to(device, non_blocking=True)
             out.append((buf[:-1].to(torch.int32), buf[1:]))
@@ -1054,7 +1144,7 @@ class ValidationSet:
 # Checkpoints
 
 CHECKPOINT_FORMAT = "nanogpt-speedrun-kit/checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: record-28 model (attention gate, c_fc as (dim, 4 dim)) and per-shard loader state
 STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
 
@@ -1263,8 +1353,9 @@ class Trainer:
         self.cfg = GPTConfig.from_hyperparameters(hp)
         self.model = GPT(self.cfg).to(device).configure(device, hp.attention, hp.fp8)
         self.model.reserve_rotary(max(hp.train_seq_len, hp.val_seq_len))
-        if hp.fp8_grad_scale == "bound":
-            self.model.head_grad_bound = head_grad_bound(self.cfg, hp.train_seq_len, self.grad_accum)
+        self.loss_scale = loss_scale(hp, world_size)
+        # the head's gradient arrives multiplied by loss_scale: so is its FP8 scale, which keeps the record's codes
+        self.model.fp8_grad_scale = FP8_GRAD_SCALE * self.loss_scale
         if world_size > 1:  # identical by seed already; make it certain
             for p in self.model.parameters():
                 dist.broadcast(p.data, src=0)
@@ -1277,16 +1368,17 @@ class Trainer:
         self.train_time_ms = 0.0
 
     def window_tensor(self, step: int) -> Tensor:
-        return torch.tensor(window_size(step, self.hp), dtype=torch.int32, device=self.device)
+        return torch.tensor(window_blocks(step, self.hp), dtype=torch.int32, device=self.device)
 
     def train_step(self, batch: list[tuple[Tensor, Tensor]]) -> Tensor:
-        """One optimiser step on this process's micro-batches; returns the mean loss (on device, not synced)."""
+        """One optimiser step on this process's micro-batches; returns their mean loss per token (on the device, not
+        synced)."""
         step, hp = self.step, self.hp
         window = self.window_tensor(step)
         total = torch.zeros((), device=self.device)
         for inputs, targets in batch:
-            loss = self.forward(inputs, targets, window)
-            (loss / len(batch)).backward()
+            loss = self.forward(inputs, targets, window)  # summed over the sequence's tokens, as the record's
+            (loss * self.loss_scale).backward()
             total += loss.detach()
         mult = lr_multiplier(step, hp)
         for opt in self.optimizers.values():
@@ -1297,7 +1389,7 @@ class Trainer:
             opt.step()
         self.model.zero_grad(set_to_none=True)
         self.step += 1
-        return total / len(batch)
+        return total / sum(inputs.numel() for inputs, _ in batch)
 
     def learning_rates(self) -> dict[str, float]:
         """The rate each parameter group last stepped with, e.g. {"lr/muon": 0.05, "lr/embed": 0.6, ...}."""
@@ -1307,10 +1399,16 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self, val: ValidationSet) -> float:
+        """Mean loss over the validation tokens, in eval mode (the head in bf16, not FP8, as in the record), with the
+        window of the current step."""
         window = self.window_tensor(self.step)
         total = torch.zeros((), device=self.device, dtype=torch.float64)
-        for inputs, targets in val.batches(self.device):
-            total += self.forward(inputs, targets, window).double() * inputs.numel()
+        self.model.eval()
+        try:
+            for inputs, targets in val.batches(self.device):
+                total += self.forward(inputs, targets, window).double() * inputs.numel()
+        finally:
+            self.model.train()
         if self.world_size > 1:
             dist.all_reduce(total)
         return total.item() / val.val_tokens
@@ -1349,6 +1447,17 @@ class Trainer:
 
 
 ROLLING_CHECK_EVERY = 5  # steps between checks of the rolling checkpoint's clock (a broadcast when distributed)
+
+
+def loss_scale(hp: Hyperparameters, world_size: int) -> float:
+    """What each micro-step's summed loss is multiplied by before backward.
+
+    The record's step gradient is the gradient of the loss summed over each GPU's 49,152 tokens, averaged over its 8
+    GPUs: the per-token gradients summed and divided by global batch / 49,152 = 8. Here the processes' gradients are
+    averaged too (over world_size), so a micro-step's sum is scaled by world_size x loss_sum_tokens / global batch:
+    1 on 8 GPUs, 1/8 on one GPU accumulating 8 sequences, and 1/8 for the a10 preset's 32 quarter-length ones.
+    """
+    return world_size * hp.loss_sum_tokens / hp.global_batch_tokens
 
 
 def rolling_save_due(hp: Hyperparameters, step: int, last_save: float, device: torch.device, world_size: int) -> bool:
@@ -1412,8 +1521,6 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
 
     trainer = Trainer(hp, device, rank, world_size, train_files)
     head = trainer.model.head_precision
-    if head == "fp8" and trainer.model.head_grad_bound is not None:
-        head += " (gradient scale: bound)"
     log.write(f"run {run_id}: {world_size} process(es) on {device.type}, {trainer.grad_accum} micro-step(s) of "
               f"{hp.train_seq_len} tokens each, global batch {hp.global_batch_tokens} tokens; attention "
               f"{trainer.model.attn_impl}, lm_head {head}, "
@@ -1429,9 +1536,7 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
                                   hp.max_batch_span_multiplier)
         for _ in range(warmup):
             trainer.train_step(warm_loader.next_batch(device))
-        with torch.no_grad():
-            inputs, targets = next(ValidationSet(val_files, hp.val_seq_len, hp.val_seq_len).batches(device))
-            trainer.forward(inputs, targets, trainer.window_tensor(0))
+        trainer.validate(ValidationSet(val_files, hp.val_seq_len, hp.val_seq_len))  # one chunk: the eval graph
         synchronize(device)
         trainer.reset()
         log.write(f"warm-up: {warmup} steps and a validation forward in {time.perf_counter() - t0:.1f}s "
@@ -1496,7 +1601,7 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
             if wandb_log:
                 wandb_log.log({"train/loss": train_loss, "lr_multiplier": lr_multiplier(step, hp),
                                **trainer.learning_rates(), "muon_momentum": muon_momentum(step, hp),
-                               "window": window_size(step, hp), "train_time_ms": elapsed,
+                               "window_blocks": window_blocks(step, hp), "train_time_ms": elapsed,
                                "step_avg_ms": elapsed / (step + 1),
                                "tokens_per_s": (step + 1) * hp.global_batch_tokens / (elapsed / 1000)}, step=step + 1)
         log.write(f"{line} train_time:{elapsed:.0f}ms step_avg:{elapsed / (step + 1):.2f}ms")
@@ -1508,6 +1613,7 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
         "run_id": run_id, "final_val_loss": val_loss, "val_step": last_val_step, "steps": steps_done,
         "train_time_s": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds if seconds > 0 else float("nan"),
         "peak_memory": peak_memory(device), "world_size": world_size, "device": device.type,
+        "unaligned_steps": trainer.loader.unaligned_steps,
         "reached_target": (bool(val_loss <= hp.target_val_loss)
                            if target_comparable(hp.target_val_loss, hp.val_files, hp.val_tokens) else None),
     }
@@ -1518,6 +1624,9 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
                   f"{TRACK_VAL_FILES}, this run validated on {hp.val_tokens:,} tokens of {hp.val_files}")
     else:
         target = f"target {hp.target_val_loss}: {'reached' if summary['reached_target'] else 'not reached'}"
+    if trainer.loader.unaligned_steps:
+        log.write(f"loader: {trainer.loader.unaligned_steps} step(s) of this session started sequences inside "
+                  f"documents (no BOS close enough to align them; the record's loader stops there)")
     log.write(f"{rule}\nfinal val_loss:{val_loss:.4f} train_time:{seconds:.1f}s ({steps_done} steps, "
               f"{tokens:,} tokens, {summary['tokens_per_s']:,.0f} tokens/s) peak memory: {summary['peak_memory']}; "
               f"{target}")
@@ -1555,7 +1664,7 @@ def build_arg_parser(presets: dict[str, dict] | None = None, default_preset: str
         argument_default=argparse.SUPPRESS)
     helps = _field_help()
     defaults = preset_hyperparameters(default_preset, presets)
-    special = {"compile", "fp8", "save_final", "wandb", "resume", "preset", "attention", "fp8_grad_scale"}
+    special = {"compile", "fp8", "save_final", "wandb", "resume", "preset", "attention"}
     parser.add_argument("--preset", choices=list(presets),
                         help=f"starting values for every flag (default {default_preset})")
     for f in fields(Hyperparameters):
@@ -1569,8 +1678,6 @@ def build_arg_parser(presets: dict[str, dict] | None = None, default_preset: str
                         help="attention implementation: flex needs CUDA for training; auto picks flex on CUDA")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="do not torch.compile the model")
     parser.add_argument("--no-fp8", dest="fp8", action="store_false", help="bf16 lm_head even where FP8 is available")
-    parser.add_argument("--fp8-grad-scale", choices=["amax", "bound"],
-                        help=f"{helps.get('fp8_grad_scale')} ({default_preset} default: {defaults.fp8_grad_scale})")
     parser.add_argument("--no-save-final", dest="save_final", action="store_false",
                         help="do not write a checkpoint at the end")
     parser.add_argument("--wandb", action="store_true", help=helps.get("wandb"))

@@ -36,7 +36,7 @@ def preset_model(name: str, device: torch.device, seed: int) -> tuple[tg.GPT, in
     torch.manual_seed(seed)
     model = tg.GPT(tg.GPTConfig.from_hyperparameters(hp)).to(device)
     model = model.configure(device, attention="dense", fp8=False).eval().requires_grad_(False)
-    return model, tg.window_size(hp.num_iterations, hp)
+    return model, tg.window_blocks(hp.num_iterations, hp)
 
 
 def timed(fn, device: torch.device) -> float:
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             raise g.GenerateError("--compile is for CUDA devices; on the CPU leave it out")
         if args.checkpoint:
             loaded = g.load_model(args.checkpoint, device)
-            model, window, what = loaded.model, loaded.window, str(loaded.path)
+            model, window, what = loaded.model, loaded.window_blocks, str(loaded.path)
         else:
             model, window = preset_model(args.preset, device, args.seed)
             what = f"preset {args.preset} (random weights)"
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, g.EOT_ID, (args.prompt_len,), generator=gen).tolist()
     params = sum(p.numel() for p in model.parameters())
-    print(f"model: {what}, {params / 1e6:.1f}M parameters, window {window}; device {device}"
+    print(f"model: {what}, {params / 1e6:.1f}M parameters, window {window} blocks; device {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; prompt {args.prompt_len} tokens, "
           f"{args.new_tokens} new tokens per sample{', compiled' if args.compile else ''}")

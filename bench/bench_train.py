@@ -8,7 +8,7 @@
 Model FLOPs per token (training = 3 x forward):
     6 * (block matrix parameters + lm_head parameters)                       # every matmul weight, fwd + bwd
   + 12 * head_dim * num_heads * mean attended keys per query, per attention block   # QK^T and AV, fwd + bwd
-The mean attended keys come from the actual masks of the batch (causal, same document, sliding window), so
+The mean attended keys come from the actual masks of the batch (causal, same document, block window), so
 sparse document masks are not counted as dense attention. Embedding lookups count as zero.
 MFU = achieved model FLOP/s / peak; peak defaults to 800 TFLOP/s for an H100 (measured bf16 dense matmul),
 125 for an A10 (datasheet); on other devices pass --peak-tflops or MFU is not reported.
@@ -120,23 +120,25 @@ def synthetic_tokens(n: int, mean_doc_len: int, seed: int) -> np.ndarray:
     return toks
 
 
-def mean_attended_keys(tokens: np.ndarray, window: int) -> float:
-    """Mean over queries of the number of keys a query may attend to: min(position in document + 1, window)."""
+def mean_attended_keys(tokens: np.ndarray, window_blocks: int) -> float:
+    """Mean over queries of the number of keys a query may attend to: those of its document from the start of the
+    block max(window_blocks, 1) - 1 blocks before its own, up to itself."""
     pos = np.arange(tokens.size)
     starts = np.where(tokens == tg.BOS_ID, pos, 0)
     doc_start = np.maximum.accumulate(starts)
-    return float(np.minimum(pos - doc_start + 1, window).mean())
+    window_start = (pos // tg.FLEX_BLOCK_SIZE - (max(window_blocks, 1) - 1)) * tg.FLEX_BLOCK_SIZE
+    return float((pos - np.maximum(doc_start, window_start) + 1).mean())
 
 
-def flops_per_token(model: tg.GPT, tokens: np.ndarray, long_window: int) -> float:
+def flops_per_token(model: tg.GPT, tokens: np.ndarray, window_blocks: int) -> float:
     cfg = model.cfg
     matmul = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim >= 2)
     matmul += model.lm_head.weight.numel()
     hdim = cfg.num_heads * cfg.head_dim
     attn = 0.0
-    for block, kind in zip(model.blocks, model.block_window_kinds()):
+    for block, kind in zip(model.blocks, model.window_kinds()):
         if block.attn is not None:
-            window = long_window if kind == "long" else long_window // 2
+            window = window_blocks if kind == "L" else window_blocks // 2
             attn += 12 * hdim * mean_attended_keys(tokens, window)
     return 6 * matmul + attn
 
@@ -168,13 +170,14 @@ class SyntheticBatches:
 
 
 def validation_memory(trainer, hp: tg.Hyperparameters, device: torch.device, window: int) -> dict:
-    """One validation-shaped forward (no gradients, val_seq_len tokens): its time and peak memory."""
+    """One validation-shaped forward (eval mode, no gradients, val_seq_len tokens): its time and peak memory."""
     toks = torch.from_numpy(synthetic_tokens(hp.val_seq_len + 1, 1024, hp.seed + 1)).to(device)
     inputs, targets = toks[:-1].to(torch.int32), toks[1:]
     win = torch.tensor(window, dtype=torch.int32, device=device)
     out = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    trainer.model.eval()
     with torch.no_grad():
         for attempt in ("first (compile)", "second"):
             tg.synchronize(device)
@@ -182,6 +185,7 @@ def validation_memory(trainer, hp: tg.Hyperparameters, device: torch.device, win
             loss = trainer.forward(inputs, targets, win)
             tg.synchronize(device)
             out[f"val_forward_s_{attempt.split()[0]}"] = round(time.perf_counter() - t, 3)
+    trainer.model.train()
     out["val_forward_loss"] = round(loss.item(), 4)
     if device.type == "cuda":
         out["val_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
@@ -198,8 +202,6 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-fp8", action="store_true")
-    ap.add_argument("--fp8-grad-scale", choices=["amax", "bound"], default=None,
-                    help="the FP8 head's gradient scale (default: the trainer's)")
     ap.add_argument("--data-dir", default=None, help="read real train shards from here instead of synthetic tokens")
     ap.add_argument("--train-files", default=None)
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: known GPUs only)")
@@ -216,8 +218,6 @@ def main(argv=None) -> int:
         over["compile"] = False
     if args.no_fp8:
         over["fp8"] = False
-    if args.fp8_grad_scale:
-        over["fp8_grad_scale"] = args.fp8_grad_scale
     if args.data_dir:
         over["data_dir"] = args.data_dir
     if args.train_files:
@@ -241,9 +241,7 @@ def main(argv=None) -> int:
     print(f"preset {hp.preset}: {hp.num_layers}x{hp.model_dim}, {hp.global_batch_tokens} tokens per step "
           f"({trainer.grad_accum} micro-steps of {hp.train_seq_len}) on {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}; attention "
-          f"{model.attn_impl}, lm_head {model.head_precision}"
-          f"{f' (gradient scale {hp.fp8_grad_scale})' if model.head_precision == 'fp8' else ''}, "
-          f"compile {hp.compile}", flush=True)
+          f"{model.attn_impl}, lm_head {model.head_precision}, compile {hp.compile}", flush=True)
 
     if os.environ.get("BENCH_STACKS"):  # diagnose a slow warm-up: every N seconds, where is Python?
         import faulthandler
@@ -265,7 +263,7 @@ def main(argv=None) -> int:
 
     # time at the end-of-training window (the most expensive attention); losses are not synced inside the loop
     trainer.step = hp.num_iterations - 1
-    window = tg.window_size(trainer.step, hp)
+    window = tg.window_blocks(trainer.step, hp)
     times, last_batch = [], None
     for _ in range(steps):
         batch = batches.next_batch(device)
@@ -286,14 +284,13 @@ def main(argv=None) -> int:
     result = {
         "preset": hp.preset, "device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
         "date": time.strftime("%Y-%m-%d"), "compile": hp.compile, "lm_head": model.head_precision,
-        "fp8_grad_scale": hp.fp8_grad_scale,
         "attention": model.attn_impl, "global_batch_tokens": hp.global_batch_tokens,
         "grad_accum": trainer.grad_accum, "timed_steps": steps, "warmup_steps": args.warmup_steps,
         "warmup_s": round(warmup_s, 2), "step_ms_median": round(1000 * step_s, 2),
         "step_ms_mean": round(1000 * statistics.mean(times), 2), "tokens_per_s": round(tok_s),
         "model_flops_per_token": round(fpt), "achieved_tflops": round(achieved / 1e12, 3),
         "peak_tflops": peak, "mfu": round(achieved / (peak * 1e12), 4) if peak else None,
-        "peak_memory": tg.peak_memory(device), "final_loss": round(loss.item(), 4), "window": window,
+        "peak_memory": tg.peak_memory(device), "final_loss": round(loss.item(), 4), "window_blocks": window,
         "driver": None,
     }
     if device.type == "cuda":

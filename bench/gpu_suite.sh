@@ -9,14 +9,12 @@
 #   check        bench/check_cuda.py: FlexAttention vs dense in bf16, FP8 head vs fp32, compiled vs eager 20 steps
 #   bench-fp8    bench/bench_train.py --preset speedrun, 100 timed steps, FP8 head, then a 5-step profile
 #   bench-bf16   the same with --no-fp8
-#   bench-fp8-bound  bench-fp8 with --fp8-grad-scale bound (no amax pass over the head's gradient), no profile
 #   mem-a10      bench/bench_train.py --preset a10: peak memory of training steps and of a validation forward
 #   mem-medium   the same for the medium (track-2) preset
 #   sample       bench/bench_generate.py on the track-1 model, compiled, next to Hugging Face GPT-2 (--hf)
 #   learn-fp8    train_gpt.py --preset speedrun --num-iterations 300 on data/code, val every 25 steps
-#   learn-fp8-bound  the same with --fp8-grad-scale bound, then records/report.py --compare against the FP8 run
-#                (this call's learn-fp8 log, else the newest one in records/logs)
-#   learn-bf16   the same with --no-fp8 (same data, same seed), then the same comparison
+#   learn-bf16   the same with --no-fp8 (same data, same seed), then records/report.py --compare against the FP8
+#                run (this call's learn-fp8 log, else the newest one in records/logs)
 # Every step's output goes to OUTDIR/STEP.log (and .json where the tool writes one); run logs to OUTDIR/logs/.
 # Environment: PYTHON (default python3), STEP_LIMIT_<STEP> in seconds to change a step's limit (dashes as _),
 # CORPUS_MB (default 400). Limits allow for a cold compile cache: a first compile of the track-1 model took 135 s.
@@ -67,16 +65,11 @@ torch.cuda.get_device_capability(0))'" ;;
         check) $py bench/check_cuda.py --data-dir data/code --train-files 'code_train_*.bin' --json "$out/check.json" ;;
         bench-fp8) $py bench/bench_train.py --preset speedrun --steps 100 --profile 5 --json "$out/bench-fp8.json" ;;
         bench-bf16) $py bench/bench_train.py --preset speedrun --steps 100 --no-fp8 --json "$out/bench-bf16.json" ;;
-        bench-fp8-bound) $py bench/bench_train.py --preset speedrun --steps 100 --fp8-grad-scale bound \
-                             --json "$out/bench-fp8-bound.json" ;;
         mem-a10) $py bench/bench_train.py --preset a10 --steps 5 --validate --json "$out/mem-a10.json" ;;
         mem-medium) $py bench/bench_train.py --preset medium --steps 3 --validate --json "$out/mem-medium.json" ;;
         sample) $py bench/bench_generate.py --preset speedrun --compile --hf --prompt-len 128 --new-tokens 256 \
                     --batches 1,8 ;;
         learn-fp8) $py train_gpt.py "${learn_flags[@]}" --run-name h100-speedrun-300-code-fp8 ;;
-        learn-fp8-bound)
-            $py train_gpt.py "${learn_flags[@]}" --fp8-grad-scale bound --run-name h100-speedrun-300-code-fp8-bound &&
-                compare_with_fp8 h100-speedrun-300-code-fp8-bound ;;
         learn-bf16)
             $py train_gpt.py "${learn_flags[@]}" --no-fp8 --run-name h100-speedrun-300-code-bf16 &&
                 compare_with_fp8 h100-speedrun-300-code-bf16 ;;
@@ -86,8 +79,8 @@ torch.cuda.get_device_capability(0))'" ;;
 
 default_limit() {
     case $1 in
-        env) echo 60 ;; corpus) echo 180 ;; check) echo 480 ;; bench-fp8 | bench-bf16 | bench-fp8-bound) echo 420 ;;
-        mem-a10 | mem-medium) echo 300 ;; sample) echo 300 ;; learn-fp8 | learn-bf16 | learn-fp8-bound) echo 600 ;; *) echo 60 ;;
+        env) echo 60 ;; corpus) echo 180 ;; check) echo 480 ;; bench-fp8 | bench-bf16) echo 420 ;;
+        mem-a10 | mem-medium) echo 300 ;; sample) echo 300 ;; learn-fp8 | learn-bf16) echo 600 ;; *) echo 60 ;;
     esac
 }
 

@@ -22,9 +22,10 @@ import torch.distributed as dist  # noqa: E402
 
 import train_gpt as tg  # noqa: E402
 
-# 5 blocks, block 2 without attention: 4 attention blocks (two full chunks of 2 on 2 ranks) and 5 MLPs (an odd count:
-# the last chunk of each MLP shape is padded). vocab 1024 x 64 embeddings are sharded across 2 ranks, scalars are not.
-MODEL = dict(vocab_size=1024, num_layers=5, model_dim=64, num_heads=2, head_dim=32, no_attn_layer=2)
+# 6 blocks, block 2 without attention: 5 attention blocks, an odd count, so on 2 ranks the last chunk of each attention
+# shape (qkv (3, 64, 64), c_proj (64, 64), gate (2, 1)) is padded; the 12 MLP matrices (c_fc and c_proj, both
+# (64, 256)) fill chunks of 2. vocab 1024 x 64 embeddings are sharded across 2 ranks, scalars are not.
+MODEL = dict(vocab_size=1024, num_layers=6, model_dim=64, num_heads=2, head_dim=32, no_attn_layer=2)
 STEPS = 3
 RELOAD_AFTER = 2
 

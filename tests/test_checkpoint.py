@@ -86,10 +86,11 @@ def test_rolling_save_due_follows_process_zero_clock(monkeypatch):
 def test_checkpoint_contents(run_b, shared_synthetic_data):
     hp, _, _ = run_b
     ckpt = torch.load(ckpt_path(hp, SAVE_EVERY), map_location="cpu", weights_only=True)
-    assert ckpt["format"] == tg.CHECKPOINT_FORMAT and ckpt["version"] == tg.CHECKPOINT_VERSION
+    assert ckpt["format"] == tg.CHECKPOINT_FORMAT and ckpt["version"] == tg.CHECKPOINT_VERSION == 2
     assert ckpt["step"] == SAVE_EVERY and ckpt["run_id"] == "B"
+    # the tiny preset's layer pattern ("LS") travels with the sizes: a resume must rebuild the same windows
     assert ckpt["model_config"] == asdict(tg.GPTConfig(num_layers=4, model_dim=64, num_heads=2, head_dim=32,
-                                                       no_attn_layer=-1))
+                                                       no_attn_layer=-1, window_pattern="LS"))
     assert ckpt["hyperparameters"]["model_dim"] == 64 and ckpt["hyperparameters"]["num_iterations"] == N
 
     fresh = tg.GPT(tg.GPTConfig(**ckpt["model_config"]))
@@ -116,13 +117,15 @@ def test_checkpoint_contents(run_b, shared_synthetic_data):
                             hp.seqs_per_step, span_multiplier=hp.max_batch_span_multiplier)
     for _ in range(SAVE_EVERY):
         loader.step_starts()
-    assert ckpt["loader"]["pos"] == loader.pos and ckpt["loader"]["epoch"] == 0
+    assert set(ckpt["loader"]) == {"shard", "pos", "epoch", "files"}
+    assert (ckpt["loader"]["shard"], ckpt["loader"]["pos"], ckpt["loader"]["epoch"]) == (loader.shard, loader.pos, 0)
     assert ckpt["loader"]["files"] == ["syn_train_000001.bin", "syn_train_000002.bin"]
     assert isinstance(ckpt["rng"]["torch"], torch.Tensor)
     assert ckpt["train_time_ms"] > 0
 
     later = torch.load(ckpt_path(hp, 2 * SAVE_EVERY), map_location="cpu", weights_only=True)
-    assert later["step"] == 2 * SAVE_EVERY and later["loader"]["pos"] > ckpt["loader"]["pos"]
+    place = lambda c: (c["loader"]["epoch"], c["loader"]["shard"], c["loader"]["pos"])  # noqa: E731
+    assert later["step"] == 2 * SAVE_EVERY and place(later) > place(ckpt)
     assert not torch.equal(later["model"]["embed.weight"], ckpt["model"]["embed.weight"])
 
 

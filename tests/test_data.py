@@ -38,21 +38,6 @@ def split_shards(tmp_path, tokens: np.ndarray, cuts: list[int], prefix: str = "t
     return paths
 
 
-def step_starts_of(batch: list[tuple[torch.Tensor, torch.Tensor]], tokens: np.ndarray, seq_len: int) -> list[int]:
-    """Recover where each (inputs, targets) pair came from in the stream (unique because tokens are random)."""
-    starts = []
-    for inputs, targets in batch:
-        assert inputs.dtype == torch.int32 and targets.dtype == torch.int64
-        assert inputs.shape == (seq_len,) and targets.shape == (seq_len,)
-        assert torch.equal(inputs[1:].long(), targets[:-1])
-        window = np.lib.stride_tricks.sliding_window_view(tokens, seq_len + 1)
-        full = np.concatenate([inputs.numpy().astype(np.int64), targets.numpy()[-1:]])
-        hits = np.flatnonzero((window == full).all(axis=1))
-        assert hits.size == 1, "sequence not found (or ambiguous) in the stream"
-        starts.append(int(hits[0]))
-    return starts
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Shard headers
 
@@ -164,7 +149,7 @@ def test_synthetic_corpus_fixture(synthetic_data):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# TokenStream
+# TokenStream (what the validation set reads through)
 
 
 def test_token_stream_reads_across_shard_boundaries(tmp_path):
@@ -183,115 +168,186 @@ def test_token_stream_reads_across_shard_boundaries(tmp_path):
         stream.read(-1, 5)
 
 
-def test_token_stream_find_bos(tmp_path):
-    rng = np.random.default_rng(1)
-    n = 150_000  # longer than find_bos's 65536-token read chunk
-    tokens = rng.integers(0, BOS, size=n)
-    bos_at = np.sort(rng.choice(n, size=12, replace=False))
-    bos_at = np.concatenate([bos_at, [5, 6, 70_000, 65_536 + 7, n - 1]])
-    tokens[bos_at] = BOS
-    files = split_shards(tmp_path, tokens, [40_000, 100_000])
-    stream = tg.TokenStream(files)
-
-    def expected(start, limit):
-        end = min(start + limit, n - 1)
-        hits = np.flatnonzero(tokens[start:end + 1] == BOS)
-        return start + int(hits[0]) if hits.size else -1
-
-    queries = [(0, 10), (0, 4), (0, 5), (6, 0), (7, 0), (7, 100_000), (n - 1, 0), (n - 1, 10), (n - 5, 3),
-               (66_000, 10_000), (65_536, 7), (65_536, 6), (39_990, 30), (1, 149_000)]
-    queries += [(int(rng.integers(0, n)), int(rng.integers(0, 90_000))) for _ in range(30)]
-    for start, limit in queries:
-        assert stream.find_bos(start, limit) == expected(start, limit), (start, limit)
+def test_token_stream_read_of_nothing(tmp_path):
+    stream = tg.TokenStream(split_shards(tmp_path, np.arange(50), [20]))
+    assert stream.read(20, 0).size == 0
+    with pytest.raises(IndexError):
+        stream.read(45, 6)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # TrainLoader
 
 
+def located(batch: list[tuple[torch.Tensor, torch.Tensor]], shards: list[np.ndarray], seq_len: int
+            ) -> list[tuple[int, int]]:
+    """(shard, start) of each (inputs, targets) pair, searched in every shard (unique because tokens are random); a
+    sequence never spans two shards."""
+    out = []
+    for inputs, targets in batch:
+        assert inputs.dtype == torch.int32 and targets.dtype == torch.int64
+        assert inputs.shape == (seq_len,) and targets.shape == (seq_len,)
+        assert torch.equal(inputs[1:].long(), targets[:-1])
+        full = np.concatenate([inputs.numpy().astype(np.int64), targets.numpy()[-1:]])
+        hits = [(k, int(i)) for k, tokens in enumerate(shards) if tokens.size > seq_len
+                for i in np.flatnonzero((np.lib.stride_tricks.sliding_window_view(tokens, seq_len + 1) == full)
+                                        .all(axis=1))]
+        assert len(hits) == 1, "sequence not found (or ambiguous) in the shards"
+        out.append(hits[0])
+    return out
+
+
+def assert_batch_reads(batch, tokens: np.ndarray, starts: list[int], seq_len: int) -> None:
+    """The batch is the shard's tokens at the given starts: inputs, and the same shifted by one as targets."""
+    assert len(batch) == len(starts)
+    for (inputs, targets), s in zip(batch, starts):
+        assert inputs.dtype == torch.int32 and targets.dtype == torch.int64
+        want = tokens[s:s + seq_len + 1].astype(np.int64)
+        assert want.size == seq_len + 1, "a sequence runs past the end of its shard"
+        np.testing.assert_array_equal(inputs.numpy(), want[:-1])
+        np.testing.assert_array_equal(targets.numpy(), want[1:])
+
+
+def shards_of(files: list[str]) -> list[np.ndarray]:
+    return [np.asarray(tg.load_shard(f)).astype(np.int64) for f in files]
+
+
 def test_loader_sequences_are_bos_aligned_non_overlapping_and_within_the_span(tmp_path):
     T, S, mult = 64, 4, 2.0
     tokens = docs_corpus(20_000, 5, 40, seed=2)  # BOS always within reach
     files = split_shards(tmp_path, tokens, [7_777])
+    shards = shards_of(files)
     loader = tg.TrainLoader(files, T, S, span_multiplier=mult)
     span = int(mult * S * T)
-    for _ in range(15):
-        step_start = loader.state_dict()["pos"]
+    seen = set()
+    for _ in range(40):
+        before = loader.state_dict()
         batch = loader.next_batch(CPU)
         assert len(batch) == S
-        starts = step_starts_of(batch, tokens, T)
+        where = located(batch, shards, T)
+        (shard,) = {k for k, _ in where}  # a step reads one shard
+        seen.add(shard)
+        step_start = before["pos"] if shard == before["shard"] else 0  # a new shard is read from its start
+        own = shards[shard]
         prev_end = step_start
-        for start in starts:
-            assert tokens[start] == BOS
+        for _, start in where:
+            assert own[start] == BOS
             # the first BOS at or after where the previous sequence ended: nothing skipped that could have been used
             assert start >= prev_end
-            assert not (tokens[prev_end:start] == BOS).any()
+            assert not (own[prev_end:start] == BOS).any()
             prev_end = start + T
-        assert starts[-1] + T <= step_start + span
-        assert loader.state_dict()["pos"] > starts[-1] + T - 1  # the next step starts after this one
-    assert loader.state_dict()["epoch"] == 0
+        after = loader.state_dict()
+        assert after["shard"] == shard
+        # the loader moves to the first BOS at or after the last sequence's end, inside the step's look-ahead
+        assert own[after["pos"]] == BOS and not (own[prev_end:after["pos"]] == BOS).any()
+        assert prev_end <= after["pos"] < step_start + span
+    assert seen == {0, 1} and loader.state_dict()["epoch"] == 0
 
 
-def reference_starts(tokens: np.ndarray, step_start: int, T: int, S: int, span: int) -> list[int]:
-    """The docstring's rule: each sequence starts at the first BOS at or after the previous end as long as the
-    remaining sequences still fit within the span (and the data); otherwise at the previous end."""
-    pos, out = step_start, []
-    for j in range(S):
-        last_allowed = min(step_start + span - (S - j) * T, tokens.size - (S - j) * (T + 1))
-        hits = np.flatnonzero(tokens[pos:max(pos, last_allowed + 1)] == BOS)
-        start = pos + int(hits[0]) if hits.size else pos
-        out.append(start)
-        pos = start + T
-    return out
+def reference_steps(shards: list[np.ndarray], T: int, S: int, span: int):
+    """The loader's rules as its docstring states them, as plain loops over positions: per step (epoch, shard,
+    starts, aligned, position after). The record's chain of BOS at least T apart inside the look-ahead (cut to a
+    fresh shard that is shorter); else each sequence at the first BOS that leaves room for the rest back to back,
+    else right after the previous one; a tail without room for the look-ahead dropped, shards too small for a
+    step skipped, the first shard again after the last."""
+    holds = [len(t) >= S * T + 1 for t in shards]
+    epoch, k, pos = 0, 0, 0
+    while True:
+        if not holds[k] or (pos > 0 and pos + span + 1 >= len(shards[k])):
+            pos = 0
+            k += 1
+            while k == len(shards) or not holds[k]:
+                if k == len(shards):
+                    k, epoch = 0, epoch + 1
+                else:
+                    k += 1
+        tokens = shards[k]
+        view_end = min(pos + span, len(tokens) - 1)  # BOS positions used are below this
+        bos = [i for i in range(pos, view_end) if tokens[i] == BOS]
+        chain = []
+        for b in bos:
+            if not chain or b - chain[-1] >= T:
+                chain.append(b)
+        if len(chain) > S:
+            starts, pos, aligned = chain[:S], chain[S], True
+        else:
+            starts, cur = [], pos
+            for j in range(S):
+                room = [b for b in bos if cur <= b <= view_end - (S - j) * T]
+                starts.append(room[0] if room else cur)
+                cur = starts[-1] + T
+            pos, aligned = cur, False
+        yield epoch, k, starts, aligned, pos
 
 
 def test_loader_matches_the_reference_rule_with_long_and_short_documents(tmp_path):
     T, S, mult = 64, 4, 1.5
+    span = int(mult * S * T)
     rng = np.random.default_rng(3)
     parts = []
-    for _ in range(120):
-        length = int(rng.choice([3, 20, 90, 200, 700]))
-        doc = rng.integers(0, BOS, size=length)
-        doc[0] = BOS
-        parts.append(doc)
+    for _ in range(40):  # runs of short documents, where the BOS chain fits, between long ones, where it cannot
+        for length in [*rng.integers(3, 31, size=int(rng.integers(10, 60))), int(rng.choice([90, 200, 700]))]:
+            doc = rng.integers(0, BOS, size=int(length))
+            doc[0] = BOS
+            parts.append(doc)
     tokens = np.concatenate(parts)
-    files = split_shards(tmp_path, tokens, [tokens.size // 3, 2 * tokens.size // 3])
+    assert tokens.size > 12_000
+    # shard 0 holds a step but not the look-ahead (read with the look-ahead cut, first as the loader starts, then
+    # after a shard switch), shard 1 not even a step (skipped)
+    cuts = [span - 40, span - 40 + S * T, span - 40 + S * T + 9_000]
+    files = split_shards(tmp_path, tokens, cuts)
+    shards = shards_of(files)
+    assert S * T + 1 <= len(shards[0]) < span + 1 and len(shards[1]) == S * T
     loader = tg.TrainLoader(files, T, S, span_multiplier=mult)
-    span = int(mult * S * T)
-    aligned = unaligned = 0
-    for _ in range(40):
-        step_start = loader.state_dict()["pos"]
-        if loader.state_dict()["epoch"] > 0:
-            break
-        starts = step_starts_of(loader.next_batch(CPU), tokens, T)
-        if loader.state_dict()["epoch"] > 0:
-            break
-        assert starts == reference_starts(tokens, step_start, T, S, span)
-        aligned += sum(tokens[s] == BOS for s in starts)
-        unaligned += sum(tokens[s] != BOS for s in starts)
-    assert aligned > 10 and unaligned > 10  # both cases were exercised
+    reference = reference_steps(shards, T, S, span)
+    kinds, visited = {True: 0, False: 0}, set()
+    while loader.state_dict()["epoch"] < 2:
+        epoch, k, starts, aligned, pos = next(reference)
+        assert_batch_reads(loader.next_batch(CPU), shards[k], starts, T)
+        assert (loader.state_dict()["epoch"], loader.state_dict()["shard"], loader.state_dict()["pos"]) == (
+            epoch, k, pos)
+        kinds[aligned] += 1
+        visited.add(k)
+    assert kinds[True] > 10 and kinds[False] > 10  # both rules were exercised
+    assert (loader.aligned_steps, loader.unaligned_steps) == (kinds[True], kinds[False])
+    assert visited == {0, 2, 3}
 
 
-def test_loader_starts_unaligned_inside_a_long_document(tmp_path):
-    T, S = 32, 2
+@pytest.mark.parametrize("bos_at,step_61,step_62", [
+    (4_000, [3_904, 4_000], [4_032, 4_064]),  # from 3,904 the look-ahead ends at 4,032: room for the second only
+    (3_968, [3_968, 4_000], [4_032, 4_064]),  # room for both back to back: the first starts there
+    (4_020, [3_904, 3_936], [4_020, 4_052]),  # room for neither at first, for both one step later
+])
+def test_loader_starts_unaligned_inside_a_long_document(tmp_path, bos_at, step_61, step_62):
+    T, S = 32, 2  # look-ahead 128 tokens
     tokens = np.random.default_rng(4).integers(0, BOS, size=5_000)
     tokens[0] = BOS
-    tokens[4_000] = BOS  # far beyond any step's reach from the start
+    tokens[bos_at] = BOS  # far beyond the first steps' reach
     files = split_shards(tmp_path, tokens, [])
     loader = tg.TrainLoader(files, T, S, span_multiplier=2.0)
-    starts = step_starts_of(loader.next_batch(CPU), tokens, T)
-    assert starts == [0, T]  # the first is at the BOS at 0, the second continues where it ended
-    starts = step_starts_of(loader.next_batch(CPU), tokens, T)
-    assert starts == [2 * T + 1, 3 * T + 1]
+    # no chain of BOS: the first sequence at the BOS at 0, the second right after it, and on back to back
+    for k in range(61):
+        assert_batch_reads(loader.next_batch(CPU), tokens, [2 * T * k, 2 * T * k + T], T)
+    # then a sequence starts at the BOS once it leaves room for the rest of the step before the look-ahead's end
+    assert_batch_reads(loader.next_batch(CPU), tokens, step_61, T)
+    assert loader.state_dict()["pos"] == step_61[1] + T
+    assert_batch_reads(loader.next_batch(CPU), tokens, step_62, T)
+    assert loader.state_dict()["pos"] == step_62[1] + T
+    assert (loader.aligned_steps, loader.unaligned_steps) == (0, 63)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_loader_split_over_ranks_takes_the_same_sequences(tmp_path, world_size):
-    T, S, steps = 48, 4, 8
+    """Process r takes sequence j of each step as its micro-step j // world_size when j % world_size == r."""
+    T, S, steps = 48, 4, 40
     tokens = docs_corpus(30_000, 10, 300, seed=5)
     files = split_shards(tmp_path, tokens, [10_000, 20_000])
     single = tg.TrainLoader(files, T, S)
-    reference = [single.next_batch(CPU) for _ in range(steps)]
+    reference, visited = [], set()
+    for _ in range(steps):
+        reference.append(single.next_batch(CPU))
+        visited.add(single.state_dict()["shard"])
+    assert len(visited) >= 2  # the split holds across a shard switch
     loaders = [tg.TrainLoader(files, T, S, rank=r, world_size=world_size) for r in range(world_size)]
     for step in range(steps):
         per_rank = [ld.next_batch(CPU) for ld in loaders]
@@ -299,7 +355,8 @@ def test_loader_split_over_ranks_takes_the_same_sequences(tmp_path, world_size):
         merged = [per_rank[j % world_size][j // world_size] for j in range(S)]
         for (xi, yi), (xr, yr) in zip(merged, reference[step]):
             assert torch.equal(xi, xr) and torch.equal(yi, yr)
-        assert len({ld.state_dict()["pos"] for ld in loaders}) == 1
+        assert all(ld.state_dict() == loaders[0].state_dict() for ld in loaders)
+    assert loaders[0].state_dict() == single.state_dict()
 
 
 def test_loader_state_dict_resumes_at_the_same_place(tmp_path):
@@ -307,69 +364,106 @@ def test_loader_state_dict_resumes_at_the_same_place(tmp_path):
     tokens = docs_corpus(12_000, 10, 150, seed=6)
     files = split_shards(tmp_path, tokens, [5_000])
     a = tg.TrainLoader(files, T, S)
-    for _ in range(7):
-        a.next_batch(CPU)
-    state = a.state_dict()
-    assert state["files"] == [os.path.basename(f) for f in files]
-    expected = [a.next_batch(CPU) for _ in range(150)]  # runs into the next epoch too
+    states, batches = [], []
+    for _ in range(200):  # runs into the next epoch
+        states.append(a.state_dict())
+        batches.append(a.next_batch(CPU))
     assert a.state_dict()["epoch"] >= 1
-    b = tg.TrainLoader(files, T, S)
-    assert b.next_batch(CPU)[0][0].tolist() != expected[0][0][0].tolist()
-    b = tg.TrainLoader(files, T, S)
-    b.load_state_dict(state)
-    for want in expected:
-        got = b.next_batch(CPU)
-        for (x1, y1), (x2, y2) in zip(got, want):
-            assert torch.equal(x1, x2) and torch.equal(y1, y2)
-    assert b.state_dict() == a.state_dict()
+    for k in (7, 45):
+        state = states[k]
+        assert set(state) == {"shard", "pos", "epoch", "files"}
+        assert state["files"] == [os.path.basename(f) for f in files]
+        b = tg.TrainLoader(files, T, S)
+        assert b.next_batch(CPU)[0][0].tolist() != batches[k][0][0].tolist()  # a fresh loader is elsewhere
+        b = tg.TrainLoader(files, T, S)
+        b.load_state_dict(state)
+        assert b.state_dict() == state
+        for want in batches[k:]:
+            got = b.next_batch(CPU)
+            for (x1, y1), (x2, y2) in zip(got, want):
+                assert torch.equal(x1, x2) and torch.equal(y1, y2)
+        assert b.state_dict() == a.state_dict()
+    assert [states[k]["shard"] for k in (7, 45)] == [0, 1]  # a place in each shard
 
 
 def test_loader_wraps_around_to_a_new_epoch(tmp_path):
+    """After the last shard the first again, epoch + 1, each pass the same; shards too small for a step skipped."""
     T, S = 50, 2
-    tokens = docs_corpus(2_000, 20, 60, seed=7)
-    files = split_shards(tmp_path, tokens, [1_000])
+    span = 2 * S * T
+    tokens = docs_corpus(2_280, 20, 60, seed=7)
+    files = split_shards(tmp_path, tokens, [1_000, 1_080])  # shard 1: 80 tokens, less than one step's 101
+    shards = shards_of(files)
     loader = tg.TrainLoader(files, T, S)
-    first = step_starts_of(loader.next_batch(CPU), tokens, T)
-    epochs, previous_end = [], 0
-    for _ in range(60):
-        starts = step_starts_of(loader.next_batch(CPU), tokens, T)
-        epochs.append(loader.state_dict()["epoch"])
-        assert all(s + T + 1 <= tokens.size for s in starts)
-        if epochs[-1] != (epochs[-2] if len(epochs) > 1 else 0):
-            # a new pass starts from the beginning of the stream, exactly like the first step did
-            assert starts == first
-            assert previous_end + S * (T + 1) > tokens.size  # only when the data had run out
-        previous_end = loader.state_dict()["pos"]
-    assert epochs[-1] >= 2
-    assert epochs == sorted(epochs)
+    steps = []  # (epoch, shard, starts) of every step
+    while loader.state_dict()["epoch"] < 2:
+        before = loader.state_dict()
+        where = located(loader.next_batch(CPU), shards, T)
+        (shard,) = {k for k, _ in where}
+        after = loader.state_dict()
+        assert after["shard"] == shard
+        assert all(s + T + 1 <= len(shards[shard]) for _, s in where)
+        if (after["epoch"], shard) != (before["epoch"], before["shard"]):
+            # a switch only where the rest of the shard had no room for the look-ahead, to the next shard that holds
+            # a step, which is read from its start
+            assert before["pos"] + span + 1 >= len(shards[before["shard"]])
+            assert (before["shard"], shard, after["epoch"] - before["epoch"]) in {(0, 2, 0), (2, 0, 1)}
+            assert shards[shard][where[0][1]] == BOS and not (shards[shard][:where[0][1]] == BOS).any()
+        else:
+            assert before["pos"] + span + 1 < len(shards[shard])
+        steps.append((after["epoch"], shard, [s for _, s in where]))
+    passes = [[step[1:] for step in steps if step[0] == e] for e in range(3)]  # the last: one step
+    assert {shard for _, shard, _ in steps} == {0, 2}
+    assert len(passes[0]) > 10 and passes[1] == passes[0] and passes[2] == passes[0][:1]
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_loader_drops_a_shards_tail_without_room_for_the_look_ahead(tmp_path, extra):
+    """Documents of exactly T tokens: each step takes S of them and moves S x T on. A step at pos > 0 needs
+    pos + span + 1 < len(shard): at the 4th step's pos shard 0 holds exactly pos + span + 1 tokens (extra = 0: the
+    rest is dropped) or one more (extra = 1: the step is taken)."""
+    T, S = 16, 2
+    span = 2 * S * T
+    rng = np.random.default_rng(12)
+    shard0 = rng.integers(0, BOS, size=3 * S * T + span + 1 + extra)
+    shard0[::T] = BOS
+    shard1 = rng.integers(0, BOS, size=400)
+    shard1[5::T] = BOS  # the new shard's first step starts at its first BOS
+    files = [str(write_shard(tmp_path / f"train_{i:06d}.bin", t)) for i, t in enumerate((shard0, shard1))]
+    loader = tg.TrainLoader(files, T, S)
+    kept = 3 + extra
+    for k in range(kept):
+        assert loader.step_starts() == [S * T * k + T * j for j in range(S)] and loader.shard == 0
+    assert loader.step_starts() == [5, 5 + T] and loader.state_dict() == dict(
+        shard=1, pos=5 + S * T, epoch=0, files=[os.path.basename(f) for f in files])
 
 
 def test_loader_with_span_multiplier_one_wraps_instead_of_reading_past_the_end(tmp_path):
     T, S = 8, 2
-    tokens = np.arange(33)  # no BOS: sequences are unaligned; after one step exactly S * T tokens remain
+    tokens = np.arange(33)  # no BOS: sequences are unaligned; after one step exactly S * T + 1 tokens remain
     files = split_shards(tmp_path, tokens, [])
     loader = tg.TrainLoader(files, T, S, span_multiplier=1.0)
-    for _ in range(4):
-        for x, y in loader.next_batch(CPU):
-            assert x.numel() == T and y.numel() == T
+    for epoch in range(4):  # pos 16 + span 16 + 1 reaches the end: the rest is dropped, a new epoch begins
+        assert_batch_reads(loader.next_batch(CPU), tokens, [0, T], T)
+        assert loader.state_dict()["epoch"] == epoch
 
 
-def test_loader_errors_when_the_stream_is_shorter_than_one_step(tmp_path):
+def test_loader_errors_when_no_shard_holds_one_step(tmp_path):
     T, S = 64, 4
-    files = split_shards(tmp_path, docs_corpus(S * (T + 1) - 1, 10, 50, seed=8), [100])
-    with pytest.raises(tg.DataError, match=str(S * (T + 1))):
+    need = S * T + 1  # the step's S x T inputs and the last target
+    small = docs_corpus(3 * (need - 1), 10, 50, seed=8)
+    files = split_shards(tmp_path, small, [need - 1, 2 * (need - 1)])  # together long enough, none alone
+    with pytest.raises(tg.DataError, match=f"{need} tokens.*largest holds {need - 1}"):
         tg.TrainLoader(files, T, S)
-    ok = split_shards(tmp_path / "ok", docs_corpus(S * (T + 1), 10, 50, seed=8), [])
+    # the smallest accepted shard, between two too small: its step is the only one, each pass
+    tokens = docs_corpus(3 * need - 2, 10, 50, seed=9)
+    ok = split_shards(tmp_path / "ok", tokens, [need - 1, 2 * need - 1])
+    shards = shards_of(ok)
+    assert [len(t) for t in shards] == [need - 1, need, need - 1]
     loader = tg.TrainLoader(ok, T, S)
-    assert len(loader.next_batch(CPU)) == S
-    assert loader.state_dict()["epoch"] == 0  # the smallest accepted stream serves its first step in the first pass
-
-
-def test_token_stream_read_of_nothing(tmp_path):
-    stream = tg.TokenStream(split_shards(tmp_path, np.arange(50), [20]))
-    assert stream.read(20, 0).size == 0
-    with pytest.raises(IndexError):
-        stream.read(45, 6)
+    first = located(loader.next_batch(CPU), shards, T)
+    assert {k for k, _ in first} == {1} and loader.state_dict()["epoch"] == 0  # served in the first pass
+    for epoch in (1, 2):
+        assert located(loader.next_batch(CPU), shards, T) == first and loader.state_dict()["epoch"] == epoch
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -449,19 +543,28 @@ def test_muon_momentum_warmup():
     assert tg.muon_momentum(0, dataclasses.replace(hp, muon_momentum_warmup_steps=0)) == pytest.approx(0.95)
 
 
-def test_window_size_schedule():
+def record_window(step: int, hp: tg.Hyperparameters) -> int:
+    """The record's long window in blocks, as it computes it: next_multiple_of_n(1728 * step / num_iterations, 128)
+    (the smallest of 128, 256, ... not below the float product) // 128, with the preset's window_tokens for 1728."""
+    x = hp.window_tokens * (step / hp.num_iterations)
+    return next(m for m in range(128, int(x) + 1 + 128, 128) if m >= x) // 128
+
+
+def test_window_blocks_schedule():
     hp = tg.Hyperparameters()
     N = hp.num_iterations
-    values = [tg.window_size(s, hp) for s in range(N + 1)]
-    assert values[0] == 128 and values[-1] == 1792
-    assert all(v % 128 == 0 for v in values)
-    assert all(a <= b for a, b in zip(values, values[1:]))
-    assert set(values) == set(range(128, 1793, 128))  # grows one block at a time, skipping none
-    for s in range(0, N + 1, 37):  # within half a block of the straight line
-        assert abs(values[s] - (128 + (1792 - 128) * s / N)) <= 64
-    assert tg.window_size(2 * N, hp) == 1792
+    assert (hp.window_tokens, N) == (1728, 1695)
+    values = [tg.window_blocks(s, hp) for s in range(N + 1)]
+    assert values == [record_window(s, hp) for s in range(N + 1)]
+    assert values[:126] == [1] * 126 and values[126] == 2 and values[-1] == 14  # 1 block (128) to 14 (1,792)
+    assert all(0 <= b - a <= 1 for a, b in zip(values, values[1:]))  # never shrinks, one block at a time
+    assert set(values) == set(range(1, 15))
     tiny = tg.preset_hyperparameters("tiny")
-    assert tg.window_size(0, tiny) == 128 and tg.window_size(tiny.num_iterations, tiny) == 512
+    assert (tiny.window_tokens, tiny.num_iterations) == (448, 200)
+    small = [tg.window_blocks(s, tiny) for s in range(tiny.num_iterations + 1)]
+    assert small == [record_window(s, tiny) for s in range(tiny.num_iterations + 1)]
+    assert small[0] == 1 and small[-1] == 4  # ceil(448 / 128) = 4 blocks at the end
+    assert all(a <= b for a, b in zip(small, small[1:]))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

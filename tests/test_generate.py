@@ -17,8 +17,11 @@ import train_gpt as tg
 from conftest import ROOT, subprocess_env, tiny_hp
 
 CPU = torch.device("cpu")
-# A final window of 256 (long) / 128 (short) that differs from the starting 128, so the test sees which one is used.
-WINDOWS = dict(window_start=128, window_end=256, num_iterations=12)
+# A final window of 4 (long) / 2 (short) 128-token blocks that differs from the starting 1 (short 0: own block only),
+# so the tests see which one is used; the test sequences span several blocks, with documents longer than 4 blocks.
+WINDOWS = dict(window_tokens=512, num_iterations=12)
+FINAL_BLOCKS = 4
+BLOCK = tg.FLEX_BLOCK_SIZE
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +36,8 @@ def trained(shared_synthetic_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def random_ckpt(shared_synthetic_data, tmp_path_factory) -> Path:
     """A checkpoint in the trainer's format (Trainer.checkpoint) of a model with large random weights everywhere,
-    including the zero-initialised projections and a block without attention, so every path shows in the logits."""
+    including the zero-initialised projections and attention gates and a block without attention, so every path
+    shows in the logits (a zero gate is 1/2 for every head and token)."""
     work = tmp_path_factory.mktemp("gen_random")
     hp = tiny_hp(shared_synthetic_data, work, no_attn_layer=1, **WINDOWS)
     trainer = tg.Trainer(hp, CPU)
@@ -41,7 +45,8 @@ def random_ckpt(shared_synthetic_data, tmp_path_factory) -> Path:
     with torch.no_grad():
         for name, p in trainer.model.named_parameters():
             if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if "embed" in name else 0.1))
+                scale = 0.5 if "embed" in name else (2.0 if name.endswith("attn.gate.weight") else 0.1)
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
             else:
                 p.copy_(torch.rand(p.shape, generator=gen) * 0.7 + 0.3)
     path = Path(hp.checkpoint_dir) / "R" / "step_000012.pt"
@@ -55,7 +60,7 @@ def loaded(random_ckpt) -> g.LoadedModel:
 
 
 def documents(length: int, seed: int, bos_at=(0, 90, 97, 260)) -> torch.Tensor:
-    """Random text ids with BOS at the given positions: several documents, one of them longer than the window."""
+    """Random text ids with BOS at the given positions."""
     toks = torch.randint(0, g.TEXT_VOCAB - 1, (length,), generator=torch.Generator().manual_seed(seed))
     for p in bos_at:
         if p < length:
@@ -69,18 +74,34 @@ def documents(length: int, seed: int, bos_at=(0, 90, 97, 260)) -> torch.Tensor:
 
 def test_window_is_the_one_at_the_end_of_training(loaded):
     hp = tiny_hp("unused", "unused", **WINDOWS)
-    assert loaded.window == tg.window_size(hp.num_iterations, hp) == 256 != tg.window_size(0, hp)
+    assert loaded.window_blocks == tg.window_blocks(hp.num_iterations, hp) == FINAL_BLOCKS != tg.window_blocks(0, hp)
 
 
+def gates(model: tg.GPT) -> list[torch.Tensor]:
+    return [b.attn.gate.weight for b in model.blocks if b.attn is not None]
+
+
+def unbounded(seq: torch.Tensor) -> int:
+    """A long window covering the whole sequence (its short one too): no window binds."""
+    return 2 * (seq.numel() // BLOCK + 1)
+
+
+@pytest.mark.parametrize("window", [None, 1, 3])  # None: the final one (4 blocks, short 2); 1: short 0; 3: short 1
 @pytest.mark.parametrize("which", ["random", "trained"])
-def test_decode_logits_equal_training_forward(which, loaded, trained):
+def test_decode_logits_equal_training_forward(which, window, loaded, trained):
     model_info = loaded if which == "random" else g.load_model(str(trained), CPU)
-    model, window = model_info.model, model_info.window
-    seq = documents(600, seed=0, bos_at=(0, 90, 97, 200, 520))  # documents longer and shorter than the window
-    ref = model(seq, long_window=window)  # the trainer's dense CPU path
+    model = model_info.model
+    window = model_info.window_blocks if window is None else window
+    assert set(model.window_kinds()) == {"L", "S"}
+    assert all(torch.count_nonzero(w) == w.numel() for w in gates(model))  # the gates are part of the function
+    # 8 blocks; a document of 753 tokens (blocks 0-6) longer than every window, and short ones
+    seq = documents(1000, seed=0, bos_at=(0, 90, 97, 850, 852))
+    ref = model(seq, window_blocks=window)  # the trainer's dense CPU path
     decoder = g.KVDecoder(model, window, batch=1, max_len=seq.numel())
     got = decoder.step(seq[None], all_logits=True)[0]
     assert ref.std() > 0.05  # non-trivial logits
+    if which == "random":  # the window binds: an unbounded one gives other logits
+        assert (model(seq, window_blocks=unbounded(seq)) - ref).abs().max() > 1e-2
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
 
 
@@ -90,39 +111,44 @@ def test_decode_logits_equal_training_forward(which, loaded, trained):
 
 @pytest.mark.parametrize("static", [False, True])
 def test_cached_logits_equal_uncached_at_every_step(loaded, static):
-    """Batch of 3 different sequences, prompts longer than the long window, BOS inside prompt and continuation."""
-    model, window = loaded.model, loaded.window
-    prompt_len, steps = 300, 30
+    """Batch of 3 different sequences over 5+ blocks, prompts longer than the long window (4 blocks), BOS inside
+    prompt and continuation; the one-token steps cross the block boundary at 640, where a block leaves the window."""
+    model, window = loaded.model, loaded.window_blocks
+    prompt_len, steps = 620, 30
     seqs = torch.stack([documents(prompt_len + steps, seed=s, bos_at=bos)
-                        for s, bos in ((1, (0,)), (2, (0, 150, 310)), (3, (0, 299, 301)))])
+                        for s, bos in ((1, (0,)), (2, (0, 150, 630)), (3, (0, 619, 621)))])
     decoder = g.KVDecoder(model, window, batch=3, max_len=prompt_len + steps, static=static)
     logits = decoder.step(seqs[:, :prompt_len])
+    win = torch.tensor(window, dtype=torch.int32)
     for t in range(prompt_len, prompt_len + steps + 1):
         # the training forward, with the head applied to the last position only (forward() applies it to all)
-        win = torch.tensor(window, dtype=torch.int32)
         ref = torch.stack([model.head_logits(model.hidden(row[:t], win)[0, -1]) for row in seqs])
         torch.testing.assert_close(logits, ref, atol=1e-4, rtol=0)
         if t < prompt_len + steps:
             logits = decoder.step(seqs[:, t:t + 1])
+    free = torch.tensor(unbounded(seqs[0]), dtype=torch.int32)  # the window binds at the last step
+    assert (model.head_logits(model.hidden(seqs[0], free)[0, -1]) - ref[0]).abs().max() > 1e-2
 
 
 def test_generate_greedy_equals_recomputing_everything(loaded):
-    model, window = loaded.model, loaded.window
-    prompt = documents(150, seed=4, bos_at=())[:150].tolist()
+    """A one-document prompt longer than the long window; the new tokens cross the block boundary at 640."""
+    model, window = loaded.model, loaded.window_blocks
+    n = 630
+    prompt = documents(n, seed=4, bos_at=()).tolist()
     got = g.generate(model, window, prompt, g.SamplingConfig(max_tokens=12, num_samples=2, temperature=0))
     seq = [g.EOT_ID] + prompt
     for _ in range(12):
-        logits = model(torch.tensor(seq), long_window=window)[-1]
+        logits = model(torch.tensor(seq), window_blocks=window)[-1]
         seq.append(int(logits[:g.TEXT_VOCAB].argmax()))
-    assert got == [seq[151:], seq[151:]]
+    assert got == [seq[n + 1:], seq[n + 1:]]
 
 
 @pytest.mark.parametrize("static", [False, True])
 def test_a_reused_decoder_gives_what_a_fresh_one_gives(loaded, static):
     """Stale cache entries of an earlier, longer call must not leak into the next one (benchmarks reuse decoders)."""
-    model, window = loaded.model, loaded.window
+    model, window = loaded.model, loaded.window_blocks
     sc = g.SamplingConfig(max_tokens=8, num_samples=2, temperature=0.9, seed=5)
-    long_prompt = documents(200, seed=6, bos_at=(90,))[:200].tolist()
+    long_prompt = documents(300, seed=6, bos_at=(90,)).tolist()  # 3 blocks
     short_prompt = [464, 3290, 318]
     decoder = g.KVDecoder(model, window, 2, len(long_prompt) + 1 + sc.max_tokens, static=static)
     g.generate(model, window, long_prompt, sc, decoder=decoder)
@@ -138,7 +164,7 @@ def test_a_reused_decoder_gives_what_a_fresh_one_gives(loaded, static):
 
 def run(loaded, prompt=(464, 3290), **kw) -> list[list[int]]:
     sc = g.SamplingConfig(**{"max_tokens": 10, **kw})
-    return g.generate(loaded.model, loaded.window, list(prompt), sc)
+    return g.generate(loaded.model, loaded.window_blocks, list(prompt), sc)
 
 
 def test_greedy_is_deterministic_and_ignores_the_seed(loaded):

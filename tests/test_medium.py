@@ -18,6 +18,16 @@ def test_medium_preset_has_the_track2_recipe():
     assert hp.num_iterations == 5960 and hp.cooldown_frac == 0.7
     assert (hp.muon_lr, hp.adam_lr, hp.head_lr, hp.scalar_lr) == (0.025, 0.3, 1 / 320, 0.015)
     assert hp.target_val_loss == 2.92 and hp.preset == "medium"
+    # Record8's per-block windows: long for blocks 0, 4, 11 and 15
+    assert [i for i, k in enumerate(hp.window_pattern) if k == "L"] == [0, 4, 11, 15] and len(hp.window_pattern) == 16
+    # its loss is summed over each GPU's 64K tokens and averaged over 8: one GPU scales each micro-step by 1/8
+    assert tg.loss_scale(hp, 1) == 1 / 8 and tg.loss_scale(hp, 8) == 1
+
+
+def test_the_docstring_names_the_record_and_its_deviations():
+    doc = medium.__doc__
+    assert "2025-04-22_Record8/075_640429f2-e726-4e83-aa27-684626239ffc.txt" in doc
+    assert "It is not that record's function or update rule" in doc
 
 
 def test_everything_else_is_track1():
@@ -46,7 +56,8 @@ def test_medium_model_size():
     d = hp.model_dim
     attn_blocks = hp.num_layers - (1 if 0 <= hp.no_attn_layer < hp.num_layers else 0)
     matrices = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim >= 2)
-    assert matrices == attn_blocks * 4 * d * d + hp.num_layers * 8 * d * d
+    gate = hp.num_heads * (d // 64)  # the attention gate: heads x (model_dim / 64)
+    assert matrices == attn_blocks * (4 * d * d + gate) + hp.num_layers * 8 * d * d
 
 
 def test_medium_runs_and_logs_both_sources(shared_synthetic_data, tmp_path, capsys):

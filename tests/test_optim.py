@@ -178,34 +178,91 @@ def test_muon_update_is_orthogonal_with_shape_scale():
 # DistAdam, one process
 
 
-def test_dist_adam_matches_torch_adam():
+def record_adam(init: torch.Tensor, grads: list[torch.Tensor], lr: float, betas, eps: float):
+    """The record's Adam in float64, from its formula: m and v the usual EMAs of g and g^2, then
+    p -= lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps), eps added to the root of the uncorrected v.
+    Returns p after every step, the final m and v, and the same EMA of |g| (the scale of m's rounding, as m's terms
+    can cancel)."""
+    b1, b2 = betas
+    p = init.double().clone()
+    m, v, m_abs = (torch.zeros_like(p) for _ in range(3))
+    trajectory = []
+    for t, g in enumerate(grads, start=1):
+        g = g.double()
+        m = b1 * m + (1 - b1) * g
+        m_abs = b1 * m_abs + (1 - b1) * g.abs()
+        v = b2 * v + (1 - b2) * g * g
+        p = p - lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m / (v.sqrt() + eps)
+        trajectory.append(p.clone())
+    return trajectory, m, v, m_abs
+
+
+def test_dist_adam_uses_the_records_arrangement():
+    """DistAdam against the record's formula, step by step, with gradients from 1e-9 (where sqrt(v) is of the order
+    of eps, so where eps goes matters) to 10. torch.optim.Adam adds eps to the bias-corrected root instead
+    (eps sqrt(1 - b2^t) relative to the record's): far off on the small gradients, where the test must tell them
+    apart, and within fp32 rounding on large ones, where eps is negligible."""
     g = torch.Generator().manual_seed(1)
     shapes = [(50, 16), (7,), (2,), (1024, 8)]
-    init = [torch.randn(s, generator=g) for s in shapes]
-    ours = [torch.nn.Parameter(t.clone()) for t in init]
-    ref = [torch.nn.Parameter(t.clone()) for t in init]
+    lr_of = [0.6, 0.008, 0.04, 0.6]  # parameters 0 and 3 share a group
     betas, eps = (0.8, 0.95), 1e-10
-    lrs = (0.6, 0.008, 0.04)
-    opt = tg.DistAdam([{"params": [("a", ours[0]), ("d", ours[3])], "lr": lrs[0]},
-                       {"params": [("b", ours[1])], "lr": lrs[1]}, {"params": [("c", ours[2])], "lr": lrs[2]}],
-                      lr=lrs[0], betas=betas, eps=eps)
-    torch_opt = torch.optim.Adam([{"params": [ref[0], ref[3]], "lr": lrs[0]}, {"params": [ref[1]], "lr": lrs[1]},
-                                  {"params": [ref[2]], "lr": lrs[2]}], lr=lrs[0], betas=betas, eps=eps,
-                                 weight_decay=0.0)
-    for step in range(4):
-        for a, b in zip(ours, ref):
-            grad = torch.randn(a.shape, generator=g) * 10 ** (step - 2)  # gradients of changing size
-            a.grad, b.grad = grad.clone(), grad.clone()
-        opt.step()
-        torch_opt.step()
-        for i, (a, b) in enumerate(zip(ours, ref)):
-            torch.testing.assert_close(a.detach(), b.detach(), atol=1e-6, rtol=1e-5, msg=f"param {i} step {step}")
-    for a, b, a0 in zip(ours, ref, init):
-        assert not torch.allclose(a.detach(), a0)
-        st, ts = opt.state[a], torch_opt.state[b]
-        assert float(st["step"]) == float(ts["step"]) == 4
-        torch.testing.assert_close(st["exp_avg"], ts["exp_avg"], atol=1e-7, rtol=1e-5)
-        torch.testing.assert_close(st["exp_avg_sq"], ts["exp_avg_sq"], atol=1e-9, rtol=1e-5)
+    init = [torch.randn(s, generator=g) for s in shapes]
+
+    def run(make, scales, floor=0.0):
+        """The optimiser from make() over steps with gradients of these sizes, each entry at least floor x size."""
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = make(params)
+        grads = []
+        for i, p in enumerate(params):
+            gen = torch.Generator().manual_seed(10 * i)
+            draws = [torch.randn(p.shape, generator=gen) for _ in scales]
+            grads.append([(x.sign() * x.abs().clamp(min=floor)) * scale for x, scale in zip(draws, scales)])
+        after = []
+        for k in range(len(scales)):
+            for p, gs in zip(params, grads):
+                p.grad = gs[k].clone()
+            opt.step()
+            after.append([p.detach().clone() for p in params])
+        return params, opt, grads, after
+
+    def ours(ps):
+        return tg.DistAdam([{"params": [("a", ps[0]), ("d", ps[3])], "lr": lr_of[0]},
+                            {"params": [("b", ps[1])], "lr": lr_of[1]}, {"params": [("c", ps[2])], "lr": lr_of[2]}],
+                           lr=lr_of[0], betas=betas, eps=eps)
+
+    def torch_adam(ps):
+        return torch.optim.Adam([{"params": [ps[0], ps[3]], "lr": lr_of[0]}, {"params": [ps[1]], "lr": lr_of[1]},
+                                 {"params": [ps[2]], "lr": lr_of[2]}], lr=lr_of[0], betas=betas, eps=eps,
+                                weight_decay=0.0)
+
+    def tolerance(i, step):
+        """fp32 against float64: per step, the weight rounded once (2^-24 |p|) and an update of at most a few lr
+        from a handful of fp32 operations (2^-21 of it); summed over the steps so far."""
+        return dict(rtol=(step + 1) * 2.0 ** -23, atol=(step + 1) * lr_of[i] * 2.0 ** -18)
+
+    small, large = (1e-9, 3e-9, 1e-9, 1e-2, 1.0, 10.0), (1.0, 0.5, 2.0)
+    params, opt, grads, after = run(ours, small)
+    _, _, _, theirs = run(torch_adam, small)
+    for i, p in enumerate(params):
+        trajectory, m, v, m_abs = record_adam(init[i], grads[i], lr_of[i], betas, eps)
+        for step, ref in enumerate(trajectory):
+            torch.testing.assert_close(after[step][i].double(), ref, **tolerance(i, step), msg=f"param {i} step {step}")
+        # torch's arrangement is off by a sizeable part of lr from the first 1e-9 step on
+        off = (theirs[0][i].double() - trajectory[0]).abs().max().item()
+        assert off > 0.05 * lr_of[i] > 1000 * tolerance(i, 0)["atol"], (i, off)
+        st = opt.state[p]
+        assert float(st["step"]) == len(small)
+        # fp32 EMAs: a few roundings of 2^-24 per step, of m's terms' size (m_abs) and of v's (no cancellation)
+        assert ((st["exp_avg"].double() - m).abs() <= len(small) * 2.0 ** -22 * m_abs).all()
+        torch.testing.assert_close(st["exp_avg_sq"].double(), v, rtol=len(small) * 2.0 ** -21, atol=0)
+    # with every gradient entry at least 0.25 (sqrt(v) > 0.05), eps is under 2e-9 of the root in both arrangements,
+    # far below fp32's 2^-24: they agree, each within its rounding of the exact value (twice the tolerance)
+    _, _, _, ours_large = run(ours, large, floor=0.5)
+    _, _, _, torch_large = run(torch_adam, large, floor=0.5)
+    for step in range(len(large)):
+        for i in range(len(shapes)):
+            tol = {k: 2 * t for k, t in tolerance(i, step).items()}
+            torch.testing.assert_close(ours_large[step][i], torch_large[step][i], **tol)
 
 
 def test_dist_adam_skips_parameters_without_grad():

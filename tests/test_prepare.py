@@ -348,22 +348,31 @@ def test_bad_arguments_and_inputs_exit_2(tmp_path, capsys, make_inputs, flags, w
 def test_trainer_loader_and_validation_set_read_the_output(corpus, tmp_path):
     paths, texts = corpus
     out = tmp_path / "out"
-    prep.prepare(paths, out, val_tokens=512, shard_tokens=300, workers=1, quiet=True)
+    prep.prepare(paths, out, val_tokens=512, shard_tokens=1_000, workers=1, quiet=True)
     val_files, train_files = [list(map(str, f)) for f in shard_files(out, "out")]
-    longest = max(len(encode(t)) + 1 for t in texts)
-    assert longest < 128, "documents must be short enough for every sequence to find a BOS in its window"
-
+    shards = read_tokens(train_files)
     seq_len, seqs = 128, 2
+    span = 2 * seqs * seq_len  # the loader's default look-ahead
+    # every sequence finds its BOS: a chain of seqs + 1 BOS at least seq_len apart, each within a document's length
+    # of the previous one's end, fits in the look-ahead of every shard that holds a step (the small last one not)
+    longest = max(len(encode(t)) + 1 for t in texts)
+    assert (seqs + 1) * (longest - 1) + seqs * seq_len < span
+    assert [len(t) > span for t in shards] == [len(t) >= seqs * seq_len + 1 for t in shards] == [True, True, False]
+
     loader = tg.TrainLoader(train_files, seq_len, seqs)
     twin = tg.TrainLoader(train_files, seq_len, seqs)  # tells where each of the loader's sequences starts
-    stream = np.concatenate(read_tokens(train_files))
-    for _ in range(3):
+    read = []
+    while loader.state_dict()["epoch"] == 0:
         batch, starts = loader.next_batch(torch.device("cpu")), twin.step_starts()
-        assert len(batch) == seqs
+        assert len(batch) == seqs and twin.state_dict() == loader.state_dict()
+        tokens = shards[twin.shard]
         for (inputs, targets), start in zip(batch, starts):
             assert inputs[0].item() == BOS, "sequence does not start at a document"
-            np.testing.assert_array_equal(inputs.numpy(), stream[start:start + seq_len])
-            np.testing.assert_array_equal(targets.numpy(), stream[start + 1:start + seq_len + 1])
+            np.testing.assert_array_equal(inputs.numpy(), tokens[start:start + seq_len])
+            np.testing.assert_array_equal(targets.numpy(), tokens[start + 1:start + seq_len + 1])
+        read.append(twin.shard)
+    assert read[-1] == 0 and sorted(read[:-1]) == read[:-1] and set(read[:-1]) == {0, 1}  # in order, then again
+    assert twin.unaligned_steps == 0
 
     val_seq_len, val_tokens = 64, 512  # the --val-tokens given to prepare: the trainer can use all of it
     val = tg.ValidationSet(val_files, val_tokens, val_seq_len)
