@@ -49,15 +49,15 @@ parse_args() {
       --prompt)
         (($# > 1)) || die_usage "$1 needs a value"
         [[ "$2" != - ]] || KIT_STDIN=1   # the prompt comes from stdin: docker must pass it on
-        GEN_ARGS+=("$1" "$2")
+        GEN_ARGS+=("$1=$2")
         shift ;;
       --max-tokens | --top-k | --seed)
-        need_value "$1" "$#" "${2-}"; check_int "$1" "$2"; GEN_ARGS+=("$1" "$2"); shift ;;
+        need_value "$1" "$#" "${2-}"; check_int "$1" "$2"; GEN_ARGS+=("$1=$2"); shift ;;
       --num-samples)
-        need_value "$1" "$#" "${2-}"; check_int "$1" "$2" 1; GEN_ARGS+=("$1" "$2"); shift ;;
+        need_value "$1" "$#" "${2-}"; check_int "$1" "$2" 1; GEN_ARGS+=("$1=$2"); shift ;;
       --temperature | --top-p)
-        need_value "$1" "$#" "${2-}"; check_float "$1" "$2"; GEN_ARGS+=("$1" "$2"); shift ;;
-      --device) need_value "$1" "$#" "${2-}"; DEVICE=$2; GEN_ARGS+=("$1" "$2"); shift ;;
+        need_value "$1" "$#" "${2-}"; check_float "$1" "$2"; GEN_ARGS+=("$1=$2"); shift ;;
+      --device) need_value "$1" "$#" "${2-}"; DEVICE=$2; GEN_ARGS+=("$1=$2"); shift ;;
       --local) KIT_RUNTIME=local ;;
       --image) need_value "$1" "$#" "${2-}"; KIT_IMAGE=$2; shift ;;
       --dry-run) KIT_DRY_RUN=1 ;;
@@ -85,10 +85,13 @@ main() {
   fi
   local checkpoint=checkpoints/latest
   if [[ -n "$CHECKPOINT" ]]; then
-    kit_map_path "$CHECKPOINT"
+    kit_map_path "$CHECKPOINT" --checkpoint
     checkpoint=$KIT_MAPPED
   fi
-  in_runtime python generate.py --checkpoint "$checkpoint" "${GEN_ARGS[@]+"${GEN_ARGS[@]}"}" \
+  if [[ "$KIT_RUNTIME" == docker ]]; then
+    check_docker_mounts
+  fi
+  in_runtime python generate.py "--checkpoint=$checkpoint" "${GEN_ARGS[@]+"${GEN_ARGS[@]}"}" \
     "${PASSTHROUGH[@]+"${PASSTHROUGH[@]}"}"
 }
 

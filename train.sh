@@ -16,6 +16,7 @@ the chosen GPUs, after downloading the FineWeb shards the run needs.
 
 Hardware and runtime:
   --num-gpus N                    processes/GPUs on this node (default: all visible GPUs; 1 on a CPU)
+                                  (a Docker run needs nvidia-smi to count GPUs; on the CPU: -- --device cpu)
   --gpus LIST                     these GPUs only, e.g. 0,1,3 (sets the process count)
   --nnodes N                      nodes in the run (default 1)
   --node-rank R                   this node's rank, 0..N-1 (default 0)
@@ -109,14 +110,14 @@ parse_args() {
       --medium) SCRIPT=train_gpt_medium.py ;;
       --data-dir) need_value "$1" "$#" "${2-}"; DATA_DIR=$2; shift ;;
       --train-seq-len | --val-seq-len | --train-loss-every | --val-loss-every | --save-every)
-        need_value "$1" "$#" "${2-}"; check_int "$1" "$2"; TRAIN_ARGS+=("$1" "$2")
+        need_value "$1" "$#" "${2-}"; check_int "$1" "$2"; TRAIN_ARGS+=("$1=$2")
         [[ "$1" != --train-seq-len ]] || TRAIN_SEQ_LEN=$((10#$2))
         shift ;;
       --num-iterations)
-        need_value "$1" "$#" "${2-}"; check_int "$1" "$2" 1; NUM_ITERATIONS=$((10#$2)); TRAIN_ARGS+=("$1" "$2"); shift ;;
+        need_value "$1" "$#" "${2-}"; check_int "$1" "$2" 1; NUM_ITERATIONS=$((10#$2)); TRAIN_ARGS+=("$1=$2"); shift ;;
       --max-batch-span-multiplier | --adam-lr | --muon-lr | --save-every-minutes)
-        need_value "$1" "$#" "${2-}"; check_float "$1" "$2"; TRAIN_ARGS+=("$1" "$2"); shift ;;
-      --run-name) need_value "$1" "$#" "${2-}"; RUN_NAME=$2; TRAIN_ARGS+=("$1" "$2"); shift ;;
+        need_value "$1" "$#" "${2-}"; check_float "$1" "$2"; TRAIN_ARGS+=("$1=$2"); shift ;;
+      --run-name) need_value "$1" "$#" "${2-}"; RUN_NAME=$2; TRAIN_ARGS+=("$1=$2"); shift ;;
       --resume)
         RESUME=1
         if (($# > 1)) && [[ "$2" != -* ]]; then
@@ -146,38 +147,104 @@ check_nodes() {
   fi
 }
 
-# resolve_gpus: sets NPROC and KIT_GPU_SPEC from --num-gpus / --gpus and the GPUs nvidia-smi sees
-resolve_gpus() {
-  local visible highest=-1 id
-  visible=$(visible_gpu_count)
+# passthrough_value FLAG: the last value given to FLAG after --, as `FLAG V` or `FLAG=V` (empty when absent)
+passthrough_value() {
+  local flag=$1 value="" i
+  for ((i = 0; i < ${#PASSTHROUGH[@]}; i++)); do
+    case "${PASSTHROUGH[i]}" in
+      "$flag") value=${PASSTHROUGH[i + 1]-} ;;
+      "$flag"=*) value=${PASSTHROUGH[i]#*=} ;;
+    esac
+  done
+  printf '%s\n' "$value"
+}
+
+# count_gpus: VISIBLE, the GPUs the run can use (empty: unknown, nvidia-smi absent or failing), and VISIBLE_FROM,
+# where that number comes from, for messages. nvidia-smi -L lists every GPU of the machine; a local run sees only
+# the ones CUDA_VISIBLE_DEVICES names (up to its first entry that is not a GPU), unless --gpus replaces it.
+count_gpus() {
+  VISIBLE=$(visible_gpu_count)
+  VISIBLE_FROM="nvidia-smi -L shows"
+  if [[ -z "$VISIBLE" || "$KIT_RUNTIME" != local || -n "$GPU_LIST" || -z "${CUDA_VISIBLE_DEVICES+set}" ]]; then
+    return 0
+  fi
+  local -a ids=()
+  local id usable=0
+  [[ -z "$CUDA_VISIBLE_DEVICES" ]] || IFS=, read -r -a ids <<<"$CUDA_VISIBLE_DEVICES"
+  for id in "${ids[@]+"${ids[@]}"}"; do
+    if [[ "$id" =~ ^[0-9]+$ ]] && ((10#$id < VISIBLE)) || [[ "$id" == GPU-* || "$id" == MIG-* ]]; then
+      usable=$((usable + 1))
+    else
+      break
+    fi
+  done
+  if ((usable < VISIBLE)); then
+    VISIBLE=$usable
+    VISIBLE_FROM="CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES leaves"
+  fi
+}
+
+# cpu_processes: NPROC processes on the CPU (--num-gpus of them, default 1) and no GPU for Docker
+cpu_processes() {
+  if [[ -n "$GPU_LIST" ]]; then
+    die_usage "--gpus $GPU_LIST picks GPUs, but -- --device cpu trains on the CPU; drop one of them"
+  fi
+  NPROC=${NUM_GPUS:-1}
+  KIT_GPU_SPEC=none
+}
+
+# gpu_processes: NPROC processes, one per GPU, and the GPUs Docker passes in (KIT_GPU_SPEC), checked against VISIBLE.
+# Without a count (no working nvidia-smi) nothing can be checked, and a Docker run given GPUs that are not there fails
+# inside the container, or silently trains on fewer: refused, with the way to a CPU run.
+gpu_processes() {
+  local id highest=-1
+  if [[ -z "$VISIBLE" ]]; then
+    local what="the Docker run's GPUs (default: all visible ones) cannot be checked" cpu_hint
+    [[ -z "$NUM_GPUS" ]] || what="--num-gpus $NUM_GPUS cannot be checked"
+    [[ -z "$GPU_LIST" ]] || what="--gpus $GPU_LIST cannot be checked"
+    cpu_hint="or train on the CPU with --local or -- --device cpu"
+    [[ "$KIT_RUNTIME" != local ]] || cpu_hint="or drop --gpus to train on the CPU"
+    die "$what: $(no_gpu_count_reason), so the visible GPUs cannot be counted; run where nvidia-smi works (it comes with the NVIDIA driver), $cpu_hint" 2
+  fi
   if [[ -n "$GPU_LIST" ]]; then
     local -a ids
     IFS=, read -r -a ids <<<"$GPU_LIST"
     if [[ -n "$NUM_GPUS" && "$NUM_GPUS" != "${#ids[@]}" ]]; then
       die_usage "--num-gpus $NUM_GPUS does not match --gpus $GPU_LIST (${#ids[@]} GPUs)"
     fi
-    NPROC=${#ids[@]}
-    for id in "${ids[@]}"; do ((10#$id > highest)) && highest=$((10#$id)); done
-    if [[ -n "$visible" ]] && ((highest >= visible)); then
-      die_usage "--gpus $GPU_LIST asks for GPU $highest, but nvidia-smi -L shows $visible GPU(s) (0..$((visible - 1)))"
+    for id in "${ids[@]}"; do
+      if ((10#$id > highest)); then highest=$((10#$id)); fi
+    done
+    if ((highest >= VISIBLE)); then
+      die_usage "--gpus $GPU_LIST asks for GPU $highest, but $VISIBLE_FROM $VISIBLE GPU(s)$( ((VISIBLE == 0)) || printf ' (0..%s)' $((VISIBLE - 1)))"
     fi
+    NPROC=${#ids[@]}
     KIT_GPU_SPEC=$GPU_LIST
   elif [[ -n "$NUM_GPUS" ]]; then
+    if ((NUM_GPUS > VISIBLE)); then
+      die_usage "--num-gpus $NUM_GPUS asks for more GPUs than $VISIBLE_FROM ($VISIBLE)"
+    fi
     NPROC=$NUM_GPUS
-    if [[ -n "$visible" ]] && ((NUM_GPUS > visible)); then
-      die_usage "--num-gpus $NUM_GPUS asks for more GPUs than nvidia-smi -L shows ($visible)"
-    fi
-    if [[ -n "$visible" ]] && ((visible == 0)) && [[ "$KIT_RUNTIME" == local ]]; then
-      KIT_GPU_SPEC=none   # processes on the CPU
-    else
-      KIT_GPU_SPEC=$(seq -s, 0 $((NUM_GPUS - 1)))
-    fi
-  elif [[ -n "$visible" ]] && ((visible > 0)); then
-    NPROC=$visible
-    KIT_GPU_SPEC=all
+    KIT_GPU_SPEC=$(seq -s, 0 $((NUM_GPUS - 1)))
+  elif ((VISIBLE == 0)); then
+    die "no GPU to train on: $VISIBLE_FROM none; train on the CPU with --local or -- --device cpu" 2
   else
-    NPROC=1   # nvidia-smi absent or no GPU: one process (on the CPU locally; Docker gets --gpus all)
-    if [[ "$KIT_RUNTIME" == local ]]; then KIT_GPU_SPEC=none; else KIT_GPU_SPEC=all; fi
+    NPROC=$VISIBLE
+    KIT_GPU_SPEC=all
+  fi
+}
+
+# resolve_gpus: sets NPROC and KIT_GPU_SPEC from --num-gpus / --gpus and the GPUs there are. The run is on the CPU
+# with -- --device cpu, or locally on a machine without GPUs (no nvidia-smi, or it lists none) and no --gpus;
+# there --num-gpus N starts N processes. Any other run is on GPUs.
+resolve_gpus() {
+  count_gpus
+  if [[ "$(passthrough_value --device)" == cpu ]]; then
+    cpu_processes
+  elif [[ "$KIT_RUNTIME" == local && -z "$GPU_LIST" && "${VISIBLE:-0}" == 0 ]]; then
+    cpu_processes
+  else
+    gpu_processes
   fi
   if [[ "$KIT_RUNTIME" == local && -n "$GPU_LIST" ]]; then
     KIT_ENV+=("CUDA_VISIBLE_DEVICES=$GPU_LIST")
@@ -192,7 +259,7 @@ resolve_gpus() {
 
 # global_batch_tokens: tokens per optimiser step of the preset, with --train-seq-len / --seqs-per-step applied
 global_batch_tokens() {
-  local seqs seq_len i
+  local seqs seq_len value
   # the presets' batches (train_gpt.py PRESETS, train_gpt_medium.py MEDIUM); tests/test_wrappers.py checks them
   if [[ "$SCRIPT" == train_gpt_medium.py ]]; then
     seqs=8; seq_len=65536
@@ -203,14 +270,10 @@ global_batch_tokens() {
     esac
   fi
   [[ -z "$TRAIN_SEQ_LEN" ]] || seq_len=$TRAIN_SEQ_LEN
-  for ((i = 0; i < ${#PASSTHROUGH[@]}; i++)); do
-    case "${PASSTHROUGH[i]}" in
-      --seqs-per-step) seqs=${PASSTHROUGH[i + 1]:-$seqs} ;;
-      --seqs-per-step=*) seqs=${PASSTHROUGH[i]#*=} ;;
-      --train-seq-len) seq_len=${PASSTHROUGH[i + 1]:-$seq_len} ;;
-      --train-seq-len=*) seq_len=${PASSTHROUGH[i]#*=} ;;
-    esac
-  done
+  value=$(passthrough_value --seqs-per-step)
+  [[ -z "$value" ]] || seqs=$value
+  value=$(passthrough_value --train-seq-len)
+  [[ -z "$value" ]] || seq_len=$value
   printf '%s\n' "$((seqs * seq_len))"
 }
 
@@ -282,20 +345,21 @@ download_data() {
   if ((!KIT_DRY_RUN)); then
     mkdir -p "$DOWNLOAD_DIR"   # before Docker would create it, owned by root
   fi
-  in_runtime python data/cached_fineweb10B.py "$DOWNLOAD_SHARDS" --data-dir "${DATA_DIR_MAPPED:-data/fineweb10B}"
+  in_runtime python data/cached_fineweb10B.py "$DOWNLOAD_SHARDS" "--data-dir=${DATA_DIR_MAPPED:-data/fineweb10B}"
   KIT_GPU_SPEC=$saved_gpus
   KIT_ENV=("${saved_env[@]+"${saved_env[@]}"}")
 }
 
-# launcher: fills LAUNCH with torchrun (or python for one local process) and the script
+# launcher: fills LAUNCH with torchrun (or python for one local process) and the script. torchrun is started as
+# lib/torchrun.py: the same launcher, without its traceback after a worker's own one-line error
 launcher() {
   if ((NNODES > 1)); then
-    LAUNCH=(torchrun "--nnodes=$NNODES" "--node_rank=$NODE_RANK" "--master_addr=$MASTER_ADDR"
+    LAUNCH=(python lib/torchrun.py "--nnodes=$NNODES" "--node_rank=$NODE_RANK" "--master_addr=$MASTER_ADDR"
       "--master_port=$MASTER_PORT" "--nproc_per_node=$NPROC" "$SCRIPT")
   elif [[ "$KIT_RUNTIME" == local && "$NPROC" == 1 ]]; then
     LAUNCH=(python "$SCRIPT")
   else
-    LAUNCH=(torchrun --standalone "--nproc_per_node=$NPROC" "$SCRIPT")
+    LAUNCH=(python lib/torchrun.py --standalone "--nproc_per_node=$NPROC" "$SCRIPT")
   fi
 }
 
@@ -303,7 +367,7 @@ print_settings() {
   local where
   if [[ "$KIT_RUNTIME" == docker ]]; then where="docker image $KIT_IMAGE"; else where="local virtualenv $(venv_dir)"; fi
   say "preset:    $PRESET$([[ "$SCRIPT" == train_gpt.py ]] || printf ' (%s)' "$SCRIPT")"
-  say "GPUs:      $NPROC process(es) per node, devices: $([[ -n "$GPU_LIST" ]] && printf '%s' "$GPU_LIST" || printf '%s' "$KIT_GPU_SPEC")"
+  say "GPUs:      $NPROC process(es) per node, devices: ${KIT_GPU_SPEC/#none/none (CPU)}"
   say "nodes:     $NNODES (this is rank $NODE_RANK$([[ -z "$MASTER_ADDR" ]] || printf ', master %s:%s' "$MASTER_ADDR" "$MASTER_PORT"))"
   say "runtime:   $where"
   say "data:      $DATA_SOURCE"
@@ -325,19 +389,22 @@ main() {
     ensure_venv
   fi
   local args=()
-  if ((PRESET_GIVEN)); then args+=(--preset "$PRESET"); fi
+  if ((PRESET_GIVEN)); then args+=("--preset=$PRESET"); fi
   if [[ -n "$DATA_DIR" ]]; then
-    kit_map_path "$DATA_DIR"
+    kit_map_path "$DATA_DIR" --data-dir create
     DATA_DIR_MAPPED=$KIT_MAPPED
-    args+=(--data-dir "$DATA_DIR_MAPPED")
+    args+=("--data-dir=$DATA_DIR_MAPPED")
   fi
   if ((RESUME)); then
     if [[ -n "$RESUME_PATH" ]]; then
-      kit_map_path "$RESUME_PATH"
-      args+=(--resume "$KIT_MAPPED")
+      kit_map_path "$RESUME_PATH" --resume
+      args+=("--resume=$KIT_MAPPED")
     else
       args+=(--resume)
     fi
+  fi
+  if [[ "$KIT_RUNTIME" == docker ]]; then
+    check_docker_mounts
   fi
   plan_data
   launcher

@@ -17,7 +17,7 @@ KIT_IMAGE=${KIT_IMAGE:-$KIT_IMAGE_DEFAULT}
 KIT_GPU_SPEC=all                 # all | none | a comma-separated device list
 KIT_HOST_NETWORK=0
 KIT_ENV=()                       # NAME=VALUE pairs for the training process
-KIT_MOUNTS=()                    # extra docker -v arguments (paths outside the repository)
+KIT_MOUNTS=()                    # host paths outside the repository to bind-mount at the same path
 KIT_MAPPED=""                    # kit_map_path's result
 KIT_STDIN=0                      # 1: the command reads piped stdin, so docker gets -i even without a terminal
 
@@ -101,13 +101,29 @@ visible_gpu_count() {  # prints the number of GPUs nvidia-smi sees, or nothing w
   grep -c '^GPU [0-9]' <<<"$out" || true
 }
 
+no_gpu_count_reason() {  # why visible_gpu_count printed nothing, for messages
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    printf '%s\n' "nvidia-smi -L failed"
+  else
+    printf '%s\n' "nvidia-smi is not on PATH"
+  fi
+}
+
 # --- runtime ---------------------------------------------------------------------------------------------------------
 
-# run_cmd CMD...: runs the command, or with --dry-run prints it shell-quoted on one line
+# run_cmd CMD...: runs the command, or with --dry-run prints it shell-quoted on one line (words of only safe
+# characters as they are, so that `--mount type=bind,source=...` reads as typed)
 run_cmd() {
   if ((KIT_DRY_RUN)); then
-    local out
-    printf -v out '%q ' "$@"
+    local out="" word quoted
+    for word in "$@"; do
+      if [[ "$word" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
+        quoted=$word
+      else
+        printf -v quoted '%q' "$word"
+      fi
+      out+="$quoted "
+    done
     printf '%s\n' "${out% }"
     return 0
   fi
@@ -125,16 +141,22 @@ check_image() {  # the image must exist locally; with --dry-run a missing one is
   die "image $KIT_IMAGE not found (or docker is not running); run ./build.sh first to build it"
 }
 
-# kit_map_path PATH: the path to use for PATH inside the runtime, in KIT_MAPPED (commands run from the repository
-# root, so a relative PATH, given relative to the current directory, has to be translated). Locally: an absolute
-# path. In Docker:
-# a path inside the repository becomes relative to the mounted repository; one outside is mounted at the same
-# absolute path.
+# kit_map_path PATH LABEL [create]: the path to use for PATH inside the runtime, in KIT_MAPPED (commands run from
+# the repository root, so a relative PATH, given relative to the current directory, has to be translated). Locally:
+# an absolute path. In Docker: a path inside the repository becomes relative to the mounted repository; one outside
+# is bind-mounted at the same absolute path (a file through its directory). A path outside that does not exist is
+# not mounted (the program inside then reports it missing), unless `create` asks for it as a directory: it is then
+# created first (not with --dry-run), so that the bind mount has a source and nothing on the host is owned by root.
+# LABEL (the flag) names the path in messages.
 kit_map_path() {
-  local path=$1 abs parent
+  local path=$1 label=$2 create=${3-} abs parent
   if [[ "$path" == /* ]]; then abs=$path; else abs=$PWD/$path; fi
   KIT_MAPPED=$abs
   [[ "$KIT_RUNTIME" == docker ]] || return 0
+  if [[ "$create" == create && ! -e "$abs" ]] && ((!KIT_DRY_RUN)); then
+    check_mount_source "$abs" "$label $path"
+    mkdir -p "$abs"
+  fi
   parent=$(dirname "$abs")
   if [[ -d "$parent" ]]; then
     abs=$(cd "$parent" && pwd -P)/$(basename "$abs")
@@ -148,22 +170,69 @@ kit_map_path() {
   else
     KIT_MAPPED=$abs
     local mount_dir=$abs
-    [[ -d "$abs" || ! -e "$abs" ]] || mount_dir=$(dirname "$abs")
-    KIT_MOUNTS+=(-v "$mount_dir:$mount_dir")
+    if [[ -f "$abs" ]]; then
+      mount_dir=$(dirname "$abs")
+    elif [[ ! -e "$abs" && "$create" != create ]]; then
+      return 0
+    fi
+    check_mount_source "$mount_dir" "$label $path"
+    local seen
+    for seen in "${KIT_MOUNTS[@]+"${KIT_MOUNTS[@]}"}"; do
+      [[ "$seen" != "$mount_dir" ]] || return 0   # Docker refuses two mounts at one target
+    done
+    KIT_MOUNTS+=("$mount_dir")
   fi
 }
 
-# repo_dir_mount NAME: "-v HOST:/workspace/NAME" for the repository's data/, checkpoints/, logs/ (created first, so
-# that Docker does not create them owned by root); a symlinked directory is mounted from where it points.
-repo_dir_mount() {
-  local name=$1 host=$KIT_ROOT/$1
-  if ((!KIT_DRY_RUN)); then
-    mkdir -p "$host"
+# check_mount_source HOST WHAT: HOST can be written in `--mount type=bind,source=HOST,...`, whose fields Docker splits
+# at commas (and a double quote starts a quoted field there), else a one-line error naming WHAT, exit 2
+check_mount_source() {
+  local host=$1 what=$2
+  if [[ "$host" == *[,\"]* || "$host" == *$'\n'* ]]; then
+    die "$what: the host path $host holds a comma, a double quote or a newline, which docker run --mount cannot take; rename or move it, or run with --local" 2
   fi
+}
+
+# hf_cache_dir: the host's Hugging Face cache (HF_HOME, as an absolute path: a bind mount needs one)
+hf_cache_dir() {
+  local dir=${HF_HOME:-$HOME/.cache/huggingface}
+  [[ "$dir" == /* ]] || dir=$PWD/$dir
+  printf '%s\n' "$dir"
+}
+
+# repo_dir_host NAME: the host directory behind the repository's data/, checkpoints/ or logs/ (a symlinked one: where
+# it points)
+repo_dir_host() {
+  local host=$KIT_ROOT/$1
   if [[ -d "$host" ]]; then
     host=$(cd "$host" && pwd -P)
   fi
-  printf '%s\n' "$host:$KIT_WORKDIR/$name"
+  printf '%s\n' "$host"
+}
+
+# docker_mounts: fills MOUNTS with HOST TARGET WHAT triples, every bind mount of a docker run: the repository, its
+# data/, checkpoints/ and logs/, the Hugging Face cache, the compile cache and the paths outside the repository that
+# kit_map_path found (each at its own path)
+docker_mounts() {
+  MOUNTS=("$KIT_ROOT" "$KIT_WORKDIR" "the repository")
+  local name host
+  for name in data checkpoints logs; do
+    MOUNTS+=("$(repo_dir_host "$name")" "$KIT_WORKDIR/$name" "$name/")
+  done
+  MOUNTS+=("$(hf_cache_dir)" "$KIT_HF_CACHE_IN" "the Hugging Face cache (HF_HOME)")
+  MOUNTS+=("$(compile_cache_dir)" "$KIT_COMPILE_CACHE_IN" "the compile cache (KIT_COMPILE_CACHE)")
+  for host in "${KIT_MOUNTS[@]+"${KIT_MOUNTS[@]}"}"; do
+    MOUNTS+=("$host" "$host" "$host")
+  done
+}
+
+# check_docker_mounts: every host path a docker run mounts can be written in a --mount spec (before anything runs)
+check_docker_mounts() {
+  local i
+  docker_mounts
+  for ((i = 0; i < ${#MOUNTS[@]}; i += 3)); do
+    check_mount_source "${MOUNTS[i]}" "${MOUNTS[i + 2]}"
+  done
 }
 
 # compile_cache_dir: the host directory that keeps torch.compile's caches (inductor's and Triton's) between runs. A
@@ -208,29 +277,26 @@ docker_run_args() {
   if ((KIT_HOST_NETWORK)); then
     DOCKER_RUN+=(--network host)
   fi
-  local hf_cache=${HF_HOME:-$HOME/.cache/huggingface}
+  # the host directories are created first, so that Docker does not create them owned by root (and a bind mount
+  # needs its source to exist)
+  local name pair i
   if ((!KIT_DRY_RUN)); then
-    mkdir -p "$hf_cache"
+    for name in data checkpoints logs; do
+      mkdir -p "$KIT_ROOT/$name"
+    done
+    mkdir -p "$(hf_cache_dir)" "$(compile_cache_dir)"
   fi
-  DOCKER_RUN+=(-v "$KIT_ROOT:$KIT_WORKDIR" -w "$KIT_WORKDIR")
-  local name
-  for name in data checkpoints logs; do
-    DOCKER_RUN+=(-v "$(repo_dir_mount "$name")")
+  # --mount, not -v: -v splits its spec at every colon, so a host path with a colon would break it
+  docker_mounts
+  for ((i = 0; i < ${#MOUNTS[@]}; i += 3)); do
+    check_mount_source "${MOUNTS[i]}" "${MOUNTS[i + 2]}"
+    DOCKER_RUN+=(--mount "type=bind,source=${MOUNTS[i]},target=${MOUNTS[i + 1]}")
   done
-  DOCKER_RUN+=(-v "$hf_cache:$KIT_HF_CACHE_IN" -e "HF_HOME=$KIT_HF_CACHE_IN")
-  local compile_cache pair
-  compile_cache=$(compile_cache_dir)
-  if ((!KIT_DRY_RUN)); then
-    mkdir -p "$compile_cache"
-  fi
+  DOCKER_RUN+=(-w "$KIT_WORKDIR" -e "HF_HOME=$KIT_HF_CACHE_IN")
   compile_cache_env "$KIT_COMPILE_CACHE_IN"
-  DOCKER_RUN+=(-v "$compile_cache:$KIT_COMPILE_CACHE_IN")
   for pair in "${CACHE_ENV[@]}"; do
     DOCKER_RUN+=(-e "$pair")
   done
-  if ((${#KIT_MOUNTS[@]})); then
-    DOCKER_RUN+=("${KIT_MOUNTS[@]}")
-  fi
   # secrets and settings pass by name only: docker reads their values from this environment
   local var
   for var in WANDB_API_KEY WANDB_MODE WANDB_PROJECT WANDB_ENTITY HF_TOKEN HF_ENDPOINT HF_HUB_OFFLINE; do

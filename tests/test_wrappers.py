@@ -2,12 +2,16 @@
 
 Docker and nvidia-smi are replaced by fakes first on PATH: the fake docker appends its argv (one JSON list per line)
 to $FAKE_DOCKER_LOG, answers `image inspect` with success for the images in $FAKE_DOCKER_IMAGES, fails `build` with
-$FAKE_DOCKER_BUILD_RC, and otherwise exits 0; the fake nvidia-smi lists $FAKE_GPUS GPUs. The wrappers run with
-stdin not a terminal (except in the pty test), and the tests check what reached docker, torchrun and train_gpt.py.
+$FAKE_DOCKER_BUILD_RC, and otherwise exits 0; the fake nvidia-smi lists $FAKE_GPUS GPUs (Kit.hide_nvidia_smi takes
+any nvidia-smi off PATH, the fake and a real one). The wrappers run with stdin not a terminal (except in the pty test),
+and the tests check what reached docker, torchrun and train_gpt.py, and how generate.py's and train_gpt.py's own
+parsers read it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import pty
@@ -20,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+import train_gpt
 from tests.conftest import ROOT
 
 IMAGE = "nanogpt-speedrun:latest"
@@ -70,6 +75,27 @@ class Kit:
                         FAKE_DOCKER_LOG=str(self.log), FAKE_DOCKER_IMAGES=IMAGE, FAKE_GPUS="8",
                         KIT_VENV=sys.prefix)
 
+    def hide_nvidia_smi(self) -> None:
+        """A machine without nvidia-smi: the fake goes, and each PATH directory that holds a real one is replaced by a
+        directory of links to everything else in it."""
+        (self.bin / "nvidia-smi").unlink()
+        dirs = []
+        for i, d in enumerate(self.env["PATH"].split(os.pathsep)):
+            if (Path(d) / "nvidia-smi").exists():
+                shadow = self.tmp / f"path-without-nvidia-smi-{i}"
+                shadow.mkdir()
+                for entry in Path(d).iterdir():
+                    if entry.name != "nvidia-smi":
+                        (shadow / entry.name).symlink_to(entry)
+                d = str(shadow)
+            dirs.append(d)
+        self.env["PATH"] = os.pathsep.join(dirs)
+
+    def break_nvidia_smi(self) -> None:
+        """nvidia-smi is there but fails (a driver/library mismatch, no driver loaded)."""
+        (self.bin / "nvidia-smi").write_text("#!/bin/sh\necho 'Failed to initialize NVML: Driver/library version "
+                                             "mismatch' >&2\nexit 9\n", encoding="utf-8")
+
     def run(self, script: Path, *args: str, stdin=subprocess.DEVNULL, **env) -> subprocess.CompletedProcess:
         return subprocess.run([str(script), *args], cwd=self.tmp, env={**self.env, **env}, stdin=stdin,
                               capture_output=True, text=True, timeout=120)
@@ -100,6 +126,38 @@ def pairs(argv: list[str]) -> list[tuple[str, str]]:
     return list(zip(argv, argv[1:]))
 
 
+def bind_mounts(opts: list[str]) -> dict[str, str]:
+    """The mounts of `docker run` options, {target: source}. Each must be `--mount type=bind,source=S,target=T` as
+    Docker reads it (fields split at commas, each KEY=VALUE); no -v is left (it splits its spec at colons)."""
+    assert "-v" not in opts and "--volume" not in opts, opts
+    mounts = {}
+    for flag, spec in pairs(opts):
+        if flag == "--mount":
+            fields = [f.split("=", 1) for f in spec.split(",")]
+            assert [f[0] for f in fields] == ["type", "source", "target"] and fields[0][1] == "bind", spec
+            assert fields[2][1] not in mounts, f"two mounts at {fields[2][1]}"
+            mounts[fields[2][1]] = fields[1][1]
+    return mounts
+
+
+def parse_forwarded(parser, argv: list[str]):
+    """argv as the program's own argparse parser reads it (a value it takes for a flag fails the test)."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return parser.parse_args(argv)
+    except SystemExit:
+        pytest.fail(f"{parser.prog} could not parse {argv}: {err.getvalue().strip()}")
+
+
+def one_error_line(p: subprocess.CompletedProcess, script: str) -> str:
+    """The wrapper's refusal: exit 2 and one line on stderr."""
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: error: "), p.stderr
+    return lines[0]
+
+
 def dry_run_commands(stdout: str) -> list[list[str]]:
     """The command lines a --dry-run printed (the lines that are not the wrapper's own messages)."""
     return [shlex.split(line) for line in stdout.splitlines() if line and not re.match(r"^\w+\.sh: ", line)]
@@ -123,21 +181,21 @@ def bin_dir(tmp_path) -> Path:
 
 FLAG_CASES = [
     (["--wandb"], ["--wandb"]),
-    (["--train-seq-len", "1024"], ["--train-seq-len", "1024"]),
-    (["--val-seq-len", "2048"], ["--val-seq-len", "2048"]),
-    (["--max-batch-span-multiplier", "1.5"], ["--max-batch-span-multiplier", "1.5"]),
-    (["--train-loss-every", "5"], ["--train-loss-every", "5"]),
-    (["--val-loss-every", "7"], ["--val-loss-every", "7"]),
+    (["--train-seq-len", "1024"], ["--train-seq-len=1024"]),
+    (["--val-seq-len", "2048"], ["--val-seq-len=2048"]),
+    (["--max-batch-span-multiplier", "1.5"], ["--max-batch-span-multiplier=1.5"]),
+    (["--train-loss-every", "5"], ["--train-loss-every=5"]),
+    (["--val-loss-every", "7"], ["--val-loss-every=7"]),
     (["--no-torch-compile"], ["--no-compile"]),
-    (["--num-iterations", "3"], ["--num-iterations", "3"]),
-    (["--adam-lr", "0.3"], ["--adam-lr", "0.3"]),
-    (["--muon-lr", "2e-2"], ["--muon-lr", "2e-2"]),
-    (["--preset", "tiny"], ["--preset", "tiny"]),
-    (["--save-every", "10"], ["--save-every", "10"]),
-    (["--save-every-minutes", "7.5"], ["--save-every-minutes", "7.5"]),
-    (["--run-name", "my run"], ["--run-name", "my run"]),
+    (["--num-iterations", "3"], ["--num-iterations=3"]),
+    (["--adam-lr", "0.3"], ["--adam-lr=0.3"]),
+    (["--muon-lr", "2e-2"], ["--muon-lr=2e-2"]),
+    (["--preset", "tiny"], ["--preset=tiny"]),
+    (["--save-every", "10"], ["--save-every=10"]),
+    (["--save-every-minutes", "7.5"], ["--save-every-minutes=7.5"]),
+    (["--run-name", "my run"], ["--run-name=my run"]),
     (["--resume"], ["--resume"]),
-    (["--resume", "checkpoints/old-run"], ["--resume", "checkpoints/old-run"]),
+    (["--resume", "checkpoints/old-run"], ["--resume=checkpoints/old-run"]),
     (["--", "--seed", "5", "--no-fp8"], ["--seed", "5", "--no-fp8"]),
 ]
 
@@ -166,15 +224,15 @@ def test_train_docker_run_options(kit):
     assert ("--user", f"{os.getuid()}:{os.getgid()}") in pairs(opts)
     assert ("-e", "HOME=/tmp") in pairs(opts)
     assert ("--ulimit", "memlock=-1") in pairs(opts) and ("--ulimit", "stack=67108864") in pairs(opts)
-    mounts = [b for a, b in pairs(opts) if a == "-v"]
-    assert f"{ROOT}:/workspace" in mounts
+    mounts = bind_mounts(opts)
+    assert mounts["/workspace"] == str(ROOT)
     for name in ("data", "checkpoints", "logs"):
-        assert any(m.endswith(f":/workspace/{name}") for m in mounts), mounts
-    assert f"{kit.home}/.cache/huggingface:/hf-cache" in mounts
+        assert f"/workspace/{name}" in mounts, mounts
+    assert mounts["/hf-cache"] == f"{kit.home}/.cache/huggingface"
     assert ("-w", "/workspace") in pairs(opts)
     assert ("--gpus", "all") in pairs(opts)
     assert "--network" not in opts
-    assert inner[:3] == ["torchrun", "--standalone", "--nproc_per_node=8"]  # FAKE_GPUS=8
+    assert inner[:4] == ["python", "lib/torchrun.py", "--standalone", "--nproc_per_node=8"]  # FAKE_GPUS=8
     assert "NCCL_P2P_DISABLE" not in json.dumps(kit.calls()) + p.stdout + p.stderr
     assert "WANDB_API_KEY" not in json.dumps(kit.calls())
     for key in ("preset:", "GPUs:", "nodes:", "runtime:", "data:", "run name:"):
@@ -184,7 +242,7 @@ def test_train_docker_run_options(kit):
 def test_train_hf_home_is_mounted(kit, tmp_path):
     opts, _, _ = kit.train("--preset", "tiny", HF_HOME=str(tmp_path / "hf"))
     assert (tmp_path / "hf").is_dir()
-    assert ("-v", f"{tmp_path / 'hf'}:/hf-cache") in pairs(opts)
+    assert bind_mounts(opts)["/hf-cache"] == str(tmp_path / "hf")
 
 
 def test_compile_cache_persists_on_the_host(kit):
@@ -192,7 +250,7 @@ def test_compile_cache_persists_on_the_host(kit):
     opts, _, p = kit.train("--preset", "tiny")
     host = kit.home / ".cache" / "nanogpt-speedrun" / "compile"
     assert host.is_dir()  # created by the wrapper, so Docker does not create it owned by root
-    assert ("-v", f"{host}:/compile-cache") in pairs(opts)
+    assert bind_mounts(opts)["/compile-cache"] == str(host)
     assert ("-e", "TORCHINDUCTOR_CACHE_DIR=/compile-cache/inductor") in pairs(opts)
     assert ("-e", "TRITON_CACHE_DIR=/compile-cache/triton") in pairs(opts)
     assert f"compile cache: {host}" in p.stdout
@@ -200,9 +258,9 @@ def test_compile_cache_persists_on_the_host(kit):
 
 def test_compile_cache_location(kit, tmp_path):
     opts, _, _ = kit.train("--preset", "tiny", XDG_CACHE_HOME=str(tmp_path / "xdg"))
-    assert ("-v", f"{tmp_path / 'xdg' / 'nanogpt-speedrun' / 'compile'}:/compile-cache") in pairs(opts)
+    assert bind_mounts(opts)["/compile-cache"] == str(tmp_path / "xdg" / "nanogpt-speedrun" / "compile")
     opts, _, _ = kit.train("--preset", "tiny", KIT_COMPILE_CACHE="rel/cache")  # relative to where it is run
-    assert ("-v", f"{kit.tmp / 'rel' / 'cache'}:/compile-cache") in pairs(opts)
+    assert bind_mounts(opts)["/compile-cache"] == str(kit.tmp / "rel" / "cache")
     assert (kit.tmp / "rel" / "cache").is_dir()
 
 
@@ -249,7 +307,7 @@ def test_gpu_list(kit):
 def test_num_gpus(kit):
     opts, inner, _ = kit.train("--preset", "tiny", "--num-gpus", "3")
     assert ("--gpus", '"device=0,1,2"') in pairs(opts)
-    assert inner[:3] == ["torchrun", "--standalone", "--nproc_per_node=3"]
+    assert inner[:4] == ["python", "lib/torchrun.py", "--standalone", "--nproc_per_node=3"]
 
 
 def test_nccl_p2p_disable(kit):
@@ -261,7 +319,7 @@ def test_multi_node(kit):
     opts, inner, _ = kit.train("--preset", "tiny", "--num-gpus", "8", "--nnodes", "2", "--node-rank", "1",
                                "--master-addr", "10.1.2.3", "--master-port", "29611")
     assert ("--network", "host") in pairs(opts)
-    assert inner[0] == "torchrun" and "--standalone" not in inner
+    assert inner[:2] == ["python", "lib/torchrun.py"] and "--standalone" not in inner
     launcher = inner[:inner.index("train_gpt.py")]
     for arg in ("--nnodes=2", "--node_rank=1", "--master_addr=10.1.2.3", "--master_port=29611",
                 "--nproc_per_node=8"):
@@ -270,9 +328,88 @@ def test_multi_node(kit):
 
 def test_custom_data_dir_outside_repo_is_mounted(kit, bin_dir):
     opts, inner, _ = kit.train("--data-dir", str(bin_dir))
-    assert ("-v", f"{bin_dir}:{bin_dir}") in pairs(opts)
-    assert contains(inner, ["--data-dir", str(bin_dir)])
+    assert bind_mounts(opts)[str(bin_dir)] == str(bin_dir)
+    assert f"--data-dir={bin_dir}" in inner
     assert len(kit.runs()) == 1  # files there: nothing downloaded
+
+
+def test_host_paths_with_colons_are_bind_mounted(kit, tmp_path):
+    # `-v a:b:c` is no volume spec: every host path the wrappers mount goes through --mount, in --dry-run too
+    data = tmp_path / "my:data"
+    data.mkdir()
+    (data / "x_train_000001.bin").write_bytes(b"")
+    hf, cache = tmp_path / "hf:cache", tmp_path / "compile:cache"
+    opts, inner, _ = kit.train("--data-dir", str(data), HF_HOME=str(hf), KIT_COMPILE_CACHE=str(cache))
+    mounts = bind_mounts(opts)
+    assert (mounts[str(data)], mounts["/hf-cache"], mounts["/compile-cache"]) == (str(data), str(hf), str(cache))
+    assert f"--data-dir={data}" in inner
+    ckpt = tmp_path / "run:1"
+    ckpt.mkdir()
+    p = kit.run(GENERATE_SH, "--dry-run", "--checkpoint", str(ckpt), HF_HOME=str(hf))
+    (cmd,) = dry_run_commands(p.stdout)
+    mounts = bind_mounts(cmd[2:cmd.index(IMAGE)])
+    assert (mounts[str(ckpt)], mounts["/hf-cache"]) == (str(ckpt), str(hf))
+
+
+def test_repository_and_its_symlinked_dirs_with_colons_are_bind_mounted(kit, tmp_path):
+    # a copy of the wrapper in a directory with a colon, its logs/ a symlink to another one
+    root = tmp_path / "kit:copy"
+    (root / "lib").mkdir(parents=True)
+    shutil.copy2(TRAIN_SH, root / "train.sh")
+    shutil.copy2(ROOT / "lib" / "common.sh", root / "lib" / "common.sh")
+    (root / "train_gpt.py").write_text("", encoding="utf-8")
+    logs = tmp_path / "logs:elsewhere"
+    logs.mkdir()
+    (root / "logs").symlink_to(logs)
+    p = kit.run(root / "train.sh", "--preset", "tiny")
+    assert p.returncode == 0, p.stderr
+    mounts = bind_mounts(split_run(kit.runs()[-1])[0])
+    assert mounts["/workspace"] == str(root) and mounts["/workspace/logs"] == str(logs)
+    assert mounts["/workspace/data"] == str(root / "data")
+
+
+@pytest.mark.parametrize("char", [",", '"'])
+@pytest.mark.parametrize("where", ["--data-dir", "--resume", "--checkpoint", "HF_HOME", "KIT_COMPILE_CACHE"])
+def test_host_path_that_mount_cannot_take_is_refused(kit, tmp_path, where, char):
+    # Docker splits a --mount spec at commas (and a double quote starts a quoted field): such a path is refused
+    bad = tmp_path / f"a{char}b"
+    bad.mkdir()
+    (bad / "x_train_000001.bin").write_bytes(b"")
+    if where == "--checkpoint":
+        p = kit.run(GENERATE_SH, "--checkpoint", str(bad))
+    elif where.startswith("--"):
+        p = kit.run(TRAIN_SH, "--preset", "tiny", where, str(bad))
+    else:
+        p = kit.run(TRAIN_SH, "--preset", "tiny", **{where: str(bad)})
+    line = one_error_line(p, "generate.sh" if where == "--checkpoint" else "train.sh")
+    assert str(bad) in line and "comma" in line and "--local" in line and where in line
+    assert not kit.runs()
+
+
+def test_missing_path_outside_the_repo_is_not_mounted(kit, tmp_path):
+    # nothing to mount (a bind mount would fail on it; -v made it, owned by root): the program reports it missing
+    missing = tmp_path / "runs" / "step_000005.pt"
+    p = kit.run(GENERATE_SH, "--dry-run", "--checkpoint", str(missing))
+    (cmd,) = dry_run_commands(p.stdout)
+    mounts = bind_mounts(cmd[2:cmd.index(IMAGE)])
+    assert str(missing) not in mounts and str(missing.parent) not in mounts
+    assert f"--checkpoint={missing}" in cmd
+    opts, inner, _ = kit.train("--preset", "tiny", "--resume", str(missing))
+    assert str(missing) not in bind_mounts(opts) and f"--resume={missing}" in inner
+
+
+def test_readme_interactive_example_mounts_like_the_wrapper(kit):
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "docker run --rm -it" in b]
+    assert len(blocks) == 1, "README's interactive `docker run` example"
+    command = blocks[0].replace("\\\n", " ")
+    argv = shlex.split(command[command.index("docker run"):].splitlines()[0])
+    readme_opts = argv[2:argv.index(IMAGE)]
+    readme = bind_mounts(readme_opts)
+    opts, _, _ = kit.train("--preset", "tiny")
+    wrapper = bind_mounts(opts)
+    assert set(readme) == {"/workspace", "/hf-cache", "/compile-cache"} and set(readme) <= set(wrapper)
+    assert {b for a, b in pairs(readme_opts) if a == "-e"} <= {b for a, b in pairs(opts) if a == "-e"}
 
 
 def test_download_computed_from_shards_needed(kit, tmp_path):
@@ -281,9 +418,11 @@ def test_download_computed_from_shards_needed(kit, tmp_path):
     download, train = kit.runs()
     _, dl_inner = split_run(download)
     # the speedrun: 1695 steps x 393,216 tokens x 1.1 / 1e8 -> 8 shards (data/fineweb.py's shards_needed)
-    assert dl_inner == ["python", "data/cached_fineweb10B.py", "8", "--data-dir", str(empty)]
+    assert dl_inner == ["python", "data/cached_fineweb10B.py", "8", f"--data-dir={empty}"]
     assert "--gpus" not in download
-    assert empty.is_dir()
+    assert empty.is_dir()  # created before docker runs: a bind mount needs its source, and it is not root's
+    assert bind_mounts(split_run(download)[0])[str(empty)] == str(empty)
+    assert bind_mounts(split_run(train)[0])[str(empty)] == str(empty)
     kit.log.unlink()
     kit.train("--data-dir", str(empty), "--num-iterations", "100")
     _, dl_inner = split_run(kit.runs()[0])
@@ -328,6 +467,34 @@ def test_medium(kit):
         assert not kit.runs()
 
 
+@pytest.mark.parametrize("runtime", ["docker", "local"])
+def test_train_values_that_look_like_flags_stay_values(kit, bin_dir, runtime):
+    # each value goes as --flag=VALUE: argparse would read `--run-name -x` or `--adam-lr -1e-3` as two flags
+    local = ["--local"] if runtime == "local" else []
+    p = kit.run(TRAIN_SH, "--dry-run", *local, "--data-dir", str(bin_dir), "--run-name", "-x", "--adam-lr", "-1e-3",
+                "--muon-lr", "-2e-2", "--resume", str(bin_dir))
+    assert p.returncode == 0, p.stderr
+    cmd = dry_run_commands(p.stdout)[-1]
+    ns = parse_forwarded(train_gpt.build_arg_parser(), cmd[cmd.index("train_gpt.py") + 1:])
+    assert (ns.run_name, ns.adam_lr, ns.muon_lr) == ("-x", -1e-3, -2e-2)
+    assert ns.data_dir == str(bin_dir) and ns.resume == str(bin_dir)
+
+
+def test_train_data_dir_that_looks_like_a_flag_stays_a_value(kit):
+    # inside the repository the path goes relative: "-new" (not there, so downloaded first; --dry-run makes nothing)
+    from data import fineweb
+
+    kit.tmp = ROOT
+    p = kit.run(TRAIN_SH, "--dry-run", "--data-dir", "-new")
+    assert p.returncode == 0, p.stderr
+    download, train = dry_run_commands(p.stdout)
+    args = download[download.index("data/cached_fineweb10B.py") + 1:]
+    assert parse_forwarded(fineweb.build_arg_parser("fineweb10B"), args).data_dir == "-new"
+    ns = parse_forwarded(train_gpt.build_arg_parser(), train[train.index("train_gpt.py") + 1:])
+    assert ns.data_dir == "-new"
+    assert not (ROOT / "-new").exists()
+
+
 # --- train.sh --local (dry run) --------------------------------------------------------------------------------------
 
 def test_local_single_process_is_plain_python(kit):
@@ -336,7 +503,7 @@ def test_local_single_process_is_plain_python(kit):
     (cmd,) = dry_run_commands(p.stdout)
     python = cmd.index(str(Path(sys.prefix) / "bin" / "python"))
     assert cmd[0] == "env" and all("=" in pair for pair in cmd[1:python])  # only the compile cache's variables
-    assert cmd[python + 1:] == ["train_gpt.py", "--preset", "tiny", "--num-iterations", "3"]
+    assert cmd[python + 1:] == ["train_gpt.py", "--preset=tiny", "--num-iterations=3"]
     assert "local virtualenv" in p.stdout
     assert not kit.calls()  # no docker at all
 
@@ -346,16 +513,50 @@ def test_local_gpu_list_and_nccl(kit):
     assert p.returncode == 0, p.stderr
     (cmd,) = dry_run_commands(p.stdout)
     assert cmd[:3] == ["env", "CUDA_VISIBLE_DEVICES=0,2", "NCCL_P2P_DISABLE=1"]
-    torchrun = cmd.index(str(Path(sys.prefix) / "bin" / "torchrun"))
-    assert cmd[torchrun + 1:torchrun + 4] == ["--standalone", "--nproc_per_node=2", "train_gpt.py"]
+    python = cmd.index(str(Path(sys.prefix) / "bin" / "python"))
+    assert cmd[python + 1:python + 5] == ["lib/torchrun.py", "--standalone", "--nproc_per_node=2", "train_gpt.py"]
 
 
-def test_local_without_nvidia_smi_skips_gpu_check(kit, tmp_path):
-    (kit.bin / "nvidia-smi").unlink()
-    p = kit.run(TRAIN_SH, "--local", "--dry-run", "--preset", "tiny", "--num-gpus", "2")
+@pytest.mark.parametrize("gpus", ["no nvidia-smi", "nvidia-smi lists none"])
+def test_local_run_without_gpus_starts_cpu_processes(kit, gpus):
+    # a CPU machine either way: --num-gpus N is N processes on the CPU (gloo), and the settings say so
+    if gpus == "no nvidia-smi":
+        kit.hide_nvidia_smi()
+    p = kit.run(TRAIN_SH, "--local", "--dry-run", "--preset", "tiny", "--num-gpus", "2", FAKE_GPUS="0")
     assert p.returncode == 0, p.stderr
     (cmd,) = dry_run_commands(p.stdout)
     assert "--nproc_per_node=2" in cmd
+    assert "devices: none (CPU)" in p.stdout
+
+
+def test_local_gpu_list_without_nvidia_smi_is_refused(kit):
+    # --gpus names GPUs that cannot be counted: CUDA_VISIBLE_DEVICES=0,3 with fewer GPUs would train on the CPU
+    kit.hide_nvidia_smi()
+    p = kit.run(TRAIN_SH, "--local", "--dry-run", "--preset", "tiny", "--gpus", "0,3")
+    line = one_error_line(p, "train.sh")
+    assert "--gpus 0,3 cannot be checked" in line and "nvidia-smi is not on PATH" in line
+
+
+def test_local_cuda_visible_devices_are_the_visible_gpus(kit):
+    def local(*flags, cvd):
+        return kit.run(TRAIN_SH, "--local", "--dry-run", "--preset", "tiny", *flags, CUDA_VISIBLE_DEVICES=cvd)
+
+    p = local(cvd="2,3")  # of the fake's 8: the default is these two
+    assert p.returncode == 0, p.stderr
+    (cmd,) = dry_run_commands(p.stdout)
+    assert "--nproc_per_node=2" in cmd
+    p = local("--num-gpus", "3", cvd="2,3")
+    assert p.returncode == 2 and "--num-gpus 3" in p.stderr and "CUDA_VISIBLE_DEVICES=2,3 leaves (2)" in p.stderr
+    p = local("--gpus", "4,5,6", cvd="2,3")  # --gpus replaces it
+    assert p.returncode == 0, p.stderr
+    (cmd,) = dry_run_commands(p.stdout)
+    assert "CUDA_VISIBLE_DEVICES=4,5,6" in cmd and "--nproc_per_node=3" in cmd
+    for cvd in ("", "-1"):  # no GPU visible: the CPU
+        p = local(cvd=cvd)
+        assert p.returncode == 0, p.stderr
+        assert "devices: none (CPU)" in p.stdout
+        (cmd,) = dry_run_commands(p.stdout)
+        assert cmd[cmd.index("train_gpt.py") - 1].endswith("/python")
 
 
 # --- errors ----------------------------------------------------------------------------------------------------------
@@ -396,6 +597,36 @@ def test_too_many_gpus(kit, flags):
     assert not kit.runs()
 
 
+@pytest.mark.parametrize("nvidia_smi", ["absent", "failing"])
+@pytest.mark.parametrize("flags", [["--num-gpus", "99"], ["--gpus", "0,1"], []],
+                         ids=["--num-gpus 99", "--gpus 0,1", "default"])
+def test_docker_run_without_a_gpu_count_is_refused(kit, nvidia_smi, flags):
+    # a Docker run is a GPU run; without nvidia-smi no request can be checked against the GPUs there are
+    kit.hide_nvidia_smi() if nvidia_smi == "absent" else kit.break_nvidia_smi()
+    p = kit.run(TRAIN_SH, "--preset", "tiny", *flags)
+    line = one_error_line(p, "train.sh")
+    assert ("nvidia-smi is not on PATH" if nvidia_smi == "absent" else "nvidia-smi -L failed") in line
+    assert " ".join(flags) in line and "--local" in line and "--device cpu" in line
+    assert not kit.runs()
+
+
+def test_docker_run_with_no_gpu_is_refused(kit):
+    line = one_error_line(kit.run(TRAIN_SH, "--preset", "tiny", FAKE_GPUS="0"), "train.sh")
+    assert "no GPU" in line and "--local" in line
+    assert not kit.runs()
+
+
+@pytest.mark.parametrize("device", [["--device", "cpu"], ["--device=cpu"]])
+def test_docker_cpu_run_needs_no_gpu(kit, device):
+    kit.hide_nvidia_smi()
+    opts, inner, p = kit.train("--preset", "tiny", "--num-gpus", "2", "--", *device)
+    assert "--gpus" not in opts
+    assert inner[:4] == ["python", "lib/torchrun.py", "--standalone", "--nproc_per_node=2"]
+    assert "devices: none (CPU)" in p.stdout
+    p = kit.run(TRAIN_SH, "--preset", "tiny", "--gpus", "0", "--", *device, FAKE_GPUS="1")
+    assert p.returncode == 2 and "--gpus 0" in p.stderr and "--device cpu" in p.stderr
+
+
 def test_multi_node_needs_master_addr(kit):
     p = kit.run(TRAIN_SH, "--nnodes", "2")
     assert p.returncode == 2 and "--master-addr" in p.stderr
@@ -418,14 +649,14 @@ def test_help(kit):
 # --- generate.sh -----------------------------------------------------------------------------------------------------
 
 GENERATE_CASES = [
-    (["--prompt", "Once upon a time"], ["--prompt", "Once upon a time"]),
-    (["--max-tokens", "17"], ["--max-tokens", "17"]),
-    (["--temperature", "0.7"], ["--temperature", "0.7"]),
-    (["--top-k", "40"], ["--top-k", "40"]),
-    (["--top-p", "0.9"], ["--top-p", "0.9"]),
-    (["--num-samples", "3"], ["--num-samples", "3"]),
-    (["--seed", "11"], ["--seed", "11"]),
-    (["--device", "cpu"], ["--device", "cpu"]),
+    (["--prompt", "Once upon a time"], ["--prompt=Once upon a time"]),
+    (["--max-tokens", "17"], ["--max-tokens=17"]),
+    (["--temperature", "0.7"], ["--temperature=0.7"]),
+    (["--top-k", "40"], ["--top-k=40"]),
+    (["--top-p", "0.9"], ["--top-p=0.9"]),
+    (["--num-samples", "3"], ["--num-samples=3"]),
+    (["--seed", "11"], ["--seed=11"]),
+    (["--device", "cpu"], ["--device=cpu"]),
     (["--", "--no-stop-at-eot", "--prompt-file", "p.txt"], ["--no-stop-at-eot", "--prompt-file", "p.txt"]),
 ]
 
@@ -438,7 +669,7 @@ def test_generate_flag_reaches_generate_py(kit, runtime, flags, expected):
     assert p.returncode == 0, p.stderr
     (cmd,) = dry_run_commands(p.stdout)
     script = cmd.index("generate.py")
-    assert contains(cmd[script + 1:], ["--checkpoint", "checkpoints/latest"])
+    assert "--checkpoint=checkpoints/latest" in cmd[script + 1:]
     assert contains(cmd[script + 1:], expected)
     if runtime == "docker":
         assert cmd[:3] == ["docker", "run", "--rm"] and "-t" not in cmd and "-i" not in cmd
@@ -447,13 +678,30 @@ def test_generate_flag_reaches_generate_py(kit, runtime, flags, expected):
         assert cmd[script - 1] == str(Path(sys.prefix) / "bin" / "python")
 
 
+@pytest.mark.parametrize("runtime", ["docker", "local"])
+def test_generate_values_that_look_like_flags_stay_values(kit, runtime):
+    # `--prompt --x` reached generate.py as two flags; every value now goes as --flag=VALUE
+    generate = pytest.importorskip("generate")
+    local = ["--local"] if runtime == "local" else []
+    p = kit.run(GENERATE_SH, "--dry-run", *local, "--prompt", "--x", "--device", "-d", "--temperature", "-1e-3",
+                "--checkpoint", "-ckpt")
+    assert p.returncode == 0, p.stderr
+    (cmd,) = dry_run_commands(p.stdout)
+    ns = parse_forwarded(generate.build_arg_parser(), cmd[cmd.index("generate.py") + 1:])
+    assert (ns.prompt, ns.device, ns.temperature) == ("--x", "-d", -1e-3)
+    assert Path(ns.checkpoint).name == "-ckpt"
+    p = kit.run(GENERATE_SH, "--dry-run", *local, "--prompt", "")
+    (cmd,) = dry_run_commands(p.stdout)
+    assert parse_forwarded(generate.build_arg_parser(), cmd[cmd.index("generate.py") + 1:]).prompt == ""
+
+
 def test_generate_checkpoint_path(kit, tmp_path):
     ckpt = tmp_path / "runs" / "r1"
     ckpt.mkdir(parents=True)
     p = kit.run(GENERATE_SH, "--dry-run", "--checkpoint", str(ckpt), WANDB_API_KEY=SECRET)
     (cmd,) = dry_run_commands(p.stdout)
-    assert ("-v", f"{ckpt}:{ckpt}") in pairs(cmd)
-    assert contains(cmd, ["generate.py", "--checkpoint", str(ckpt)])
+    assert bind_mounts(cmd[2:cmd.index(IMAGE)])[str(ckpt)] == str(ckpt)
+    assert contains(cmd, ["generate.py", f"--checkpoint={ckpt}"])
     assert ("--user", f"{os.getuid()}:{os.getgid()}") in pairs(cmd) and "--ipc=host" in cmd
     assert ("-e", "TORCHINDUCTOR_CACHE_DIR=/compile-cache/inductor") in pairs(cmd)  # --compile reuses it
     assert SECRET not in p.stdout + p.stderr
@@ -536,7 +784,7 @@ def test_hadolint():
 # --- end to end on CPU -----------------------------------------------------------------------------------------------
 
 def test_local_end_to_end(kit, synthetic_data, tmp_path):
-    (kit.bin / "nvidia-smi").unlink()  # a CPU machine
+    kit.hide_nvidia_smi()  # a CPU machine
     work = tmp_path / "work"
     p = kit.run(TRAIN_SH, "--local", "--preset", "tiny", "--num-iterations", "3", "--data-dir", str(synthetic_data),
                 "--train-seq-len", "256", "--val-seq-len", "512", "--val-loss-every", "0", "--run-name", "e2e",
