@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import errno
 import glob
 import json
 import math
@@ -69,6 +70,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+try:
+    import fcntl  # run locks (POSIX); elsewhere runs are not locked
+except ImportError:
+    fcntl = None
 
 BOS_ID = 50256  # <|endoftext|>: precedes every document
 FLEX_BLOCK_SIZE = 128
@@ -182,8 +188,37 @@ class ConfigError(ValueError):
     """A bad flag value or combination; main() prints it without a traceback."""
 
 
+class DeviceError(ConfigError):
+    """A device problem of one process (its GPU is missing or too old): every process reports its own."""
+
+
+def valid_run_name(name: str) -> bool:
+    """A run name is a single, plain path component, so logs/<run>.txt and checkpoints/<run>/ stay where they are."""
+    return bool(re.fullmatch(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]{0,199}", name))
+
+
 def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     problems = []
+    for f in fields(Hyperparameters):
+        value = getattr(hp, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+    for name in ("muon_lr", "adam_lr", "head_lr", "scalar_lr", "muon_momentum_warmup_steps", "warmup_steps",
+                 "val_loss_every", "train_loss_every"):
+        if getattr(hp, name) < (-1 if name == "warmup_steps" else 0):
+            problems.append(f"--{name.replace('_', '-')} must not be negative, got {getattr(hp, name)}")
+    for name in ("muon_lr", "adam_lr", "head_lr", "scalar_lr", "adam_eps"):  # they multiply fp32 tensors
+        if abs(getattr(hp, name)) >= torch.finfo(torch.float32).max:
+            problems.append(f"--{name.replace('_', '-')} must be below {torch.finfo(torch.float32).max:.4g}, the "
+                            f"largest float32, got {getattr(hp, name)}")
+    if not hp.adam_eps > 0:
+        problems.append(f"--adam-eps must be positive, got {hp.adam_eps}")
+    for name in ("adam_beta1", "adam_beta2", "muon_momentum", "muon_momentum_start"):
+        if not 0.0 <= getattr(hp, name) < 1.0:
+            problems.append(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(hp, name)}")
+    if hp.run_name is not None and not valid_run_name(hp.run_name):
+        problems.append(f"--run-name {hp.run_name!r} must be one file name (letters, digits, '.', '_', '-'; not "
+                        "starting with '.'): it names logs/<run>.txt and checkpoints/<run>/")
     if hp.seqs_per_step % world_size:
         problems.append(f"--seqs-per-step {hp.seqs_per_step} must be a multiple of the number of processes "
                         f"({world_size}) so every process accumulates the same number of sequences")
@@ -676,6 +711,8 @@ class Muon(ShardedOptimizer):
     of one per matrix, which on one GPU turns the track-1 model's 46 calls (about 1,400 small kernels) into 4.
     """
 
+    STATE_KEYS = ("momentum_buffer",)  # per parameter, in full_state / load_full_state
+
     def __init__(self, named_params, lr: float = 0.05, momentum: float = 0.95, ns_steps: int = 5,
                  compile_ns: bool = False):
         super().__init__([{"params": list(named_params)}], dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
@@ -773,6 +810,8 @@ class DistAdam(ShardedOptimizer):
 
     Parameters whose first dimension divides by world_size are sharded along it (reduce-scatter, update a slice,
     all-gather); small ones are all-reduced and updated everywhere."""
+
+    STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")  # per parameter, in full_state / load_full_state
 
     def __init__(self, named_groups: list[dict], lr: float, betas=(0.8, 0.95), eps: float = 1e-10):
         super().__init__(named_groups, dict(lr=lr, betas=betas, eps=eps))
@@ -937,9 +976,20 @@ def read_shard_header(path: str | Path) -> int:
     return num_tokens
 
 
+class DiskFullError(OSError):
+    """A write that failed because its file system is full; the message says where and how much is free."""
+
+
+DISK_FULL_FREE_BYTES = 64 << 20  # a write that fails with less than this left beside it ran out of space
+
+
 def atomic_write(path: Path, write) -> None:
     """write(f) into a temporary file beside path, flushed to disk, then renamed over path: a crash leaves either
-    the old file or the complete new one, never a partial file under the final name."""
+    the old file or the complete new one, never a partial file under the final name.
+
+    A write that fails for want of space raises DiskFullError. torch.save does not say so (its zip writer reports
+    "unexpected pos"), so besides ENOSPC a failure with the file system nearly full, measured while the partial
+    file still takes its share, counts as one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -948,6 +998,12 @@ def atomic_write(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        free = shutil.disk_usage(path.parent).free
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < DISK_FULL_FREE_BYTES:
+            raise DiskFullError(errno.ENOSPC, f"cannot write {path}: the disk is full ({free / 2**20:.0f} MiB free "
+                                f"in {path.parent}); free some space and run again (nothing was replaced)") from e
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -1000,29 +1056,39 @@ def ensure_builtin_corpus(data_dir: str) -> None:
             raise DataError(f"cannot build the built-in corpus in {data_dir}: {e}") from e
 
 
-class TokenStream:
-    """Several shards read as one stream of tokens."""
+def read_shard(path: str | Path, vocab_size: int | None = None, count: int | None = None) -> np.ndarray:
+    """The first count tokens (all by default) of a validated shard, read into memory: a file truncated or replaced
+    while the run goes on cannot pull its data from under it (through a memory map that would end the process with
+    SIGBUS). With vocab_size, an id the model has no row for is a DataError naming the file and the position."""
+    n = read_shard_header(path)
+    count = n if count is None else min(n, count)
+    try:
+        with open(path, "rb") as f:
+            f.seek(HEADER_BYTES)
+            tokens = np.fromfile(f, dtype="<u2", count=count)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read shard ({e.strerror})") from e
+    if tokens.size != count:
+        raise DataError(f"{path}: ended after {tokens.size} of its {n} tokens while it was read; it was truncated "
+                        "or replaced during the run: download or prepare it again")
+    if vocab_size is not None and count and int(tokens.max()) >= vocab_size:
+        where = int(np.argmax(tokens >= vocab_size))
+        raise DataError(f"{path}: token id {int(tokens[where])} at position {where} is outside the vocabulary "
+                        f"(ids below {vocab_size}); the shard was made with another tokenizer, or is corrupt")
+    return tokens
 
-    def __init__(self, files: list[str]):
-        self.files = list(files)
-        self.shards = [load_shard(f) for f in self.files]
-        self.starts = np.cumsum([0] + [len(s) for s in self.shards])
-        self.total = int(self.starts[-1])
 
-    def read(self, start: int, n: int) -> np.ndarray:
-        """Tokens [start, start + n); raises if that runs past the end."""
-        if start < 0 or n < 0 or start + n > self.total:
-            raise IndexError(f"token range [{start}, {start + n}) outside stream of {self.total}")
-        if n == 0:
-            return np.empty(0, dtype=np.uint16)
-        parts = []
-        i = int(np.searchsorted(self.starts, start, side="right")) - 1
-        while n > 0:
-            off = start - int(self.starts[i])
-            take = min(n, len(self.shards[i]) - off)
-            parts.append(self.shards[i][off:off + take])
-            start, n, i = start + take, n - take, i + 1
-        return np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
+def read_tokens(files: list[str], n: int, vocab_size: int | None = None) -> np.ndarray:
+    """The first n tokens of the shards, in order, in memory (each shard checked as read_shard checks it)."""
+    parts, have = [], 0
+    for f in files:
+        if have >= n:
+            break
+        parts.append(read_shard(f, vocab_size, n - have))
+        have += parts[-1].size
+    if have < n:
+        raise DataError(f"the shards {', '.join(map(str, files))} hold {have} tokens, fewer than the {n} needed")
+    return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty(0, dtype=np.uint16)
 
 
 class TrainLoader:
@@ -1044,34 +1110,48 @@ class TrainLoader:
     """
 
     def __init__(self, files: list[str], seq_len: int, seqs_per_step: int, rank: int = 0, world_size: int = 1,
-                 span_multiplier: float = 2.0):
+                 span_multiplier: float = 2.0, vocab_size: int | None = None):
         self.files = list(files)
-        self.shards = [load_shard(f) for f in self.files]
+        self.sizes = [read_shard_header(f) for f in self.files]  # each shard is read (and checked) when reached
+        self.vocab_size = vocab_size
+        self._held: tuple[int, np.ndarray] | None = None  # (index, tokens) of the shard in memory
         self.seq_len, self.seqs_per_step = seq_len, seqs_per_step
         self.rank, self.world_size = rank, world_size
         self.batch = seqs_per_step * seq_len
         self.span = max(self.batch, int(span_multiplier * self.batch))
-        if not any(self._holds_a_step(i) for i in range(len(self.shards))):
+        if not any(self._holds_a_step(i) for i in range(len(self.files))):
             raise DataError(f"no train shard holds the {self.batch + 1} tokens one step needs (the largest holds "
-                            f"{max(len(t) for t in self.shards)}); add data or lower --train-seq-len")
+                            f"{max(self.sizes)}); add data or lower --train-seq-len")
         self.shard, self.pos, self.epoch = 0, 0, 0
         self.aligned_steps = self.unaligned_steps = 0  # how often the record's alignment succeeded or could not
 
     def _holds_a_step(self, i: int) -> bool:
-        return len(self.shards[i]) >= self.batch + 1
+        return self.sizes[i] >= self.batch + 1
 
     def state_dict(self) -> dict:
         return {"shard": self.shard, "pos": self.pos, "epoch": self.epoch,
                 "files": [os.path.basename(f) for f in self.files]}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.shard, self.pos, self.epoch = int(state["shard"]), int(state["pos"]), int(state["epoch"])
+    def load_state_dict(self, state: dict, source: str | Path = "the saved loader state") -> None:
+        """Continue where the state says. It must come from these shards: the saved file names must be the first
+        ones of this run's (shards added after them are fine; others would move the position into other data)."""
+        saved = list(state["files"])
+        mine = [os.path.basename(f) for f in self.files]
+        if mine[:len(saved)] != saved:
+            raise CheckpointError(f"{source} was trained on the shards {', '.join(saved[:3])}"
+                                  f"{', ...' if len(saved) > 3 else ''} ({len(saved)}), this run reads "
+                                  f"{', '.join(mine[:3])}{', ...' if len(mine) > 3 else ''} ({len(mine)}): resume "
+                                  "with the same --data-dir and --train-files")
+        shard, pos = int(state["shard"]), int(state["pos"])
+        if not 0 <= shard < len(self.files) or not 0 <= pos <= self.sizes[shard]:
+            raise CheckpointError(f"{source}: its loader position (shard {shard}, token {pos}) is outside the shards")
+        self.shard, self.pos, self.epoch = shard, pos, int(state["epoch"])
 
     def _next_shard(self) -> None:
         self.pos = 0
         while True:
             self.shard += 1
-            if self.shard == len(self.shards):
+            if self.shard == len(self.files):
                 self.shard, self.epoch = 0, self.epoch + 1
             if self._holds_a_step(self.shard):
                 return
@@ -1079,7 +1159,7 @@ class TrainLoader:
     def step_starts(self) -> list[int]:
         """Start positions in the current shard of this step's sequences (advances the loader)."""
         T, S = self.seq_len, self.seqs_per_step
-        if not self._holds_a_step(self.shard) or (self.pos > 0 and self.pos + self.span + 1 >= len(self.tokens)):
+        if not self._holds_a_step(self.shard) or (self.pos > 0 and self.pos + self.span + 1 >= self.sizes[self.shard]):
             self._next_shard()
         tokens, pos = self.tokens, self.pos
         limit = min(pos + self.span, len(tokens) - 1)  # every BOS used lies before this position
@@ -1107,7 +1187,11 @@ class TrainLoader:
 
     @property
     def tokens(self) -> np.ndarray:
-        return self.shards[self.shard]
+        """The current shard's tokens, read into memory (and checked) when the loader reaches it."""
+        if self._held is None or self._held[0] != self.shard:
+            self._held = None  # one shard in memory at a time
+            self._held = (self.shard, read_shard(self.files[self.shard], self.vocab_size))
+        return self._held[1]
 
     def next_batch(self, device: torch.device) -> list[tuple[Tensor, Tensor]]:
         """This process's (inputs, targets) for every micro-step of the next step."""
@@ -1125,18 +1209,21 @@ class ValidationSet:
     """Exactly val_tokens tokens from the start of the validation stream, cut into val_seq_len chunks; chunk k goes to
     process k % world_size, so the result is the same for any number of processes."""
 
-    def __init__(self, files: list[str], val_tokens: int, seq_len: int, rank: int = 0, world_size: int = 1):
-        self.stream = TokenStream(files)
-        if self.stream.total < val_tokens + 1:
-            raise DataError(f"the validation shards ({', '.join(files)}) hold {self.stream.total} tokens; "
+    def __init__(self, files: list[str], val_tokens: int, seq_len: int, rank: int = 0, world_size: int = 1,
+                 vocab_size: int | None = None):
+        total = sum(read_shard_header(f) for f in files)
+        if total < val_tokens + 1:
+            raise DataError(f"the validation shards ({', '.join(files)}) hold {total} tokens; "
                             f"--val-tokens {val_tokens} needs {val_tokens + 1}")
+        self.tokens = read_tokens(files, val_tokens + 1, vocab_size)  # in memory: read once, not at every validation
         self.val_tokens, self.seq_len = val_tokens, seq_len
         self.rank, self.world_size = rank, world_size
         self.num_chunks = val_tokens // seq_len
 
     def batches(self, device: torch.device):
         for k in range(self.rank, self.num_chunks, self.world_size):
-            buf = torch.from_numpy(self.stream.read(k * self.seq_len, self.seq_len + 1).astype(np.int64)).to(device)
+            chunk = self.tokens[k * self.seq_len:(k + 1) * self.seq_len + 1]
+            buf = torch.from_numpy(chunk.astype(np.int64)).to(device)
             yield buf[:-1].to(torch.int32), buf[1:]
 
 
@@ -1150,6 +1237,18 @@ STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
 class CheckpointError(ValueError):
     """A missing, unreadable or incompatible checkpoint."""
+
+
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss or state; the run stops without saving it (main() exits with 3)."""
+
+
+def nonfinite_tensors(state, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a nested dict/list that hold a NaN or an infinity."""
+    if isinstance(state, Tensor):
+        return [prefix] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    return [name for k, v in items for name in nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -1212,6 +1311,36 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{path} has checkpoint version {ckpt.get('version')}; this trainer reads "
                               f"version {CHECKPOINT_VERSION}")
     return ckpt
+
+
+RESUME_KEYS = {"run_id": str, "step": int, "train_time_ms": (int, float), "model_config": dict,
+               "hyperparameters": dict, "model": dict, "optimizers": dict, "rng": dict}
+
+
+def checkpoint_hyperparameters(ckpt: dict, path: Path) -> Hyperparameters:
+    """The settings a checkpoint was trained with (fields this version does not know are dropped)."""
+    saved = ckpt.get("hyperparameters")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path} holds no hyperparameters; it is not a complete checkpoint of this trainer")
+    known = {f.name for f in fields(Hyperparameters)}
+    try:
+        return Hyperparameters(**{k: v for k, v in saved.items() if k in known})
+    except TypeError as e:
+        raise CheckpointError(f"{path} holds unusable hyperparameters ({e})") from e
+
+
+def check_resumable(ckpt: dict, path: Path, hp: Hyperparameters) -> None:
+    """Everything a resume reads is there and has the right type, and the run has steps left: checked before the
+    model is built, so a hollow checkpoint costs a line, not a compile and a traceback."""
+    problems = [f"{key} ({kind.__name__ if isinstance(kind, type) else kind[0].__name__} expected)"
+                for key, kind in RESUME_KEYS.items() if not isinstance(ckpt.get(key), kind)]
+    if not isinstance(ckpt.get("loader"), dict) or not {"shard", "pos", "epoch", "files"} <= set(ckpt["loader"]):
+        problems.append("loader (the data position)")
+    if problems:
+        raise CheckpointError(f"{path} cannot be resumed: it lacks or mangles {', '.join(problems)}")
+    if hp.num_iterations < ckpt["step"]:
+        raise ConfigError(f"{path} is at step {ckpt['step']}, past --num-iterations {hp.num_iterations}: resume "
+                          f"with --num-iterations {ckpt['step']} or more")
 
 
 def check_model_config(ckpt: dict, cfg: GPTConfig, path: Path) -> None:
@@ -1317,19 +1446,21 @@ class WandbLogger:
 def resolve_device(spec: str, local_rank: int) -> torch.device:
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", spec):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
     device = torch.device(spec)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for but no CUDA GPU is visible (use --device cpu)")
+            raise DeviceError("--device cuda was asked for but no CUDA GPU is visible (use --device cpu)")
         if device.index is None:
             device = torch.device("cuda", local_rank)
         if device.index >= torch.cuda.device_count():
-            raise ConfigError(f"process {local_rank} needs GPU {device.index} but only "
+            raise DeviceError(f"process {local_rank} needs GPU {device.index} but only "
                               f"{torch.cuda.device_count()} are visible")
         torch.cuda.set_device(device)
         cap = torch.cuda.get_device_capability(device)
         if cap < MIN_TRAIN_CAPABILITY:
-            raise ConfigError(
+            raise DeviceError(
                 f"GPU {device.index} ({torch.cuda.get_device_name(device)}) has compute capability {cap[0]}.{cap[1]}; "
                 f"training needs {MIN_TRAIN_CAPABILITY[0]}.{MIN_TRAIN_CAPABILITY[1]} or newer for bfloat16 and "
                 "FlexAttention (A100, A10, L4, RTX 3090/4090, H100). generate.py still samples on it in fp32; "
@@ -1363,9 +1494,11 @@ class Trainer:
         self.optimizers = build_optimizers(self.model, hp)
         self.forward = torch.compile(self.model, dynamic=False) if hp.compile else self.model
         self.loader = (TrainLoader(train_files, hp.train_seq_len, hp.seqs_per_step, rank, world_size,
-                                   hp.max_batch_span_multiplier) if train_files is not None else None)
+                                   hp.max_batch_span_multiplier, hp.vocab_size) if train_files is not None else None)
         self.step = 0
         self.train_time_ms = 0.0
+        # the first step whose loss was not finite (-1: none), kept on the device so that no step waits for it
+        self.first_nonfinite = torch.full((), -1, dtype=torch.int64, device=device)
 
     def window_tensor(self, step: int) -> Tensor:
         return torch.tensor(window_blocks(step, self.hp), dtype=torch.int32, device=self.device)
@@ -1389,7 +1522,22 @@ class Trainer:
             opt.step()
         self.model.zero_grad(set_to_none=True)
         self.step += 1
+        unseen = ~torch.isfinite(total) & (self.first_nonfinite < 0)
+        self.first_nonfinite = torch.where(unseen, self.step, self.first_nonfinite)
         return total / sum(inputs.numel() for inputs, _ in batch)
+
+    def check_finite(self) -> None:
+        """Raise DivergedError if any training loss so far was not finite. One sync, and a collective when
+        distributed (every process stops together): called where the loop syncs anyway (loss lines, validations,
+        saves)."""
+        first = self.first_nonfinite.clone()
+        if self.world_size > 1:
+            first = torch.where(first < 0, torch.iinfo(torch.int64).max, first)
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+            first = torch.where(first == torch.iinfo(torch.int64).max, -1, first)
+        step = int(first.item())
+        if step >= 0:
+            raise DivergedError(f"the training loss of step {step} was not finite")
 
     def learning_rates(self) -> dict[str, float]:
         """The rate each parameter group last stepped with, e.g. {"lr/muon": 0.05, "lr/embed": 0.6, ...}."""
@@ -1420,6 +1568,7 @@ class Trainer:
         self.optimizers = build_optimizers(self.model, self.hp)
         self.model.zero_grad(set_to_none=True)
         self.step = 0
+        self.first_nonfinite.fill_(-1)
 
     def checkpoint(self, run_id: str) -> dict:
         """Everything a resume needs; a collective when distributed (optimiser state is gathered)."""
@@ -1434,16 +1583,34 @@ class Trainer:
         }
 
     def restore(self, ckpt: dict, path: Path) -> None:
+        """Weights, optimiser states, data position, step, clock and RNG from a checkpoint (check_resumable first);
+        anything that does not fit this run is a CheckpointError naming the file."""
         check_model_config(ckpt, self.cfg, path)
-        with torch.no_grad():
-            self.model.load_state_dict(ckpt["model"])
+        try:
+            with torch.no_grad():
+                self.model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:  # torch lists the problems one per line after a heading: name the first
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            raise CheckpointError(f"{path}: its weights do not fit this model ({lines[min(1, len(lines) - 1)]})") from e
+        params = dict(self.model.named_parameters())
         for k, opt in self.optimizers.items():
-            opt.load_full_state(ckpt["optimizers"][k])
-        if self.loader is not None and ckpt.get("loader"):
-            self.loader.load_state_dict(ckpt["loader"])
+            saved = ckpt["optimizers"].get(k)
+            if not isinstance(saved, dict):
+                raise CheckpointError(f"{path} has no {k} optimiser state")
+            for name, entry in saved.items():
+                p = params.get(name)
+                if (p is None or not isinstance(entry, dict) or set(entry) != set(opt.STATE_KEYS)
+                        or any(entry[key].shape != p.shape for key in opt.STATE_KEYS if key != "step")):
+                    raise CheckpointError(f"{path}: its {k} state for {name!r} does not fit this model")
+            opt.load_full_state(saved)
+        if self.loader is not None:
+            self.loader.load_state_dict(ckpt["loader"], path)
         self.step = int(ckpt["step"])
         self.train_time_ms = float(ckpt["train_time_ms"])
-        set_rng_state(ckpt["rng"])
+        try:
+            set_rng_state(ckpt["rng"])
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: its random-number state is unusable ({e})") from e
 
 
 ROLLING_CHECK_EVERY = 5  # steps between checks of the rolling checkpoint's clock (a broadcast when distributed)
@@ -1473,6 +1640,101 @@ def rolling_save_due(hp: Hyperparameters, step: int, last_save: float, device: t
     return bool(flag.item())
 
 
+def stop_if_diverged(trainer: Trainer, log: "RunLog", run_dir: Path, val_loss: float | None = None,
+                     state: dict | None = None) -> None:
+    """Stop the run (DivergedError, written to the log too) when a training loss so far, the validation loss or the
+    state about to be saved is not finite: nothing is saved from a diverged state, and checkpoints/latest keeps
+    pointing at the last good checkpoint."""
+    try:
+        trainer.check_finite()
+        if val_loss is not None and not math.isfinite(val_loss):
+            raise DivergedError(f"the validation loss at step {trainer.step} is {val_loss}")
+        bad = nonfinite_tensors({k: state[k] for k in ("model", "optimizers")}) if state is not None else []
+        if bad:
+            raise DivergedError(f"the state after step {trainer.step} holds non-finite values ({', '.join(bad[:3])}"
+                                f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''})")
+    except DivergedError as e:
+        newest = newest_step_file(run_dir)
+        last_good = f"the run's last checkpoint is {newest}" if newest else "the run has no checkpoint"
+        message = (f"training diverged: {e}; nothing was saved from it and {last_good} (resume from a checkpoint "
+                   "with lower learning rates)")
+        log.write(f"stopped: {message}", console=False)
+        raise DivergedError(message) from None
+
+
+class RunLock:
+    """An exclusive lock on a run name for as long as the run trains (<log_dir>/.<run>.lock), so that a second run
+    with the same name is refused instead of interleaving its log and overwriting its checkpoints. The kernel
+    releases it when the process ends, however it ends (flock), so a killed run can always be resumed. Taking it
+    also removes the temporary files that a save interrupted by a kill left behind: no other process of this run
+    name writes meanwhile."""
+
+    def __init__(self, log_dir: Path, run_dir: Path):
+        path = log_dir / f".{run_dir.name}.lock"
+        try:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a+", encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot write run logs in {log_dir} ({e.strerror}): check --log-dir") from e
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "?"
+            self.file.close()
+            raise ConfigError(f"run {run_dir.name!r} is already training (process {holder} holds {path}): give "
+                              "this run another --run-name, or wait for that one to end") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+        self.removed = [p for p in run_dir.glob(".step_*.pt.tmp-*") if p.is_file()]
+        # the checkpoint root's latest link is shared by all runs: only the leftovers of processes no longer alive
+        self.removed += [p for p in run_dir.parent.glob(".latest.tmp-*")
+                         if p.is_symlink() and not process_alive(p.name.rpartition("-")[2])]
+        for p in self.removed:
+            p.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        self.file.close()
+
+
+def process_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def claim_run(run_dir: Path, log_dir: Path, rank: int) -> RunLock | None:
+    """On process 0, lock the run name and make sure the log directory can be written; every process raises the
+    same ConfigError when either fails (so none waits for the others in a collective)."""
+    lock, problem = None, None
+    if rank == 0:
+        try:
+            if fcntl is not None:
+                lock = RunLock(log_dir, run_dir)
+            else:
+                log_dir.mkdir(parents=True, exist_ok=True)
+            try:  # fail now, not at the first save after hours of training
+                run_dir.parent.mkdir(parents=True, exist_ok=True)
+                usable = (run_dir.is_dir() or not run_dir.exists()) and os.access(run_dir.parent, os.W_OK)
+            except OSError:
+                usable = False
+            if not usable:
+                raise ConfigError(f"cannot keep checkpoints in {run_dir} (not a writable directory): check "
+                                  "--checkpoint-dir")
+        except (ConfigError, OSError) as e:
+            problem = str(e) if isinstance(e, ConfigError) else f"cannot write run logs in {log_dir} ({e})"
+    problem = broadcast_object(problem)
+    if problem:
+        raise ConfigError(problem)
+    return lock
+
+
 def new_run_id(hp: Hyperparameters) -> str:
     return f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{hp.preset}-{uuid.uuid4().hex[:6]}"
 
@@ -1497,25 +1759,37 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
 
     if hp.train_files.startswith("builtin_"):  # the tiny preset's corpus: built on first use, no network needed
-        if rank == 0:
+        default = os.path.normpath(PRESETS["tiny"]["data_dir"])
+        if os.path.normpath(hp.data_dir) not in (default, str(Path(__file__).resolve().parent / default)):
+            if not os.path.isdir(hp.data_dir):  # a mistyped --data-dir must not get a corpus of its own
+                raise DataError(f"--data-dir {hp.data_dir} does not exist; the built-in corpus is built on first use "
+                                f"only in {default} (elsewhere: python data/builtin.py --out-dir DIR)")
+        elif rank == 0:
             ensure_builtin_corpus(hp.data_dir)
         if world_size > 1:
             dist.barrier()
     train_files = find_shards(hp.data_dir, hp.train_files, "train")
     val_files = find_shards(hp.data_dir, hp.val_files, "validation")
-    val = ValidationSet(val_files, hp.val_tokens, hp.val_seq_len, rank, world_size)
+    val = ValidationSet(val_files, hp.val_tokens, hp.val_seq_len, rank, world_size, hp.vocab_size)
 
     ckpt, ckpt_path = None, None
     if hp.resume:
         ckpt_path = resolve_checkpoint(hp.resume, hp.run_name, hp.checkpoint_dir)
         ckpt = load_checkpoint(ckpt_path)
+        check_resumable(ckpt, ckpt_path, hp)
     run_id = hp.run_name or (ckpt["run_id"] if ckpt else broadcast_object(new_run_id(hp)))
+    if not valid_run_name(run_id):
+        raise CheckpointError(f"{ckpt_path} names its run {run_id!r}, not a plain file name: pass --run-name")
+    run_dir = Path(hp.checkpoint_dir) / run_id
+    lock = claim_run(run_dir, Path(hp.log_dir), rank)
     log = RunLog(Path(hp.log_dir) / f"{run_id}.txt" if rank == 0 else None)
     rule = "=" * 100
     if log.path is not None and not log.path.exists():  # a new log file always begins with the code
         log.write(source if source is not None else Path(__file__).read_text(encoding="utf-8"), console=False)
     if ckpt is not None:
         log.write(f"{rule}\nresumed from {ckpt_path} at step {ckpt['step']}", console=True)
+    if lock is not None and lock.removed:
+        log.write(f"removed {len(lock.removed)} temporary file(s) that interrupted saves had left behind")
     log.write(f"{rule}\nconfig {json.dumps(asdict(hp), indent=1)}", console=False)
     log.write(f"{rule}\n{environment_report(device)}\n{rule}", console=False)
 
@@ -1533,7 +1807,7 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
     if warmup:
         t0 = time.perf_counter()
         warm_loader = TrainLoader(train_files, hp.train_seq_len, hp.seqs_per_step, rank, world_size,
-                                  hp.max_batch_span_multiplier)
+                                  hp.max_batch_span_multiplier, hp.vocab_size)
         for _ in range(warmup):
             trainer.train_step(warm_loader.next_batch(device))
         trainer.validate(ValidationSet(val_files, hp.val_seq_len, hp.val_seq_len))  # one chunk: the eval graph
@@ -1561,6 +1835,7 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
             avg = trainer.train_time_ms / max(step, 1)
             log.write(f"step:{step}/{N} val_loss:{val_loss:.4f} train_time:{trainer.train_time_ms:.0f}ms "
                       f"step_avg:{avg:.2f}ms")
+            stop_if_diverged(trainer, log, run_dir, val_loss=val_loss)
             if wandb_log:
                 wandb_log.log({"val/loss": val_loss, "val/train_time_ms": trainer.train_time_ms}, step=step)
             synchronize(device)
@@ -1571,7 +1846,9 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
         if keep or roll:
             synchronize(device)
             trainer.train_time_ms += 1000 * (time.perf_counter() - t0)
+            stop_if_diverged(trainer, log, run_dir)
             state = trainer.checkpoint(run_id)
+            stop_if_diverged(trainer, log, run_dir, state=state)
             if rank == 0:
                 path = ckpt_root / run_id / f"step_{step:06d}.pt"
                 atomic_save(state, path)
@@ -1605,6 +1882,8 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
                                "step_avg_ms": elapsed / (step + 1),
                                "tokens_per_s": (step + 1) * hp.global_batch_tokens / (elapsed / 1000)}, step=step + 1)
         log.write(f"{line} train_time:{elapsed:.0f}ms step_avg:{elapsed / (step + 1):.2f}ms")
+        if "train_loss:" in line:  # synced for the line already: check every step since the last check
+            stop_if_diverged(trainer, log, run_dir)
 
     steps_done = N
     tokens = steps_done * hp.global_batch_tokens
@@ -1634,6 +1913,8 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
         wandb_log.log({"final/val_loss": val_loss, "final/train_time_s": seconds,
                        "final/tokens_per_s": summary["tokens_per_s"]}, step=N)
         wandb_log.finish(log.path)
+    if lock is not None:
+        lock.release()
     return summary
 
 
@@ -1694,10 +1975,7 @@ def parse_args(argv: list[str] | None = None, presets: dict[str, dict] | None = 
     given = vars(build_arg_parser(presets, default_preset, prog).parse_args(argv))
     if "resume" in given and "preset" not in given:
         path = resolve_checkpoint(given["resume"], given.get("run_name"), given.get("checkpoint_dir", "checkpoints"))
-        saved = load_checkpoint(path)["hyperparameters"]
-        known = {f.name for f in fields(Hyperparameters)}
-        hp = Hyperparameters(**{k: v for k, v in saved.items() if k in known})
-        hp = dataclasses.replace(hp, resume=None)
+        hp = dataclasses.replace(checkpoint_hyperparameters(load_checkpoint(path), path), resume=None)
     else:
         hp = preset_hyperparameters(given.get("preset", default_preset), presets)
     return dataclasses.replace(hp, **given)
@@ -1727,9 +2005,12 @@ def main(argv: list[str] | None = None, presets: dict[str, dict] | None = None, 
         train(hp, source)
         if distributed:
             dist.barrier()  # no rank tears its connections down while another still finishes (not after an error)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"train_gpt.py: error: {e}", file=sys.stderr)
-        return 2
+    except (ConfigError, DataError, CheckpointError, DiskFullError, DivergedError) as e:
+        # every process meets these errors together, from the same settings, files and (collective) checks: one
+        # of them says it, unless it concerns a process's own device
+        if int(os.environ.get("RANK", 0)) == 0 or isinstance(e, DeviceError):
+            print(f"train_gpt.py: error: {e.strerror if isinstance(e, DiskFullError) else e}", file=sys.stderr)
+        return 3 if isinstance(e, DivergedError) else 2
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()

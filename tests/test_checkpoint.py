@@ -293,7 +293,7 @@ def test_atomic_save_failure_leaves_no_partial_file(shared_synthetic_data, tmp_p
     monkeypatch.setattr(torch, "save", failing_save)
     hp = tiny_hp(shared_synthetic_data, tmp_path, num_iterations=4, save_every=2, run_name="atomic",
                  val_loss_every=0)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="the disk is full"):
         tg.train(hp)
     assert calls == [2, 4]
     run_dir = tmp_path / "checkpoints" / "atomic"
@@ -441,3 +441,141 @@ def test_sigkill_and_resume_matches_an_uninterrupted_subprocess_run(shared_synth
     assert final["step"] == steps
     assert (tmp_path / "kill" / "checkpoints" / "latest").resolve() == (run_dir / f"step_{steps:06d}.pt").resolve()
     shutil.rmtree(tmp_path / "kill" / "checkpoints")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Resuming from a checkpoint that cannot be resumed: one line, exit 2, before any training
+
+
+def resume_flags(shared_synthetic_data, tmp_path, path, **overrides) -> list[str]:
+    overrides.setdefault("run_name", "again")
+    return tiny_flags(shared_synthetic_data, tmp_path, **overrides) + ["--resume", str(path)]
+
+
+def damaged(run_b, tmp_path, change) -> Path:
+    """A copy of run B's step-4 checkpoint with change(ckpt) applied."""
+    hp, _, _ = run_b
+    ckpt = torch.load(ckpt_path(hp, SAVE_EVERY), weights_only=True)
+    change(ckpt)
+    path = tmp_path / "damaged" / "step_000004.pt"
+    tg.atomic_save(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda c: c.pop("hyperparameters"), "lacks or mangles hyperparameters"),
+    (lambda c: c.pop("run_id"), "lacks or mangles run_id"),
+    (lambda c: c.pop("optimizers"), "lacks or mangles optimizers"),
+    (lambda c: c.update(loader=None), "lacks or mangles loader"),
+    (lambda c: c["optimizers"].pop("adam"), "has no adam optimiser state"),
+    (lambda c: c["optimizers"]["muon"]["blocks.0.mlp.c_fc"].update(momentum_buffer=torch.zeros(3, 3)),
+     "muon state for 'blocks.0.mlp.c_fc' does not fit"),
+    (lambda c: c["model"].update({"skip_weights": torch.zeros(5)}), "its weights do not fit this model (size "
+     "mismatch for skip_weights"),
+    (lambda c: c["model"].pop("embed.weight"), "its weights do not fit this model (Missing key(s)"),
+    (lambda c: c.update(rng={}), "its random-number state is unusable"),
+])
+def test_hollow_or_partial_checkpoints_are_refused_in_one_line(run_b, shared_synthetic_data, tmp_path, capsys,
+                                                               change, words):
+    path = damaged(run_b, tmp_path, change)
+    assert tg.main(resume_flags(shared_synthetic_data, tmp_path, path)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"train_gpt.py: error: {path}") and words in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not list((tmp_path / "checkpoints").glob("again/step_*.pt"))
+
+
+def test_resume_without_preset_needs_the_saved_hyperparameters(run_b, tmp_path, capsys):
+    path = damaged(run_b, tmp_path, lambda c: c.pop("hyperparameters"))
+    assert tg.main(["--resume", str(path)]) == 2  # the settings would come from the checkpoint
+    err = capsys.readouterr().err
+    assert err == f"train_gpt.py: error: {path} holds no hyperparameters; it is not a complete checkpoint of this " \
+                  "trainer\n"
+
+
+def test_resume_past_num_iterations_is_refused(run_b, shared_synthetic_data, tmp_path, capsys):
+    hp, _, _ = run_b
+    path = ckpt_path(hp, 8)
+    assert tg.main(resume_flags(shared_synthetic_data, tmp_path, path, num_iterations=6)) == 2
+    err = capsys.readouterr().err
+    assert err == (f"train_gpt.py: error: {path.resolve()} is at step 8, past --num-iterations 6: resume with "
+                   "--num-iterations 8 or more\n")
+
+
+def test_resume_on_other_train_shards_is_refused(run_b, shared_synthetic_data, tmp_path, capsys):
+    """The loader position means nothing in other data; more shards after the saved ones are fine."""
+    hp, _, _ = run_b
+    other = tmp_path / "other"
+    shutil.copytree(shared_synthetic_data, other)
+    (other / "syn_train_000001.bin").rename(other / "syn_train_000009.bin")  # the same data in another order
+    assert tg.main(resume_flags(other, tmp_path, ckpt_path(hp, SAVE_EVERY))) == 2
+    err = capsys.readouterr().err
+    assert "was trained on the shards syn_train_000001.bin, syn_train_000002.bin (2), this run reads " \
+           "syn_train_000002.bin, syn_train_000009.bin (2)" in err
+    more = tmp_path / "more"
+    shutil.copytree(shared_synthetic_data, more)
+    shutil.copy(more / "syn_train_000002.bin", more / "syn_train_000003.bin")
+    assert tg.main(resume_flags(more, tmp_path, ckpt_path(hp, SAVE_EVERY), run_name="more",
+                                save_final=False)) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Disk full, and what an interrupted save leaves behind
+
+
+def test_disk_full_is_named_and_other_write_failures_are_not(tmp_path, monkeypatch):
+    """torch.save reports a full disk as "unexpected pos": a failure with the file system (nearly) full is called
+    a full disk, with the space left; the same failure with room to spare stays what it was."""
+    def torch_on_a_full_disk(obj, f, *a, **k):
+        f.write(b"PK\x03\x04")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", torch_on_a_full_disk)
+    target = tmp_path / "run" / "step_000002.pt"
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=3 << 20))
+    with pytest.raises(tg.DiskFullError) as exc:
+        tg.atomic_save({"a": torch.ones(2)}, target)
+    assert exc.value.strerror == (f"cannot write {target}: the disk is full (3 MiB free in {target.parent}); free "
+                                  "some space and run again (nothing was replaced)")
+    assert list(target.parent.iterdir()) == []
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10 << 30))
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        tg.atomic_save({"a": torch.ones(2)}, target)
+
+
+def test_disk_full_while_training_ends_in_one_line(shared_synthetic_data, tmp_path, monkeypatch, capsys):
+    real_save = torch.save
+
+    def second_save_fails(obj, f, *a, **k):
+        if obj.get("step") == 4:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", second_save_fails)
+    flags = tiny_flags(shared_synthetic_data, tmp_path, num_iterations=4, save_every=2, val_loss_every=0,
+                       run_name="full")
+    assert tg.main(flags) == 2
+    err = capsys.readouterr().err
+    path = tmp_path / "checkpoints" / "full" / "step_000004.pt"
+    assert err.startswith(f"train_gpt.py: error: cannot write {path}: the disk is full") and err.count("\n") == 1
+    assert (tmp_path / "checkpoints" / "latest").resolve().name == "step_000002.pt"
+
+
+def test_temporary_files_of_an_interrupted_save_are_removed(run_b, shared_synthetic_data, tmp_path):
+    """What a kill during a save leaves (a temporary checkpoint, a temporary latest link of a dead process) goes at
+    the next start of the run; another live process's temporary link stays."""
+    hp, _, _ = run_b
+    work = tmp_path / "w"
+    shutil.copytree(Path(hp.checkpoint_dir), work / "checkpoints", symlinks=True)
+    run_dir = work / "checkpoints" / "B"
+    (run_dir / ".step_000008.pt.tmp-4242").write_bytes(b"PK half")
+    dead, alive = work / "checkpoints" / ".latest.tmp-999999999", work / "checkpoints" / f".latest.tmp-{os.getppid()}"
+    for link in (dead, alive):
+        os.symlink("B/step_000004.pt", link)
+    resumed = tiny_hp(shared_synthetic_data, work, num_iterations=N, save_every=SAVE_EVERY, val_loss_every=0,
+                      run_name="B", resume=str(run_dir / "step_000008.pt"), save_final=False)
+    tg.train(resumed)
+    assert not (run_dir / ".step_000008.pt.tmp-4242").exists() and not dead.is_symlink() and alive.is_symlink()
+    log = (work / "logs" / "B.txt").read_text(encoding="utf-8")
+    assert "removed 2 temporary file(s) that interrupted saves had left behind" in log

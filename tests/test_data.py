@@ -1,4 +1,5 @@
-"""Shards, the token stream, the BOS-aligned train loader, the validation set, the schedules and the config checks."""
+"""Shards, reading them into memory, the BOS-aligned train loader, the validation set, the schedules and the config
+checks."""
 
 from __future__ import annotations
 
@@ -149,30 +150,74 @@ def test_synthetic_corpus_fixture(synthetic_data):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# TokenStream (what the validation set reads through)
+# Reading shards into memory (what the loader and the validation set hold)
 
 
-def test_token_stream_reads_across_shard_boundaries(tmp_path):
+def test_read_tokens_reads_across_shard_boundaries(tmp_path):
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 50257, size=3000)
     files = split_shards(tmp_path, tokens, [1000, 1003, 2500])  # includes a 3-token shard
-    stream = tg.TokenStream(files)
-    assert stream.total == 3000
-    for start, n in [(0, 3000), (990, 20), (999, 1), (1000, 3), (998, 10), (0, 1), (2999, 1), (1500, 1400),
-                     (2490, 510)]:
-        got = stream.read(start, n)
-        np.testing.assert_array_equal(got, tokens[start:start + n])
-    with pytest.raises(IndexError):
-        stream.read(2990, 11)
-    with pytest.raises(IndexError):
-        stream.read(-1, 5)
+    for n in (0, 1, 999, 1000, 1001, 1003, 1004, 2500, 3000):
+        got = tg.read_tokens(files, n, vocab_size=50304)
+        assert got.dtype == np.uint16 and not isinstance(got, np.memmap)
+        np.testing.assert_array_equal(got, tokens[:n])
+    with pytest.raises(tg.DataError, match="hold 3000 tokens, fewer than the 3001 needed"):
+        tg.read_tokens(files, 3001)
+    np.testing.assert_array_equal(tg.read_shard(files[1]), tokens[1000:1003])
+    np.testing.assert_array_equal(tg.read_shard(files[3], count=7), tokens[2500:2507])
 
 
-def test_token_stream_read_of_nothing(tmp_path):
-    stream = tg.TokenStream(split_shards(tmp_path, np.arange(50), [20]))
-    assert stream.read(20, 0).size == 0
-    with pytest.raises(IndexError):
-        stream.read(45, 6)
+@pytest.mark.parametrize("where", [0, 4321, 9999])
+def test_ids_outside_the_vocabulary_are_named(tmp_path, where):
+    tokens = np.arange(10_000) % 50257
+    tokens[where] = 50304
+    path = str(write_shard(tmp_path / "bad.bin", tokens))
+    with pytest.raises(tg.DataError) as exc:
+        tg.read_shard(path, vocab_size=50304)
+    assert str(exc.value) == (f"{path}: token id 50304 at position {where} is outside the vocabulary (ids below "
+                              "50304); the shard was made with another tokenizer, or is corrupt")
+    assert tg.read_shard(path, vocab_size=50305)[where] == 50304  # a larger vocabulary has a row for it
+    assert tg.read_shard(path).size == 10_000  # no vocabulary given: no check
+
+
+def test_the_train_loader_checks_each_shard_when_it_reaches_it(tmp_path):
+    """Shard 1 holds an id beyond the vocabulary: the loader opens fine and serves shard 0, and the step that moves
+    into shard 1 raises the error naming it (checking every shard up front would read all 100 FineWeb shards)."""
+    good = docs_corpus(3000, 20, 60, seed=1)
+    bad = docs_corpus(3000, 20, 60, seed=2)
+    bad[2000] = 60000
+    paths = split_shards(tmp_path, np.concatenate([good, bad]), [3000])
+    loader = tg.TrainLoader(paths, 64, 4, span_multiplier=2.0, vocab_size=50304)
+    with pytest.raises(tg.DataError, match=f"{paths[1]}: token id 60000 at position 2000"):
+        for _ in range(100):
+            assert loader.shard == 0
+            loader.next_batch(CPU)
+
+
+def test_the_validation_set_checks_the_tokens_it_reads(tmp_path):
+    tokens = docs_corpus(5000, 20, 60, seed=3)
+    tokens[4500] = 50400
+    path = str(write_shard(tmp_path / "val.bin", tokens))
+    tg.ValidationSet([path], 4096, 1024, vocab_size=50304)  # the bad id lies beyond the tokens validated
+    with pytest.raises(tg.DataError, match="token id 50400 at position 4500"):
+        tg.ValidationSet([path], 4608, 512, vocab_size=50304)
+
+
+def test_a_shard_truncated_during_the_run_is_a_named_error(tmp_path):
+    """The loader holds the shard it reads in memory, so truncating that file changes nothing (a memory map would
+    have died with SIGBUS), and a later shard truncated before the loader reaches it is a DataError naming it."""
+    tokens = docs_corpus(6000, 20, 60, seed=4)
+    paths = split_shards(tmp_path, tokens, [3000])
+    loader = tg.TrainLoader(paths, 64, 4, span_multiplier=2.0, vocab_size=50304)
+    first = loader.next_batch(CPU)
+    for path in paths:
+        with open(path, "r+b") as f:
+            f.truncate(1024 + 2 * 1000)
+    second = loader.next_batch(CPU)  # still shard 0, from memory
+    assert loader.shard == 0 and not torch.equal(first[0][0], second[0][0])
+    with pytest.raises(tg.DataError, match=f"{paths[1]}: file is 3024 bytes but its header announces 3000 tokens"):
+        for _ in range(100):
+            loader.next_batch(CPU)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import platform
 import re
 import struct
@@ -85,7 +86,6 @@ def test_parse_args_preset_then_flags():
     (["--cooldown-frac", "x"], "--cooldown-frac"),
     (["--preset", "huge"], "--preset"),
     (["--attention", "sparse"], "--attention"),
-    (["--fp8-grad-scale", "max"], "--fp8-grad-scale"),
 ])
 def test_parse_args_errors_exit_2(argv, words, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -110,6 +110,175 @@ def test_config_error_exits_2_without_traceback(tmp_path, shared_synthetic_data,
     rc = tg.main(tiny_flags(tmp_path / "nodata", tmp_path))
     assert rc == 2
     assert "no train shards match" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--muon-lr", "nan"], "--muon-lr must be a finite number, got nan"),
+    (["--adam-lr", "inf"], "--adam-lr must be a finite number, got inf"),
+    (["--adam-lr", "1e39"], "--adam-lr must be below 3.403e+38, the largest float32, got 1e+39"),
+    (["--max-batch-span-multiplier", "nan"], "--max-batch-span-multiplier must be a finite number"),
+    (["--max-batch-span-multiplier", "inf"], "--max-batch-span-multiplier must be a finite number"),
+    (["--save-every-minutes", "nan"], "--save-every-minutes must be a finite number"),
+    (["--adam-lr", "-1"], "--adam-lr must not be negative, got -1.0"),
+    (["--head-lr", "-0.1"], "--head-lr must not be negative"),
+    (["--adam-eps", "-1"], "--adam-eps must be positive, got -1.0"),
+    (["--adam-eps", "0"], "--adam-eps must be positive"),
+    (["--adam-beta2", "1"], "--adam-beta2 must be in [0, 1), got 1.0"),
+    (["--muon-momentum", "-0.5"], "--muon-momentum must be in [0, 1)"),
+    (["--val-loss-every", "-5"], "--val-loss-every must not be negative"),
+    (["--run-name", "../../x"], "--run-name '../../x' must be one file name"),
+    (["--run-name", "a/b"], "--run-name 'a/b' must be one file name"),
+    (["--run-name", ".hidden"], "must be one file name"),
+    (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+])
+def test_bad_settings_exit_2_in_one_line(tmp_path, shared_synthetic_data, capsys, flags, words):
+    assert tg.main(tiny_flags(shared_synthetic_data, tmp_path) + flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train_gpt.py: error:") and words in err and err.count("\n") == 1, err
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").glob("*.txt"))
+    assert not (tmp_path.parent / "x").exists()
+
+
+@pytest.mark.parametrize("which", ["log_dir", "checkpoint_dir"])
+def test_a_file_where_a_directory_belongs_exits_2(tmp_path, shared_synthetic_data, capsys, which):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    assert tg.main(tiny_flags(shared_synthetic_data, tmp_path, **{which: str(blocker)})) == 2
+    err = capsys.readouterr().err
+    flag = "--" + which.replace("_", "-")
+    assert err.startswith("train_gpt.py: error: cannot") and flag in err and err.count("\n") == 1, err
+
+
+def test_a_mistyped_data_dir_gets_no_built_in_corpus(tmp_path, capsys):
+    missing = tmp_path / "no" / "such" / "dir"
+    assert tg.main(["--preset", "tiny", "--data-dir", str(missing), "--log-dir", str(tmp_path / "logs")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"train_gpt.py: error: --data-dir {missing} does not exist; the built-in corpus is built on "
+                   "first use only in data/builtin (elsewhere: python data/builtin.py --out-dir DIR)\n")
+    assert not missing.exists() and not (tmp_path / "no").exists()
+
+
+def test_a_second_run_with_the_same_name_is_refused(tmp_path, shared_synthetic_data, capsys):
+    """While a process holds the run's lock (here: this one, as a running trainer would), a second run of the
+    same name stops before writing anything; once the holder is gone the name is free again."""
+    log_dir, ckpt_dir = tmp_path / "logs", tmp_path / "checkpoints"
+    lock = tg.RunLock(log_dir, ckpt_dir / "twin")
+    flags = tiny_flags(shared_synthetic_data, tmp_path, run_name="twin", num_iterations=2, val_loss_every=0)
+    assert tg.main(flags) == 2
+    err = capsys.readouterr().err
+    assert err == (f"train_gpt.py: error: run 'twin' is already training (process {os.getpid()} holds "
+                   f"{log_dir / '.twin.lock'}): give this run another --run-name, or wait for that one to end\n")
+    assert not (log_dir / "twin.txt").exists() and not (ckpt_dir / "twin").exists()
+    lock.release()
+    assert tg.main(flags) == 0
+    assert (ckpt_dir / "twin" / "step_000002.pt").exists()
+
+
+def test_the_run_lock_is_released_when_its_process_dies(tmp_path):
+    """flock belongs to the process: a killed trainer leaves its lock file but no lock."""
+    code = ("import sys, time, pathlib, train_gpt as tg; lock = tg.RunLock(pathlib.Path(sys.argv[1]), "
+            "pathlib.Path(sys.argv[2])); print('locked', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "logs"), str(tmp_path / "ck" / "r")],
+                            cwd=ROOT, env=subprocess_env(**FAST_ENV), stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "locked\n"
+        with pytest.raises(tg.ConfigError, match=f"process {proc.pid} holds"):
+            tg.RunLock(tmp_path / "logs", tmp_path / "ck" / "r")
+    finally:
+        proc.kill()
+        proc.wait()
+    tg.RunLock(tmp_path / "logs", tmp_path / "ck" / "r").release()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Divergence: stop, save nothing from it, keep the last good checkpoint
+
+
+def test_divergence_stops_the_run_and_saves_nothing_non_finite(tmp_path, shared_synthetic_data, capsys):
+    """The issue's case: resume a healthy run with learning rates of 1e30 and a checkpoint every step. The run
+    stops with exit 3 and one line naming the last checkpoint; every checkpoint on disk is finite, latest points at
+    the newest of them, and the log says why the run ended."""
+    good = tiny_flags(shared_synthetic_data, tmp_path, run_name="healthy", num_iterations=3, val_loss_every=0)
+    assert tg.main(good) == 0
+    start = tmp_path / "checkpoints" / "healthy" / "step_000003.pt"
+    capsys.readouterr()
+    wild = tiny_flags(shared_synthetic_data, tmp_path, run_name="healthy", num_iterations=8, val_loss_every=0,
+                      save_every=1, train_loss_every=0)
+    lrs = ["--muon-lr", "1e30", "--adam-lr", "1e30", "--head-lr", "1e30", "--scalar-lr", "1e30"]
+    assert tg.main(wild + lrs + ["--resume", str(start)]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("train_gpt.py: error: training diverged: ") and err.count("\n") == 1, err
+    saved = sorted(start.parent.glob("step_*.pt"))
+    assert len(saved) < 8 - 3 + 1  # it stopped before the end
+    assert all(not tg.nonfinite_tensors({k: c[k] for k in ("model", "optimizers")})
+               for c in map(tg.load_checkpoint, saved))
+    assert (tmp_path / "checkpoints" / "latest").resolve() == saved[-1].resolve()
+    assert f"the run's last checkpoint is {saved[-1]}" in err
+    log = (tmp_path / "logs" / "healthy.txt").read_text(encoding="utf-8").splitlines()
+    assert log[-1] == "stopped: " + err[len("train_gpt.py: error: "):].rstrip("\n")
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path, shared_synthetic_data, capsys, monkeypatch):
+    """Step 4's update leaves NaN weights behind a finite loss (an overflow in the optimiser): the save after it
+    finds them, writes nothing, and latest stays at step 2."""
+    real = tg.Trainer.train_step
+
+    def overflowing(self, batch):
+        loss = real(self, batch)
+        if self.step == 4:
+            with torch.no_grad():
+                self.model.lm_head.weight[0, 0] = float("nan")
+        return loss
+    monkeypatch.setattr(tg.Trainer, "train_step", overflowing)
+    flags = tiny_flags(shared_synthetic_data, tmp_path, run_name="overflow", num_iterations=6, save_every=2,
+                       val_loss_every=0)
+    assert tg.main(flags) == 3
+    err = capsys.readouterr().err
+    run_dir = tmp_path / "checkpoints" / "overflow"
+    assert "training diverged: the state after step 4 holds non-finite values (model.lm_head.weight)" in err
+    assert f"the run's last checkpoint is {run_dir / 'step_000002.pt'}" in err
+    assert [p.name for p in run_dir.glob("step_*.pt")] == ["step_000002.pt"]
+    assert (tmp_path / "checkpoints" / "latest").resolve() == (run_dir / "step_000002.pt").resolve()
+
+
+@pytest.mark.parametrize("where", ["train_loss_line", "validation"])
+def test_a_non_finite_loss_is_caught_where_the_loop_syncs(tmp_path, shared_synthetic_data, capsys, monkeypatch,
+                                                          where):
+    """A NaN loss at step 3 (without a save to catch it): the next train-loss line or validation stops the run."""
+    real = tg.Trainer.train_step
+
+    def poisoned(self, batch):
+        loss = real(self, batch)
+        if self.step == 3:  # what a NaN in the step's forward leaves: the recorded step and a NaN loss
+            self.first_nonfinite.fill_(3)
+            return loss * float("nan")
+        return loss
+    monkeypatch.setattr(tg.Trainer, "train_step", poisoned)
+    every = dict(train_loss_every=2, val_loss_every=0) if where == "train_loss_line" else dict(val_loss_every=4)
+    flags = tiny_flags(shared_synthetic_data, tmp_path, run_name="nan", num_iterations=8, save_final=False, **every)
+    assert tg.main(flags) == 3
+    err = capsys.readouterr().err
+    assert "training diverged: the training loss of step 3 was not finite" in err
+    assert "the run has no checkpoint" in err
+    steps = [line for line in (tmp_path / "logs" / "nan.txt").read_text(encoding="utf-8").splitlines()
+             if line.startswith("step:")]
+    assert steps[-1].startswith("step:4/8")  # it stopped at the first sync after step 3, with that step's line
+
+
+def test_the_first_non_finite_step_is_recorded_on_the_device(tmp_path, shared_synthetic_data):
+    hp = tiny_hp(shared_synthetic_data, tmp_path)
+    trainer = tg.Trainer(hp, torch.device("cpu"), train_files=tg.find_shards(hp.data_dir, hp.train_files, "train"))
+    batch = trainer.loader.next_batch(torch.device("cpu"))
+    trainer.train_step(batch)
+    trainer.check_finite()  # a healthy step: nothing to report
+    assert trainer.first_nonfinite.item() == -1
+    with torch.no_grad():
+        trainer.model.lm_head.weight.fill_(float("nan"))
+    trainer.train_step(batch)
+    trainer.train_step(batch)
+    assert trainer.first_nonfinite.item() == 2  # the first bad step, not the last
+    with pytest.raises(tg.DivergedError, match="the training loss of step 2 was not finite"):
+        trainer.check_finite()
 
 
 @pytest.mark.parametrize("target,val_files,val_tokens,expected", [
@@ -239,6 +408,28 @@ def test_unaligned_steps_are_counted_and_logged(shared_synthetic_data, tmp_path,
 # Distributed equivalence (gloo, CPU)
 
 
+def test_a_two_process_config_error_is_one_line(shared_synthetic_data, tmp_path):
+    """Both workers meet the error; one says it, and the launcher adds no traceback of its own."""
+    flags = tiny_flags(shared_synthetic_data, tmp_path, seqs_per_step=3)
+    res = subprocess.run([sys.executable, str(ROOT / "lib" / "torchrun.py"), "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "train_gpt.py"), *flags], cwd=ROOT, env=subprocess_env(**FAST_ENV),
+                         capture_output=True, text=True, timeout=240)
+    assert res.returncode == 2
+    assert res.stderr == ("train_gpt.py: error: --seqs-per-step 3 must be a multiple of the number of processes (2) "
+                          "so every process accumulates the same number of sequences\n"), res.stderr
+
+
+def test_the_launcher_reports_a_worker_crash(tmp_path):
+    """A failure the worker did not explain (here: an uncaught exception) keeps torchrun's report of it."""
+    script = tmp_path / "crash.py"
+    script.write_text("import os, sys\nsys.exit(7 if os.environ['RANK'] == '1' else 0)\n")
+    res = subprocess.run([sys.executable, str(ROOT / "lib" / "torchrun.py"), "--standalone", "--nproc_per_node=2",
+                          str(script)], cwd=ROOT, env=subprocess_env(**FAST_ENV), capture_output=True, text=True,
+                         timeout=240)
+    assert res.returncode == 7
+    assert "crash.py FAILED" in res.stderr and "exitcode  : 7" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_two_processes_match_one(shared_synthetic_data, tmp_path):
     steps = 6
     # a rolling checkpoint falls due at step 5: process 0 decides, both take part in the collective save
@@ -250,7 +441,7 @@ def test_two_processes_match_one(shared_synthetic_data, tmp_path):
                                 *tiny_flags(shared_synthetic_data, tmp_path / "one", run_name="one", **common)],
                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
-            two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+            two = subprocess.run([sys.executable, str(ROOT / "lib" / "torchrun.py"), "--standalone",  # the wrappers'
                                   "--nproc_per_node=2", str(ROOT / "train_gpt.py"),
                                   *tiny_flags(shared_synthetic_data, tmp_path / "two", run_name="two", **common)],
                                  cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
