@@ -7,7 +7,10 @@ WHISPER_SPEC=openai-whisper==20250625
 
 usage() {
   cat <<'TXT'
-Usage: ./test.sh [PYTEST_ARGS...]
+Usage: ./test.sh [--fast] [PYTEST_ARGS...]
+
+--fast leaves out the tests marked slow (real training runs, subprocesses, torchrun, compiles): the edit-test loop,
+about a minute and a half on 2 cores. Without it, the whole suite (what CI runs): about 5 minutes.
 
 Creates .venv-test (or the directory in $TEST_VENV) with torch 2.13.0, requirements-dev.txt and the
 offline GPT-2 vocabulary (openai-whisper, installed without its dependencies),
@@ -24,6 +27,11 @@ main() {
   if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
     usage
     return 0
+  fi
+  local select=()
+  if [[ "${1:-}" == "--fast" ]]; then
+    select=(-m "not slow")
+    shift
   fi
   local root venv torch_spec python
   root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -53,7 +61,7 @@ main() {
   "$venv/bin/python" -m ruff check --quiet .
   echo "test.sh: pytest"
   OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} WANDB_MODE=offline WANDB_SILENT=true \
-    "$venv/bin/python" -m pytest tests "$@"
+    "$venv/bin/python" -m pytest tests "${select[@]+"${select[@]}"}" "$@"
 }
 
 main "$@"

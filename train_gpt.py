@@ -1735,6 +1735,30 @@ def claim_run(run_dir: Path, log_dir: Path, rank: int) -> RunLock | None:
     return lock
 
 
+def checkpoint_kind(hp: Hyperparameters, step: int, start_step: int, rolling_due) -> str | None:
+    """The checkpoint the loop writes on reaching step: "kept" (the final one, every --save-every steps), "rolling"
+    (when rolling_due(), a collective, says the clock asks for one; the next save of any kind replaces it) or None.
+    None at the step a run starts or resumes at: that state is on disk already."""
+    if step <= start_step:
+        return None
+    last = step == hp.num_iterations
+    if (last and hp.save_final) or (hp.save_every > 0 and step % hp.save_every == 0):
+        return "kept"
+    return "rolling" if not last and rolling_due() else None
+
+
+def save_checkpoint(state: dict, ckpt_root: Path, run_id: str, step: int, kind: str,
+                    rolling: Path | None) -> tuple[Path, Path | None]:
+    """Write step's checkpoint atomically, point latest at it and delete the rolling checkpoint it supersedes;
+    returns (its path, the rolling checkpoint now on disk)."""
+    path = ckpt_root / run_id / f"step_{step:06d}.pt"
+    atomic_save(state, path)
+    point_latest(ckpt_root, path)
+    if rolling is not None and rolling != path:
+        rolling.unlink(missing_ok=True)
+    return path, path if kind == "rolling" else None
+
+
 def new_run_id(hp: Hyperparameters) -> str:
     return f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{hp.preset}-{uuid.uuid4().hex[:6]}"
 
@@ -1840,24 +1864,18 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
                 wandb_log.log({"val/loss": val_loss, "val/train_time_ms": trainer.train_time_ms}, step=step)
             synchronize(device)
             t0 = time.perf_counter()
-        keep = step > start_step and ((last and hp.save_final) or (hp.save_every > 0 and step % hp.save_every == 0))
-        roll = (not keep and not last and step > start_step
-                and rolling_save_due(hp, step, last_save, device, world_size))
-        if keep or roll:
+        kind = checkpoint_kind(hp, step, start_step,
+                               lambda: rolling_save_due(hp, step, last_save, device, world_size))
+        if kind:
             synchronize(device)
             trainer.train_time_ms += 1000 * (time.perf_counter() - t0)
             stop_if_diverged(trainer, log, run_dir)
             state = trainer.checkpoint(run_id)
             stop_if_diverged(trainer, log, run_dir, state=state)
             if rank == 0:
-                path = ckpt_root / run_id / f"step_{step:06d}.pt"
-                atomic_save(state, path)
-                point_latest(ckpt_root, path)
-                if rolling is not None and rolling != path:  # superseded by the newer checkpoint
-                    rolling.unlink(missing_ok=True)
-                rolling = path if roll else None
-                log.write(f"saved checkpoint {path}" + (" (rolling: replaced by the next save)" if roll else ""),
-                          console=True)
+                path, rolling = save_checkpoint(state, ckpt_root, run_id, step, kind, rolling)
+                log.write(f"saved checkpoint {path}" +
+                          (" (rolling: replaced by the next save)" if kind == "rolling" else ""), console=True)
             del state
             if world_size > 1:
                 dist.barrier()

@@ -25,6 +25,11 @@ if str(ROOT) not in sys.path:
 import train_gpt  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end to end (real training runs, subprocesses, torchrun, compiles); "
+                                       "./test.sh --fast leaves these out")
+
+
 def _keep_freed_memory_in_heap() -> None:
     """What train_gpt.py's CPU re-exec does with MALLOC_MMAP_MAX_=0 / MALLOC_TRIM_THRESHOLD_, for the in-process
     runs of the tests: without it glibc unmaps every large freed tensor and each step faults its pages in again."""

@@ -103,6 +103,7 @@ def test_gpu_suite_usage_and_unknown_step(tmp_path):
     assert (tmp_path / "out" / "nonsense.log").read_text() == "unknown step nonsense\n"
 
 
+@pytest.mark.slow
 def test_check_cuda_on_cpu_runs_the_forward_checks(tmp_path, capsys):
     """On a CPU the correctness script runs the attention forward comparison and says what it skipped; its JSON
     holds every case, the verdict and the time each check took."""

@@ -42,6 +42,7 @@ def ckpt_path(hp, step, run=None) -> Path:
 # Files and contents
 
 
+@pytest.mark.slow
 def test_checkpoint_files_and_latest_symlink(run_b):
     hp, summary, _ = run_b
     run_dir = Path(hp.checkpoint_dir) / "B"
@@ -55,10 +56,42 @@ def test_checkpoint_files_and_latest_symlink(run_b):
     assert summary["steps"] == N and summary["run_id"] == "B"
 
 
+def schedule(hp, start_step: int = 0, due_every: int = tg.ROLLING_CHECK_EVERY) -> list[tuple[int, str]]:
+    """(step, kind) of every checkpoint a run writes, the rolling clock due at every due_every-th step."""
+    kinds = [(step, tg.checkpoint_kind(hp, step, start_step, lambda step=step: step % due_every == 0))
+             for step in range(start_step, hp.num_iterations + 1)]
+    return [(step, kind) for step, kind in kinds if kind]
+
+
 @pytest.mark.parametrize("save_final,kept", [(True, [15, 25]), (False, [15, 20])])
+def test_rolling_checkpoints_replace_each_other_as_a_rule(tmp_path, save_final, kept):
+    """The rule alone, on small files: a rolling checkpoint at every check of a clock always due (steps 5, 10, 20;
+    15 is a --save-every one), each save removing the rolling one before it, the kept ones staying."""
+    hp = dataclasses.replace(tg.Hyperparameters(), num_iterations=25, save_every=15, save_final=save_final)
+    plan = schedule(hp)
+    assert plan == [(5, "rolling"), (10, "rolling"), (15, "kept"), (20, "rolling")] + (
+        [(25, "kept")] if save_final else [])
+    rolling = None
+    for step, kind in plan:
+        path, rolling = tg.save_checkpoint({"step": step}, tmp_path, "roll", step, kind, rolling)
+        assert (tmp_path / "latest").resolve() == path.resolve()
+    assert sorted(p.name for p in (tmp_path / "roll").iterdir()) == [f"step_{s:06d}.pt" for s in kept]
+    assert rolling == (None if save_final else tmp_path / "roll" / "step_000020.pt")
+
+
+def test_no_checkpoint_at_the_step_a_run_resumes_at():
+    hp = dataclasses.replace(tg.Hyperparameters(), num_iterations=12, save_every=4)
+    assert schedule(hp, start_step=4, due_every=1000) == [(8, "kept"), (12, "kept")]
+    assert schedule(hp, start_step=12) == []  # a finished run resumed: it validates, and saves nothing new
+    assert schedule(dataclasses.replace(hp, save_every=0, save_final=False), due_every=3) == [
+        (3, "rolling"), (6, "rolling"), (9, "rolling")]  # never a rolling one at the last step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("save_final,kept", [(True, [15, 25])])
 def test_rolling_checkpoints_replace_each_other(shared_synthetic_data, tmp_path, save_final, kept):
-    """With the clock always due, a rolling checkpoint is written at every check (steps 5, 10, 20; 15 is a --save-every
-    one) and each save removes the rolling one before it; the kept ones stay."""
+    """In a real run: with the clock always due, a rolling checkpoint is written at every check and each save
+    removes the rolling one before it; the kept ones stay."""
     hp = tiny_hp(shared_synthetic_data, tmp_path, num_iterations=25, save_every=15, save_every_minutes=1e-9,
                  save_final=save_final, val_loss_every=0, run_name="roll")
     tg.train(hp)
@@ -83,6 +116,7 @@ def test_rolling_save_due_follows_process_zero_clock(monkeypatch):
                                    cpu, 1)  # 0: off
 
 
+@pytest.mark.slow
 def test_checkpoint_contents(run_b, shared_synthetic_data):
     hp, _, _ = run_b
     ckpt = torch.load(ckpt_path(hp, SAVE_EVERY), map_location="cpu", weights_only=True)
@@ -146,6 +180,7 @@ def test_model_state_strips_the_compile_prefix():
 # resolve_checkpoint
 
 
+@pytest.mark.slow
 def test_resolve_checkpoint(run_b):
     hp, _, _ = run_b
     root = hp.checkpoint_dir
@@ -194,6 +229,7 @@ class NotAllowed:
         self.x = 1
 
 
+@pytest.mark.slow
 def test_load_checkpoint_rejects_bad_files(run_b, tmp_path):
     hp, _, _ = run_b
     good = ckpt_path(hp, SAVE_EVERY)
@@ -232,6 +268,7 @@ def test_load_checkpoint_rejects_bad_files(run_b, tmp_path):
     assert str(tg.CHECKPOINT_VERSION + 1) in str(exc.value)
 
 
+@pytest.mark.slow
 def test_check_model_config_names_the_differing_fields(run_b):
     hp, _, _ = run_b
     path = ckpt_path(hp, SAVE_EVERY)
@@ -247,6 +284,7 @@ def test_check_model_config_names_the_differing_fields(run_b):
     assert str(path) in msg
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_model_size_fails_clearly(run_b, shared_synthetic_data, tmp_path):
     hp, _, _ = run_b
     other = tiny_hp(shared_synthetic_data, tmp_path, model_dim=128, resume=str(ckpt_path(hp, SAVE_EVERY)),
@@ -266,6 +304,7 @@ def test_main_resume_without_checkpoint_exits_2(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_main_resume_missing_file_with_preset_exits_2(tmp_path, capsys, shared_synthetic_data):
     flags = tiny_flags(shared_synthetic_data, tmp_path)
     missing = str(tmp_path / "gone" / "step_000004.pt")
@@ -279,6 +318,7 @@ def test_main_resume_missing_file_with_preset_exits_2(tmp_path, capsys, shared_s
 # Atomic save
 
 
+@pytest.mark.slow
 def test_atomic_save_failure_leaves_no_partial_file(shared_synthetic_data, tmp_path, monkeypatch):
     real_save = torch.save
     calls = []
@@ -339,6 +379,7 @@ def test_point_latest_replaces_the_link(tmp_path):
 # Resume equivalence
 
 
+@pytest.mark.slow
 def test_resume_in_process_matches_an_uninterrupted_run(run_b, shared_synthetic_data, tmp_path):
     hp_b, summary_b, work_b = run_b
     hp_a = tiny_hp(shared_synthetic_data, tmp_path / "a", num_iterations=N, save_every=0, save_final=False,
@@ -380,6 +421,7 @@ def _launch(flags, log_path):
                             stderr=subprocess.STDOUT), out
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_matches_an_uninterrupted_subprocess_run(shared_synthetic_data, tmp_path):
     steps, kill_after = 8, 4
     common = dict(num_iterations=steps, train_loss_every=1, val_loss_every=0, val_tokens=2048)
@@ -475,6 +517,7 @@ def damaged(run_b, tmp_path, change) -> Path:
     (lambda c: c["model"].pop("embed.weight"), "its weights do not fit this model (Missing key(s)"),
     (lambda c: c.update(rng={}), "its random-number state is unusable"),
 ])
+@pytest.mark.slow
 def test_hollow_or_partial_checkpoints_are_refused_in_one_line(run_b, shared_synthetic_data, tmp_path, capsys,
                                                                change, words):
     path = damaged(run_b, tmp_path, change)
@@ -485,6 +528,7 @@ def test_hollow_or_partial_checkpoints_are_refused_in_one_line(run_b, shared_syn
     assert not list((tmp_path / "checkpoints").glob("again/step_*.pt"))
 
 
+@pytest.mark.slow
 def test_resume_without_preset_needs_the_saved_hyperparameters(run_b, tmp_path, capsys):
     path = damaged(run_b, tmp_path, lambda c: c.pop("hyperparameters"))
     assert tg.main(["--resume", str(path)]) == 2  # the settings would come from the checkpoint
@@ -493,6 +537,7 @@ def test_resume_without_preset_needs_the_saved_hyperparameters(run_b, tmp_path, 
                   "trainer\n"
 
 
+@pytest.mark.slow
 def test_resume_past_num_iterations_is_refused(run_b, shared_synthetic_data, tmp_path, capsys):
     hp, _, _ = run_b
     path = ckpt_path(hp, 8)
@@ -502,6 +547,7 @@ def test_resume_past_num_iterations_is_refused(run_b, shared_synthetic_data, tmp
                    "--num-iterations 8 or more\n")
 
 
+@pytest.mark.slow
 def test_resume_on_other_train_shards_is_refused(run_b, shared_synthetic_data, tmp_path, capsys):
     """The loader position means nothing in other data; more shards after the saved ones are fine."""
     hp, _, _ = run_b
@@ -544,6 +590,7 @@ def test_disk_full_is_named_and_other_write_failures_are_not(tmp_path, monkeypat
         tg.atomic_save({"a": torch.ones(2)}, target)
 
 
+@pytest.mark.slow
 def test_disk_full_while_training_ends_in_one_line(shared_synthetic_data, tmp_path, monkeypatch, capsys):
     real_save = torch.save
 
@@ -562,6 +609,7 @@ def test_disk_full_while_training_ends_in_one_line(shared_synthetic_data, tmp_pa
     assert (tmp_path / "checkpoints" / "latest").resolve().name == "step_000002.pt"
 
 
+@pytest.mark.slow
 def test_temporary_files_of_an_interrupted_save_are_removed(run_b, shared_synthetic_data, tmp_path):
     """What a kill during a save leaves (a temporary checkpoint, a temporary latest link of a dead process) goes at
     the next start of the run; another live process's temporary link stays."""

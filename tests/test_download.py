@@ -541,6 +541,7 @@ def test_bad_arguments_exit_2(argv, complaint, capsys, data_dir):
 # The scripts, as a user runs them (real environment variables, fresh interpreter, from another directory)
 
 
+@pytest.mark.slow
 def test_script_downloads_with_hf_endpoint_from_the_environment_and_fails_cleanly_offline(hub, served, tmp_path,
                                                                                           real_sleep):
     data_dir = tmp_path / "elsewhere"

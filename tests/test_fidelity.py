@@ -209,6 +209,7 @@ LOGIT_TOL = 1e-3
 
 
 @pytest.mark.parametrize("window_blocks", [3, 1])  # 1: the first steps' windows (short = 0: own block only)
+@pytest.mark.slow
 def test_full_size_forward_is_the_records(window_blocks):
     torch.manual_seed(0)
     model = tg.GPT(tg.GPTConfig.from_hyperparameters(speedrun())).configure(CPU)

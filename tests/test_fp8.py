@@ -313,6 +313,7 @@ def test_head_gradient_per_token_is_at_most_one():
     assert raw.grad[torch.arange(T), targets].abs().min().item() > 1 - math.exp(-14.9)
 
 
+@pytest.mark.slow
 def test_trainer_grad_scale_gives_the_record_codes(shared_synthetic_data, tmp_path, monkeypatch):
     """One process accumulating 8 sequences scales each summed loss by loss_scale = 1/8, so the head's gradient
     arrives scaled by 1/8: the trainer's FP8 gradient scale FP8_GRAD_SCALE x loss_scale keeps gradient / scale, and so
@@ -392,6 +393,7 @@ def test_gpt_fp8_head_loss_close_to_fp32():
     assert cos > 0.99
 
 
+@pytest.mark.slow
 def test_training_with_the_fp8_head(shared_synthetic_data, tmp_path, monkeypatch):
     """The same short CPU run with the head in fp32 and with the FP8 head forced on (CPUs run torch._scaled_mm).
 

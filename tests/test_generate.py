@@ -247,6 +247,7 @@ def cli(*args, stdin: str | None = None, **env) -> subprocess.CompletedProcess:
                           text=True, cwd=ROOT, env=subprocess_env(**env), timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_generates_from_a_run_directory(trained):
     r = cli("--checkpoint", str(trained), "--prompt", "def", "--max-tokens", "5", "--device", "cpu")
     assert r.returncode == 0, r.stderr
@@ -254,6 +255,7 @@ def test_cli_generates_from_a_run_directory(trained):
     assert "step_000003.pt" in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_prompt_from_stdin_and_world_size_does_not_matter(trained):
     """The same greedy text from --prompt and from stdin, even with a torchrun-like environment of 2 processes."""
     flags = ["--checkpoint", str(trained), "--max-tokens", "8", "--temperature", "0", "--device", "cpu"]
@@ -305,6 +307,7 @@ def test_bad_checkpoints_exit_2(kind, tmp_path, random_ckpt, capsys):
     assert words in err and str(path.name) in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_from_the_command_line(tmp_path, random_ckpt):
     path, _ = bad_files(tmp_path, random_ckpt)["truncated"]
     r = cli("--checkpoint", str(path), "--device", "cpu")

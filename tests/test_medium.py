@@ -4,6 +4,7 @@ import dataclasses
 import inspect
 import json
 
+import pytest
 import torch
 
 import train_gpt as tg
@@ -60,6 +61,7 @@ def test_medium_model_size():
     assert matrices == attn_blocks * (4 * d * d + gate) + hp.num_layers * 8 * d * d
 
 
+@pytest.mark.slow
 def test_medium_runs_and_logs_both_sources(shared_synthetic_data, tmp_path, capsys):
     flags = tiny_flags(shared_synthetic_data, tmp_path, num_iterations=3, run_name="med")
     flags = [f for f in flags if f not in ("--preset", "tiny")]

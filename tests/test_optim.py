@@ -348,6 +348,7 @@ def _assert_state_close(got: dict, want: dict, where: str) -> None:
                                            msg=f"{where}/{opt_name}/{pname}/{key}")
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     spec = importlib.util.spec_from_file_location("dist_optim_worker", ROOT / "tests" / "dist_optim_worker.py")
     worker = importlib.util.module_from_spec(spec)

@@ -250,6 +250,7 @@ def test_skip_bad_lines_counts_them(tmp_path):
 # The command line and its errors
 
 
+@pytest.mark.slow
 def test_command_line_run_matches_the_function(corpus, tmp_path):
     paths, texts = corpus
     ref = tmp_path / "ref"
@@ -262,6 +263,7 @@ def test_command_line_run_matches_the_function(corpus, tmp_path):
     assert snapshot(out) == snapshot(ref)
 
 
+@pytest.mark.slow
 def test_bad_jsonl_line_from_the_command_line_exits_2_without_traceback(tmp_path):
     path = put(tmp_path / "in" / "rows.jsonl", '{"text": "a"}\n{"text": "b"\n')
     res = run_cli([tmp_path / "in", "--out-dir", tmp_path / "out"], tmp_path)

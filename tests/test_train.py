@@ -40,6 +40,7 @@ def flag_of(name: str) -> str:
 # Command line
 
 
+@pytest.mark.slow
 def test_help_lists_every_hyperparameter():
     # no MALLOC_* variables: this also goes through the CPU re-exec of the script
     env = subprocess_env()
@@ -94,6 +95,7 @@ def test_parse_args_errors_exit_2(argv, words, capsys):
     assert words in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bad_flag_value_exits_2_from_the_command_line():
     res = subprocess.run([sys.executable, str(ROOT / "train_gpt.py"), "--num-iterations", "ten"], cwd=ROOT,
                          env=subprocess_env(**FAST_ENV), capture_output=True, text=True, timeout=120)
@@ -158,6 +160,7 @@ def test_a_mistyped_data_dir_gets_no_built_in_corpus(tmp_path, capsys):
     assert not missing.exists() and not (tmp_path / "no").exists()
 
 
+@pytest.mark.slow
 def test_a_second_run_with_the_same_name_is_refused(tmp_path, shared_synthetic_data, capsys):
     """While a process holds the run's lock (here: this one, as a running trainer would), a second run of the
     same name stops before writing anything; once the holder is gone the name is free again."""
@@ -174,6 +177,21 @@ def test_a_second_run_with_the_same_name_is_refused(tmp_path, shared_synthetic_d
     assert (ckpt_dir / "twin" / "step_000002.pt").exists()
 
 
+def test_the_run_lock_rule(tmp_path):
+    """The rule alone: one holder per run name (a second open of the lock is refused, naming the holder), other
+    names are free, and releasing frees the name."""
+    logs, ckpt = tmp_path / "logs", tmp_path / "checkpoints"
+    first = tg.RunLock(logs, ckpt / "a")
+    with pytest.raises(tg.ConfigError, match=f"run 'a' is already training \\(process {os.getpid()} holds "):
+        tg.RunLock(logs, ckpt / "a")
+    other = tg.RunLock(logs, ckpt / "b")
+    first.release()
+    tg.RunLock(logs, ckpt / "a").release()
+    other.release()
+    assert sorted(p.name for p in logs.iterdir()) == [".a.lock", ".b.lock"] and not ckpt.exists()
+
+
+@pytest.mark.slow
 def test_the_run_lock_is_released_when_its_process_dies(tmp_path):
     """flock belongs to the process: a killed trainer leaves its lock file but no lock."""
     code = ("import sys, time, pathlib, train_gpt as tg; lock = tg.RunLock(pathlib.Path(sys.argv[1]), "
@@ -194,6 +212,7 @@ def test_the_run_lock_is_released_when_its_process_dies(tmp_path):
 # Divergence: stop, save nothing from it, keep the last good checkpoint
 
 
+@pytest.mark.slow
 def test_divergence_stops_the_run_and_saves_nothing_non_finite(tmp_path, shared_synthetic_data, capsys):
     """The issue's case: resume a healthy run with learning rates of 1e30 and a checkpoint every step. The run
     stops with exit 3 and one line naming the last checkpoint; every checkpoint on disk is finite, latest points at
@@ -218,6 +237,7 @@ def test_divergence_stops_the_run_and_saves_nothing_non_finite(tmp_path, shared_
     assert log[-1] == "stopped: " + err[len("train_gpt.py: error: "):].rstrip("\n")
 
 
+@pytest.mark.slow
 def test_a_non_finite_state_is_never_saved(tmp_path, shared_synthetic_data, capsys, monkeypatch):
     """Step 4's update leaves NaN weights behind a finite loss (an overflow in the optimiser): the save after it
     finds them, writes nothing, and latest stays at step 2."""
@@ -242,6 +262,7 @@ def test_a_non_finite_state_is_never_saved(tmp_path, shared_synthetic_data, caps
 
 
 @pytest.mark.parametrize("where", ["train_loss_line", "validation"])
+@pytest.mark.slow
 def test_a_non_finite_loss_is_caught_where_the_loop_syncs(tmp_path, shared_synthetic_data, capsys, monkeypatch,
                                                           where):
     """A NaN loss at step 3 (without a save to catch it): the next train-loss line or validation stops the run."""
@@ -323,6 +344,7 @@ def logged_run(shared_synthetic_data, tmp_path_factory):
     return hp, summary, work / "logs" / "logged.txt"
 
 
+@pytest.mark.slow
 def test_log_file_layout(logged_run):
     hp, summary, log_path = logged_run
     text = log_path.read_text(encoding="utf-8")
@@ -369,6 +391,7 @@ def test_log_file_layout(logged_run):
     assert summary["tokens"] == tokens and summary["steps"] == LOG_STEPS
 
 
+@pytest.mark.slow
 def test_tiny_run_learns(logged_run):
     hp, summary, log_path = logged_run
     train, val = parse_log(log_path)
@@ -385,6 +408,7 @@ def test_tiny_run_learns(logged_run):
 
 
 @pytest.mark.parametrize("doc_len,unaligned", [(2000, 3), (100, 0)])
+@pytest.mark.slow
 def test_unaligned_steps_are_counted_and_logged(shared_synthetic_data, tmp_path, doc_len, unaligned):
     """Documents of 2,000 tokens against the 1,024-token look-ahead of two 256-token sequences: no step can start
     both at a BOS (the record's loader would stop), every step falls back, and the run says so. Documents of 100
@@ -408,6 +432,7 @@ def test_unaligned_steps_are_counted_and_logged(shared_synthetic_data, tmp_path,
 # Distributed equivalence (gloo, CPU)
 
 
+@pytest.mark.slow
 def test_a_two_process_config_error_is_one_line(shared_synthetic_data, tmp_path):
     """Both workers meet the error; one says it, and the launcher adds no traceback of its own."""
     flags = tiny_flags(shared_synthetic_data, tmp_path, seqs_per_step=3)
@@ -419,6 +444,7 @@ def test_a_two_process_config_error_is_one_line(shared_synthetic_data, tmp_path)
                           "so every process accumulates the same number of sequences\n"), res.stderr
 
 
+@pytest.mark.slow
 def test_the_launcher_reports_a_worker_crash(tmp_path):
     """A failure the worker did not explain (here: an uncaught exception) keeps torchrun's report of it."""
     script = tmp_path / "crash.py"
@@ -430,6 +456,7 @@ def test_the_launcher_reports_a_worker_crash(tmp_path):
     assert "crash.py FAILED" in res.stderr and "exitcode  : 7" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(shared_synthetic_data, tmp_path):
     steps = 6
     # a rolling checkpoint falls due at step 5: process 0 decides, both take part in the collective save
@@ -478,6 +505,7 @@ def test_two_processes_match_one(shared_synthetic_data, tmp_path):
 # torch.compile on CPU
 
 
+@pytest.mark.slow
 def test_compiled_forward_backward_matches_eager():
     torch.manual_seed(0)
     cfg = tg.GPTConfig(vocab_size=1024, num_layers=2, model_dim=32, num_heads=2, head_dim=16, no_attn_layer=-1)
@@ -508,6 +536,7 @@ def test_compiled_forward_backward_matches_eager():
         torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-4, msg=name)
 
 
+@pytest.mark.slow
 def test_trainer_reserves_rotary_tables_for_its_longest_sequence(shared_synthetic_data, tmp_path):
     for train_len, val_len in ((256, 1024), (2048, 512)):
         hp = tiny_hp(shared_synthetic_data, tmp_path, train_seq_len=train_len, val_seq_len=val_len,
@@ -556,6 +585,7 @@ def read_wandb_records(path: Path) -> list:
     return records
 
 
+@pytest.mark.slow
 def test_wandb_offline_logs_metrics(shared_synthetic_data, tmp_path, monkeypatch):
     import wandb  # noqa: F401  (a test requirement: wandb is in requirements.txt)
 

@@ -783,6 +783,7 @@ def test_hadolint():
 
 # --- end to end on CPU -----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_local_end_to_end(kit, synthetic_data, tmp_path):
     kit.hide_nvidia_smi()  # a CPU machine
     work = tmp_path / "work"
