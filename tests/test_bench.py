@@ -121,3 +121,28 @@ def test_check_cuda_on_cpu_runs_the_forward_checks(tmp_path, capsys):
     assert attention["seconds_total"] > 0 and "fp8" not in results and "compile" not in results
     with pytest.raises(SystemExit):
         check_cuda.main(["--device", "cpu", "--checks", "attention,bogus"])
+
+
+def test_bench_memory_reports_peak_memory_and_step_time(shared_synthetic_data, tmp_path, capsys):
+    """The memory benchmark runs the trainer in a subprocess (here a 2 x 64 model on 256-token sequences of the
+    synthetic corpus) and reports its peak resident memory and step times, printed and in its JSON."""
+    bench_memory = _load("bench_memory")
+    out = tmp_path / "memory.json"
+    flags = ["--data-dir", str(shared_synthetic_data), "--train-files", "syn_train_*.bin", "--val-files",
+             "syn_val_*.bin", "--model-dim", "64", "--num-layers", "2", "--num-heads", "2", "--head-dim", "32",
+             "--train-seq-len", "256", "--val-seq-len", "512", "--val-tokens", "512"]
+    assert bench_memory.main(["--steps", "4", "--threads", "1", "--json", str(out), "--", *flags]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["steps"] == 4 and result["extra_flags"] == flags and list(result["runs"]) == ["trainer"]
+    run = result["runs"]["trainer"]
+    # the 50304-token tables alone (embedding, 3 value embeddings, head: weights, gradients, Adam) are 0.2 GB
+    assert 0.2 < run["peak_rss_gib"] < 8
+    assert run["steps_timed"] == 2  # steps 3 and 4: the first two (--skip 2) allocate the optimiser state
+    assert 0 < run["step_ms_min"] <= run["step_ms_median"] < 60_000
+    assert 0 < run["final_val_loss"] < 12  # ln(50304) = 10.8 for uniform predictions
+    assert run["background_load"] is None or 0 <= run["background_load"] <= 1
+    assert "--num-iterations" in run["command"] and run["command"][-len(flags):] == flags
+    assert f"peak resident {run['peak_rss_gib']:.2f} GiB" in printed
+    with pytest.raises(SystemExit):
+        bench_memory.main(["--env", "MALLOC_MMAP_MAX_"])  # not KEY=VALUE

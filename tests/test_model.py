@@ -167,6 +167,30 @@ def test_chunked_validation_loss_matches_unchunked(mode):
     assert chunked.item() == pytest.approx(full.item(), rel=1e-5)
 
 
+def test_chunked_training_loss_has_the_unchunked_gradients():
+    """On a CPU the training loss is summed chunk by chunk with its head gradients taken per chunk (ChunkedHeadLoss,
+    so that one chunk's logits exist at a time): the same loss and the same gradient of every parameter as one
+    cross-entropy over the whole sequence, up to fp32 summation order, also through a loss scale (the trainer's
+    1/8) applied before backward."""
+    model = make_model()
+    randomise_zero_init(model)
+    toks, targets = make_tokens(4), make_tokens(5, bos_at=()).long()
+    results = {}
+    for chunk in (10**6, 96, tg.CPU_LOSS_CHUNK):  # one piece; 96 does not divide 256; the CPU default
+        model.zero_grad(set_to_none=True)
+        loss = model(toks, targets, window_blocks=2, loss_chunk=chunk)
+        (loss * 0.125).backward()
+        results[chunk] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    whole_loss, whole = results[10**6]
+    for chunk in (96, tg.CPU_LOSS_CHUNK):
+        loss, grads = results[chunk]
+        assert loss == pytest.approx(whole_loss, rel=1e-5)
+        for name, g in whole.items():
+            # each gradient sums at most 256 token terms in another order: far below 1e-4 of its norm
+            assert (grads[name] - g).norm() <= 1e-4 * g.norm() + 1e-12, (chunk, name)
+    assert whole["lm_head.weight"].norm() > 0 and whole["embed.weight"].norm() > 0
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # wiring
 
