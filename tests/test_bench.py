@@ -123,6 +123,7 @@ def test_check_cuda_on_cpu_runs_the_forward_checks(tmp_path, capsys):
         check_cuda.main(["--device", "cpu", "--checks", "attention,bogus"])
 
 
+@pytest.mark.slow
 def test_bench_memory_reports_peak_memory_and_step_time(shared_synthetic_data, tmp_path, capsys):
     """The memory benchmark runs the trainer in a subprocess (here a 2 x 64 model on 256-token sequences of the
     synthetic corpus) and reports its peak resident memory and step times, printed and in its JSON."""
