@@ -22,8 +22,10 @@ Runs generate.py in the Docker image built by ./build.sh (or with --local in a v
   --num-samples N       samples to draw
   --seed N              random seed
   --device DEV          auto, cuda, cuda:N or cpu
+  --cpu                 sample on the CPU (--device cpu; Docker: no GPUs, no NVIDIA runtime)
   --local               run in a local virtualenv ($KIT_VENV, default .venv; created when missing)
   --image IMAGE         Docker image (default nanogpt-speedrun:latest, or $KIT_IMAGE)
+  --no-memlock          no --ulimit memlock=-1 on a Docker GPU run (rootless Docker, some sandboxes)
   --dry-run             print the command instead of running it
   -h, --help            this text
   -- FLAGS...           everything after -- goes to generate.py unchanged (e.g. --prompt-file F, --no-stop-at-eot)
@@ -31,12 +33,14 @@ Runs generate.py in the Docker image built by ./build.sh (or with --local in a v
 Environment:
   KIT_COMPILE_CACHE     torch.compile cache kept between runs, as in ./train.sh (used by -- --compile)
 
-Example:
+Examples:
   ./generate.sh --checkpoint checkpoints/my-run --prompt "The meaning of life is" --max-tokens 100
+  ./generate.sh --cpu --prompt "def "      # the newest checkpoint, on the CPU
 TXT
 }
 
 CHECKPOINT=""
+CPU=0
 DEVICE=""
 GEN_ARGS=()
 PASSTHROUGH=()
@@ -58,14 +62,33 @@ parse_args() {
       --temperature | --top-p)
         need_value "$1" "$#" "${2-}"; check_float "$1" "$2"; GEN_ARGS+=("$1=$2"); shift ;;
       --device) need_value "$1" "$#" "${2-}"; DEVICE=$2; GEN_ARGS+=("$1=$2"); shift ;;
+      --cpu) CPU=1 ;;
       --local) KIT_RUNTIME=local ;;
       --image) need_value "$1" "$#" "${2-}"; KIT_IMAGE=$2; shift ;;
+      --no-memlock) KIT_MEMLOCK=0 ;;
       --dry-run) KIT_DRY_RUN=1 ;;
       --) shift; PASSTHROUGH=("$@"); break ;;
       *) unknown_flag "$1" ;;
     esac
     shift
   done
+}
+
+# resolve_device: --cpu is --device cpu for generate.py and no GPU for Docker; so is --device cpu (before or after --)
+resolve_device() {
+  local after d
+  after=$(passthrough_value --device)
+  if ((CPU)); then
+    for d in "$DEVICE" "$after"; do
+      if [[ -n "$d" && "$d" != cpu ]]; then
+        die_usage "--cpu samples on the CPU, but --device $d asks for another device; drop one of them"
+      fi
+    done
+    [[ "$DEVICE" == cpu ]] || GEN_ARGS+=(--device=cpu)
+    KIT_GPU_SPEC=none
+  elif [[ "${after:-$DEVICE}" == cpu ]]; then  # generate.py reads the last --device: the one after -- wins
+    KIT_GPU_SPEC=none
+  fi
 }
 
 main() {
@@ -77,9 +100,10 @@ main() {
       die "generate.py is not in this checkout"
     fi
   fi
-  if [[ "$DEVICE" == cpu ]]; then KIT_GPU_SPEC=none; fi
+  resolve_device
   if [[ "$KIT_RUNTIME" == docker ]]; then
     check_image
+    check_gpu_runtime
   else
     ensure_venv
   fi
@@ -91,7 +115,7 @@ main() {
   if [[ "$KIT_RUNTIME" == docker ]]; then
     check_docker_mounts
   fi
-  in_runtime python generate.py "--checkpoint=$checkpoint" "${GEN_ARGS[@]+"${GEN_ARGS[@]}"}" \
+  exec_in_runtime python generate.py "--checkpoint=$checkpoint" "${GEN_ARGS[@]+"${GEN_ARGS[@]}"}" \
     "${PASSTHROUGH[@]+"${PASSTHROUGH[@]}"}"
 }
 

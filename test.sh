@@ -8,9 +8,15 @@ WHISPER_SPEC=openai-whisper==20250625
 usage() {
   cat <<'TXT'
 Usage: ./test.sh [--fast] [PYTEST_ARGS...]
+       ./test.sh --docker
 
 --fast leaves out the tests marked slow (real training runs, subprocesses, torchrun, compiles): the edit-test loop,
 about a minute and a half on 2 cores. Without it, the whole suite (what CI runs): about 5 minutes.
+
+--docker runs only tests/docker/e2e.sh, the Docker path against a real engine: as root it installs Debian's docker.io,
+starts its own dockerd, builds a base image without a registry, then ./build.sh, ./train.sh --cpu and
+./generate.sh --cpu (about 4 minutes on 2 cores, from nothing). Where no engine can be started it says so in one
+line (a failure when CI is set). CI runs it after the suite.
 
 Creates .venv-test (or the directory in $TEST_VENV) with torch 2.13.0, requirements-dev.txt and the
 offline GPT-2 vocabulary (openai-whisper, installed without its dependencies),
@@ -27,6 +33,10 @@ main() {
   if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
     usage
     return 0
+  fi
+  if [[ "${1:-}" == "--docker" ]]; then
+    shift
+    exec "$(dirname "${BASH_SOURCE[0]}")/tests/docker/e2e.sh" "$@"
   fi
   local select=()
   if [[ "${1:-}" == "--fast" ]]; then

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Trains with train_gpt.py in the kit's Docker image (default) or in a local virtualenv (--local): picks the GPUs,
-# downloads the FineWeb shards the run needs, then starts torchrun (or one plain python process).
+# Trains with train_gpt.py in the kit's Docker image (default) or in a local virtualenv (--local): picks the GPUs
+# (or the CPU, --cpu), downloads the FineWeb shards the run needs, then starts torchrun (or one plain python process).
 set -euo pipefail
 
 KIT_PROG=train.sh
@@ -15,8 +15,9 @@ Runs train_gpt.py in the Docker image built by ./build.sh (or with --local in a 
 the chosen GPUs, after downloading the FineWeb shards the run needs.
 
 Hardware and runtime:
-  --num-gpus N                    processes/GPUs on this node (default: all visible GPUs; 1 on a CPU)
-                                  (a Docker run needs nvidia-smi to count GPUs; on the CPU: -- --device cpu)
+  --cpu                           train on the CPU (train_gpt.py --device cpu; Docker: no GPUs, no NVIDIA runtime)
+  --num-gpus N                    processes/GPUs on this node (default: all visible GPUs; with --cpu: 1 process)
+                                  (a Docker GPU run needs nvidia-smi to count the GPUs)
   --gpus LIST                     these GPUs only, e.g. 0,1,3 (sets the process count)
   --nnodes N                      nodes in the run (default 1)
   --node-rank R                   this node's rank, 0..N-1 (default 0)
@@ -25,6 +26,8 @@ Hardware and runtime:
   --nccl-p2p-disable              set NCCL_P2P_DISABLE=1 for the run (GPUs without working peer-to-peer)
   --local                         run in a local virtualenv ($KIT_VENV, default .venv; created when missing)
   --image IMAGE                   Docker image (default nanogpt-speedrun:latest, or $KIT_IMAGE)
+  --no-memlock                    no --ulimit memlock=-1 on a Docker GPU run (for daemons that cannot raise it:
+                                  rootless Docker, some sandboxes)
   --dry-run                       print the commands instead of running them
   -h, --help                      this text
 
@@ -58,12 +61,14 @@ Environment:
 Examples:
   ./train.sh                                  # the speedrun on every GPU of this machine
   ./train.sh --gpus 0,1 --preset a10          # two GPUs
+  ./train.sh --cpu --preset tiny              # CPU in Docker, built-in corpus
   ./train.sh --local --preset tiny            # CPU, built-in corpus, no Docker
   ./train.sh --nnodes 2 --node-rank 0 --master-addr 10.0.0.1   # on each node, with its own rank
 TXT
 }
 
 # settings (the wrapper's own) and the flags for train_gpt.py
+CPU=0
 NUM_GPUS=""
 GPU_LIST=""
 NNODES=1
@@ -90,6 +95,7 @@ parse_args() {
   while (($#)); do
     case "$1" in
       -h | --help) usage; exit 0 ;;
+      --cpu) CPU=1 ;;
       --num-gpus) need_value "$1" "$#" "${2-}"; check_int "$1" "$2" 1; NUM_GPUS=$((10#$2)); shift ;;
       --gpus) need_value "$1" "$#" "${2-}"; check_gpu_list "$1" "$2"; GPU_LIST=$2; shift ;;
       --nnodes) need_value "$1" "$#" "${2-}"; check_int "$1" "$2" 1; NNODES=$((10#$2)); shift ;;
@@ -99,6 +105,7 @@ parse_args() {
       --nccl-p2p-disable) NCCL_P2P_OFF=1 ;;
       --local) KIT_RUNTIME=local ;;
       --image) need_value "$1" "$#" "${2-}"; KIT_IMAGE=$2; shift ;;
+      --no-memlock) KIT_MEMLOCK=0 ;;
       --dry-run) KIT_DRY_RUN=1 ;;
       --preset)
         need_value "$1" "$#" "${2-}"
@@ -147,18 +154,6 @@ check_nodes() {
   fi
 }
 
-# passthrough_value FLAG: the last value given to FLAG after --, as `FLAG V` or `FLAG=V` (empty when absent)
-passthrough_value() {
-  local flag=$1 value="" i
-  for ((i = 0; i < ${#PASSTHROUGH[@]}; i++)); do
-    case "${PASSTHROUGH[i]}" in
-      "$flag") value=${PASSTHROUGH[i + 1]-} ;;
-      "$flag"=*) value=${PASSTHROUGH[i]#*=} ;;
-    esac
-  done
-  printf '%s\n' "$value"
-}
-
 # count_gpus: VISIBLE, the GPUs the run can use (empty: unknown, nvidia-smi absent or failing), and VISIBLE_FROM,
 # where that number comes from, for messages. nvidia-smi -L lists every GPU of the machine; a local run sees only
 # the ones CUDA_VISIBLE_DEVICES names (up to its first entry that is not a GPU), unless --gpus replaces it.
@@ -184,10 +179,15 @@ count_gpus() {
   fi
 }
 
-# cpu_processes: NPROC processes on the CPU (--num-gpus of them, default 1) and no GPU for Docker
+# cpu_processes WHY: NPROC processes on the CPU (--num-gpus of them, default 1) and no GPU for Docker; WHY (the flag
+# that chose the CPU) names it in messages
 cpu_processes() {
+  local why=$1
   if [[ -n "$GPU_LIST" ]]; then
-    die_usage "--gpus $GPU_LIST picks GPUs, but -- --device cpu trains on the CPU; drop one of them"
+    die_usage "--gpus $GPU_LIST picks GPUs, but $why trains on the CPU; drop one of them"
+  fi
+  if ((NCCL_P2P_OFF)); then
+    die_usage "--nccl-p2p-disable is for GPUs, but $why trains on the CPU; drop one of them"
   fi
   NPROC=${NUM_GPUS:-1}
   KIT_GPU_SPEC=none
@@ -202,7 +202,7 @@ gpu_processes() {
     local what="the Docker run's GPUs (default: all visible ones) cannot be checked" cpu_hint
     [[ -z "$NUM_GPUS" ]] || what="--num-gpus $NUM_GPUS cannot be checked"
     [[ -z "$GPU_LIST" ]] || what="--gpus $GPU_LIST cannot be checked"
-    cpu_hint="or train on the CPU with --local or -- --device cpu"
+    cpu_hint="or train on the CPU with --cpu (or --local, without Docker)"
     [[ "$KIT_RUNTIME" != local ]] || cpu_hint="or drop --gpus to train on the CPU"
     die "$what: $(no_gpu_count_reason), so the visible GPUs cannot be counted; run where nvidia-smi works (it comes with the NVIDIA driver), $cpu_hint" 2
   fi
@@ -227,7 +227,7 @@ gpu_processes() {
     NPROC=$NUM_GPUS
     KIT_GPU_SPEC=$(seq -s, 0 $((NUM_GPUS - 1)))
   elif ((VISIBLE == 0)); then
-    die "no GPU to train on: $VISIBLE_FROM none; train on the CPU with --local or -- --device cpu" 2
+    die "no GPU to train on: $VISIBLE_FROM none; train on the CPU with --cpu (or --local, without Docker)" 2
   else
     NPROC=$VISIBLE
     KIT_GPU_SPEC=all
@@ -235,14 +235,21 @@ gpu_processes() {
 }
 
 # resolve_gpus: sets NPROC and KIT_GPU_SPEC from --num-gpus / --gpus and the GPUs there are. The run is on the CPU
-# with -- --device cpu, or locally on a machine without GPUs (no nvidia-smi, or it lists none) and no --gpus;
-# there --num-gpus N starts N processes. Any other run is on GPUs.
+# with --cpu (or its long form -- --device cpu), or locally on a machine without GPUs (no nvidia-smi, or it lists
+# none) and no --gpus; there --num-gpus N starts N processes. Any other run is on GPUs.
 resolve_gpus() {
+  local device
+  device=$(passthrough_value --device)
+  if ((CPU)) && [[ -n "$device" && "$device" != cpu ]]; then
+    die_usage "--cpu trains on the CPU, but -- --device $device asks for another device; drop one of them"
+  fi
   count_gpus
-  if [[ "$(passthrough_value --device)" == cpu ]]; then
-    cpu_processes
+  if ((CPU)); then
+    cpu_processes --cpu
+  elif [[ "$device" == cpu ]]; then
+    cpu_processes "-- --device cpu"
   elif [[ "$KIT_RUNTIME" == local && -z "$GPU_LIST" && "${VISIBLE:-0}" == 0 ]]; then
-    cpu_processes
+    cpu_processes "a machine without GPUs"
   else
     gpu_processes
   fi
@@ -385,11 +392,13 @@ main() {
   resolve_gpus
   if [[ "$KIT_RUNTIME" == docker ]]; then
     check_image
+    check_gpu_runtime
   else
     ensure_venv
   fi
   local args=()
   if ((PRESET_GIVEN)); then args+=("--preset=$PRESET"); fi
+  if ((CPU)); then args+=(--device=cpu); fi
   if [[ -n "$DATA_DIR" ]]; then
     kit_map_path "$DATA_DIR" --data-dir create
     DATA_DIR_MAPPED=$KIT_MAPPED
@@ -410,7 +419,7 @@ main() {
   launcher
   print_settings
   download_data
-  in_runtime "${LAUNCH[@]}" "${args[@]+"${args[@]}"}" "${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}" \
+  exec_in_runtime "${LAUNCH[@]}" "${args[@]+"${args[@]}"}" "${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}" \
     "${PASSTHROUGH[@]+"${PASSTHROUGH[@]}"}"
 }
 

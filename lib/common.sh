@@ -15,6 +15,7 @@ KIT_RUNTIME=docker               # docker | local
 KIT_DRY_RUN=0
 KIT_IMAGE=${KIT_IMAGE:-$KIT_IMAGE_DEFAULT}
 KIT_GPU_SPEC=all                 # all | none | a comma-separated device list
+KIT_MEMLOCK=1                    # 0: no --ulimit memlock=-1 on GPU runs (--no-memlock)
 KIT_HOST_NETWORK=0
 KIT_ENV=()                       # NAME=VALUE pairs for the training process
 KIT_MOUNTS=()                    # host paths outside the repository to bind-mount at the same path
@@ -90,6 +91,19 @@ check_gpu_list() {  # check_gpu_list FLAG VALUE: comma-separated device indices,
     fi
     seen+="$id,"
   done
+}
+
+# passthrough_value FLAG: the last value given to FLAG in PASSTHROUGH (the words after --), as `FLAG V` or `FLAG=V`
+# (empty when absent)
+passthrough_value() {
+  local flag=$1 value="" i
+  for ((i = 0; i < ${#PASSTHROUGH[@]}; i++)); do
+    case "${PASSTHROUGH[i]}" in
+      "$flag") value=${PASSTHROUGH[i + 1]-} ;;
+      "$flag"=*) value=${PASSTHROUGH[i]#*=} ;;
+    esac
+  done
+  printf '%s\n' "$value"
 }
 
 # --- GPUs ------------------------------------------------------------------------------------------------------------
@@ -259,6 +273,32 @@ compile_cache_env() {
   CACHE_ENV=("TORCHINDUCTOR_CACHE_DIR=$1/inductor" "TRITON_CACHE_DIR=$1/triton")
 }
 
+# gpu_request: the value of `docker run --gpus` for KIT_GPU_SPEC (all, or "device=LIST" with its quotes: Docker reads
+# the value as CSV, and a bare device=0,1 would be two fields)
+gpu_request() {
+  if [[ "$KIT_GPU_SPEC" == all ]]; then
+    printf 'all\n'
+  else
+    printf '"device=%s"\n' "$KIT_GPU_SPEC"
+  fi
+}
+
+# check_gpu_runtime: a GPU run needs a docker that can give containers GPUs (the NVIDIA Container Toolkit). Docker
+# lists an nvidia runtime when the toolkit is configured as one; without it --gpus can still work through the
+# toolkit's hook, so a container that does nothing asks the daemon itself. Its "could not select device driver"
+# (exit 125) becomes one line naming the two ways on; any other failure is left to the real run to report.
+check_gpu_runtime() {
+  [[ "$KIT_RUNTIME" == docker && "$KIT_GPU_SPEC" != none ]] || return 0
+  ((!KIT_DRY_RUN)) || return 0
+  local runtimes out rc=0
+  runtimes=$(docker info --format '{{range $name, $_ := .Runtimes}}{{$name}} {{end}}' 2>/dev/null) || true
+  [[ " $runtimes " != *" nvidia "* ]] || return 0
+  out=$(docker run --rm --gpus "$(gpu_request)" --entrypoint true "$KIT_IMAGE" 2>&1) || rc=$?
+  if ((rc == 125)) && [[ "$out" == *"could not select device driver"* ]]; then
+    die "this docker cannot give a container GPUs (no NVIDIA runtime: docker run --gpus says 'could not select device driver'); install the NVIDIA Container Toolkit and restart docker, or run on the CPU with --cpu" 2
+  fi
+}
+
 # docker_run_args: fills DOCKER_RUN with `docker run ... IMAGE` (the command to run inside follows it)
 docker_run_args() {
   DOCKER_RUN=(docker run --rm)
@@ -267,13 +307,15 @@ docker_run_args() {
   elif ((KIT_STDIN)); then
     DOCKER_RUN+=(-i)
   fi
-  DOCKER_RUN+=(--ipc=host --ulimit memlock=-1 --ulimit stack=67108864)
+  # --init: a small init as PID 1 passes SIGTERM on to the program (which, as PID 1 itself, would ignore it)
+  DOCKER_RUN+=(--init --ipc=host --ulimit stack=67108864)
   DOCKER_RUN+=(--user "$(id -u):$(id -g)" -e HOME=/tmp)
-  case "$KIT_GPU_SPEC" in
-    all) DOCKER_RUN+=(--gpus all) ;;
-    none) ;;
-    *) DOCKER_RUN+=(--gpus "\"device=$KIT_GPU_SPEC\"") ;;
-  esac
+  if [[ "$KIT_GPU_SPEC" != none ]]; then
+    DOCKER_RUN+=(--gpus "$(gpu_request)")
+    # pinned host memory for CUDA copies and NCCL; a daemon that cannot raise the limit (rootless) refuses to start
+    # the container with it: --no-memlock
+    if ((KIT_MEMLOCK)); then DOCKER_RUN+=(--ulimit memlock=-1); fi
+  fi
   if ((KIT_HOST_NETWORK)); then
     DOCKER_RUN+=(--network host)
   fi
@@ -375,15 +417,35 @@ local_cmd() {
   LOCAL_CMD+=("$@")
 }
 
-# in_runtime CMD...: runs CMD (its first word python or torchrun) in the chosen runtime from the repository root
-in_runtime() {
+# runtime_cmd CMD...: fills RUNTIME_CMD with CMD (its first word python) as the chosen runtime runs it from the
+# repository root
+runtime_cmd() {
   if [[ "$KIT_RUNTIME" == docker ]]; then
     docker_run_args
-    run_cmd "${DOCKER_RUN[@]}" "$@"
+    RUNTIME_CMD=("${DOCKER_RUN[@]}" "$@")
   else
     local exe=$1
     shift
     local_cmd "$KIT_BIN/$exe" "$@"
-    (cd "$KIT_ROOT" && run_cmd "${LOCAL_CMD[@]}")
+    RUNTIME_CMD=("${LOCAL_CMD[@]}")
   fi
+}
+
+# in_runtime CMD...: runs CMD in the chosen runtime from the repository root, then the script goes on
+in_runtime() {
+  runtime_cmd "$@"
+  (cd "$KIT_ROOT" && run_cmd "${RUNTIME_CMD[@]}")
+}
+
+# exec_in_runtime CMD...: the script's last command: CMD replaces the script's process (exec), so a signal sent to the
+# wrapper (timeout, a CI runner, systemd, kill) reaches the docker client, which passes it on to the container, or
+# the local program itself, and no process is left behind when the wrapper is killed
+exec_in_runtime() {
+  runtime_cmd "$@"
+  cd "$KIT_ROOT" || exit
+  if ((KIT_DRY_RUN)); then
+    run_cmd "${RUNTIME_CMD[@]}"
+    exit 0
+  fi
+  exec "${RUNTIME_CMD[@]}"
 }

@@ -1,11 +1,15 @@
-"""The shell front door: build.sh, train.sh, generate.sh and lib/common.sh.
+"""The shell front door: build.sh, train.sh, generate.sh, lib/common.sh, the image's build steps (lib/image_setup.sh)
+and the entry points of the Docker end-to-end test (test.sh --docker, .ci/run, tests/docker/e2e.sh's own skip).
 
 Docker and nvidia-smi are replaced by fakes first on PATH: the fake docker appends its argv (one JSON list per line)
-to $FAKE_DOCKER_LOG, answers `image inspect` with success for the images in $FAKE_DOCKER_IMAGES, fails `build` with
-$FAKE_DOCKER_BUILD_RC, and otherwise exits 0; the fake nvidia-smi lists $FAKE_GPUS GPUs (Kit.hide_nvidia_smi takes
-any nvidia-smi off PATH, the fake and a real one). The wrappers run with stdin not a terminal (except in the pty test),
-and the tests check what reached docker, torchrun and train_gpt.py, and how generate.py's and train_gpt.py's own
-parsers read it.
+to $FAKE_DOCKER_LOG and its process id, DOCKER_BUILDKIT and a Dockerfile read from stdin to $FAKE_DOCKER_LOG.meta,
+answers `image inspect` with success for the images in $FAKE_DOCKER_IMAGES, `info` with the runtimes in
+$FAKE_DOCKER_RUNTIMES, `version` with client $FAKE_DOCKER_CLIENT and `buildx version` as installed unless
+$FAKE_DOCKER_BUILDX=0, fails `build` with $FAKE_DOCKER_BUILD_RC, a GPU `run` as a daemon without the NVIDIA runtime
+does when $FAKE_DOCKER_NO_GPU_DRIVER=1, and otherwise exits 0; the fake nvidia-smi lists $FAKE_GPUS GPUs
+(Kit.hide_nvidia_smi takes any nvidia-smi off PATH, the fake and a real one). The wrappers run with stdin not a
+terminal (except in the pty test), and the tests check what reached docker, torchrun and train_gpt.py, and how
+generate.py's and train_gpt.py's own parsers read it.
 """
 
 from __future__ import annotations
@@ -36,13 +40,30 @@ VENV_BIN = Path(sys.executable).parent
 
 FAKE_DOCKER = """#!{python}
 import json, os, sys
-with open(os.environ["FAKE_DOCKER_LOG"], "a", encoding="utf-8") as f:
-    f.write(json.dumps(sys.argv[1:]) + "\\n")
-if sys.argv[1:3] == ["image", "inspect"]:
-    sys.exit(0 if sys.argv[3] in os.environ.get("FAKE_DOCKER_IMAGES", "").split(",") else 1)
-if sys.argv[1:2] == ["build"] and os.environ.get("FAKE_DOCKER_BUILD_RC", "0") != "0":
+args, env = sys.argv[1:], os.environ
+meta = {{"pid": os.getpid(), "DOCKER_BUILDKIT": env.get("DOCKER_BUILDKIT")}}
+if args[:1] == ["build"] and "-" in args and args[args.index("-") - 1] == "-f":
+    meta["stdin"] = sys.stdin.read()
+with open(env["FAKE_DOCKER_LOG"], "a", encoding="utf-8") as f:
+    f.write(json.dumps(args) + "\\n")
+with open(env["FAKE_DOCKER_LOG"] + ".meta", "a", encoding="utf-8") as f:
+    f.write(json.dumps(meta) + "\\n")
+if args[:2] == ["image", "inspect"]:
+    sys.exit(0 if args[2] in env.get("FAKE_DOCKER_IMAGES", "").split(",") else 1)
+if args[:1] == ["info"]:
+    print(env.get("FAKE_DOCKER_RUNTIMES", "io.containerd.runc.v2 nvidia runc "))
+if args[:1] == ["version"]:
+    print(env.get("FAKE_DOCKER_CLIENT", "28.2.2"))
+if args[:2] == ["buildx", "version"] and env.get("FAKE_DOCKER_BUILDX", "1") == "0":
+    print("docker: unknown command: docker buildx", file=sys.stderr)
+    sys.exit(1)
+if args[:1] == ["run"] and "--gpus" in args and env.get("FAKE_DOCKER_NO_GPU_DRIVER") == "1":
+    print('docker: Error response from daemon: could not select device driver "" with capabilities: [[gpu]].',
+          file=sys.stderr)
+    sys.exit(125)
+if args[:1] == ["build"] and env.get("FAKE_DOCKER_BUILD_RC", "0") != "0":
     print("ERROR: failed to solve: fake build failure", file=sys.stderr)
-    sys.exit(int(os.environ["FAKE_DOCKER_BUILD_RC"]))
+    sys.exit(int(env["FAKE_DOCKER_BUILD_RC"]))
 sys.exit(0)
 """
 
@@ -108,6 +129,11 @@ class Kit:
     def runs(self) -> list[list[str]]:
         return [c for c in self.calls() if c[:1] == ["run"]]
 
+    def metas(self) -> list[dict]:
+        """For each call of calls(): the fake's process id, DOCKER_BUILDKIT and a Dockerfile it read from stdin."""
+        meta = Path(f"{self.log}.meta")
+        return [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines()] if meta.exists() else []
+
     def train(self, *args: str, **env) -> tuple[list[str], list[str], subprocess.CompletedProcess]:
         """./train.sh ARGS in Docker: (docker run options before the image, the command inside, the process)."""
         p = self.run(TRAIN_SH, *args, **env)
@@ -155,6 +181,14 @@ def one_error_line(p: subprocess.CompletedProcess, script: str) -> str:
     assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
     lines = p.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{script}: error: "), p.stderr
+    return lines[0]
+
+
+def usage_error_line(p: subprocess.CompletedProcess, script: str) -> str:
+    """A bad flag or combination: exit 2, the error line, then the pointer to --help."""
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    lines = p.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{script}: error: ") and "--help" in lines[1], p.stderr
     return lines[0]
 
 
@@ -220,6 +254,7 @@ def test_train_docker_run_options(kit):
     opts, inner, p = kit.train("--preset", "tiny")
     assert opts[:1] == ["--rm"]
     assert "-t" not in opts and "-i" not in opts and "-it" not in opts  # stdin is not a terminal
+    assert "--init" in opts  # PID 1 passes SIGTERM on
     assert "--ipc=host" in opts
     assert ("--user", f"{os.getuid()}:{os.getgid()}") in pairs(opts)
     assert ("-e", "HOME=/tmp") in pairs(opts)
@@ -410,6 +445,9 @@ def test_readme_interactive_example_mounts_like_the_wrapper(kit):
     wrapper = bind_mounts(opts)
     assert set(readme) == {"/workspace", "/hf-cache", "/compile-cache"} and set(readme) <= set(wrapper)
     assert {b for a, b in pairs(readme_opts) if a == "-e"} <= {b for a, b in pairs(opts) if a == "-e"}
+    assert "--init" in readme_opts and "--init" in opts
+    # tests/docker/e2e.sh runs this block on a machine without GPUs: it drops exactly these and replaces bash
+    assert " --gpus all" in command and " --ulimit memlock=-1" in command and command.rstrip().endswith(" bash")
 
 
 def test_download_computed_from_shards_needed(kit, tmp_path):
@@ -606,13 +644,13 @@ def test_docker_run_without_a_gpu_count_is_refused(kit, nvidia_smi, flags):
     p = kit.run(TRAIN_SH, "--preset", "tiny", *flags)
     line = one_error_line(p, "train.sh")
     assert ("nvidia-smi is not on PATH" if nvidia_smi == "absent" else "nvidia-smi -L failed") in line
-    assert " ".join(flags) in line and "--local" in line and "--device cpu" in line
+    assert " ".join(flags) in line and "--local" in line and "--cpu" in line
     assert not kit.runs()
 
 
 def test_docker_run_with_no_gpu_is_refused(kit):
     line = one_error_line(kit.run(TRAIN_SH, "--preset", "tiny", FAKE_GPUS="0"), "train.sh")
-    assert "no GPU" in line and "--local" in line
+    assert "no GPU" in line and "--cpu" in line and "--local" in line
     assert not kit.runs()
 
 
@@ -644,6 +682,145 @@ def test_help(kit):
     for script in (TRAIN_SH, GENERATE_SH, BUILD_SH):
         p = kit.run(script, "--help")
         assert p.returncode == 0 and p.stdout.startswith("Usage:")
+
+
+# --- CPU mode, GPU runtime, ulimits, signals -------------------------------------------------------------------------
+
+def gpu_only(opts: list[str]) -> list[str]:
+    """The options of a docker run that only a GPU run has."""
+    return [f"{a} {b}" for a, b in pairs(opts) if a == "--gpus" or (a, b) == ("--ulimit", "memlock=-1")]
+
+
+@pytest.mark.parametrize("num_gpus", [[], ["--num-gpus", "2"]], ids=["one process", "--num-gpus 2"])
+def test_train_cpu_flag(kit, num_gpus):
+    # no nvidia-smi and no NVIDIA runtime either: --cpu asks for neither
+    kit.hide_nvidia_smi()
+    opts, inner, p = kit.train("--cpu", "--preset", "tiny", *num_gpus, FAKE_DOCKER_RUNTIMES="runc",
+                               FAKE_DOCKER_NO_GPU_DRIVER="1")
+    assert gpu_only(opts) == []
+    assert "--init" in opts and ("--ulimit", "stack=67108864") in pairs(opts)
+    assert inner[:4] == ["python", "lib/torchrun.py", "--standalone", f"--nproc_per_node={2 if num_gpus else 1}"]
+    ns = parse_forwarded(train_gpt.build_arg_parser(), inner[inner.index("train_gpt.py") + 1:])
+    assert ns.device == "cpu"
+    assert "devices: none (CPU)" in p.stdout
+    assert [c[:1] for c in kit.calls()] == [["image"], ["run"]]  # no `docker info`, no GPU probe
+
+
+def test_train_cpu_flag_local(kit):
+    p = kit.run(TRAIN_SH, "--local", "--dry-run", "--cpu", "--preset", "tiny")  # the fake lists 8 GPUs
+    assert p.returncode == 0, p.stderr
+    (cmd,) = dry_run_commands(p.stdout)
+    assert cmd[cmd.index("train_gpt.py") - 1] == str(Path(sys.prefix) / "bin" / "python")
+    assert "--device=cpu" in cmd and not any(w.startswith("CUDA_VISIBLE_DEVICES") for w in cmd)
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--gpus", "0"], "--gpus 0"),
+    (["--nccl-p2p-disable"], "--nccl-p2p-disable"),
+    (["--", "--device", "cuda"], "--device cuda"),
+    (["--", "--device=cuda:1"], "--device cuda:1"),
+])
+def test_train_cpu_flag_conflicts(kit, flags, named):
+    line = usage_error_line(kit.run(TRAIN_SH, "--cpu", "--preset", "tiny", *flags), "train.sh")
+    assert "--cpu" in line and named in line
+    assert not kit.runs()
+
+
+@pytest.mark.parametrize("flags", [["--cpu"], ["--device", "cpu"], ["--", "--device", "cpu"]])
+def test_generate_cpu(kit, flags):
+    p = kit.run(GENERATE_SH, *flags, FAKE_DOCKER_RUNTIMES="runc", FAKE_DOCKER_NO_GPU_DRIVER="1")
+    assert p.returncode == 0, p.stderr
+    (run,) = kit.runs()
+    opts, inner = split_run(run)
+    assert gpu_only(opts) == [] and "--init" in opts
+    generate = pytest.importorskip("generate")
+    assert parse_forwarded(generate.build_arg_parser(), inner[inner.index("generate.py") + 1:]).device == "cpu"
+
+
+@pytest.mark.parametrize("flags", [["--device", "cuda"], ["--", "--device", "cuda:0"]])
+def test_generate_cpu_conflicts(kit, flags):
+    line = usage_error_line(kit.run(GENERATE_SH, "--cpu", *flags), "generate.sh")
+    assert "--cpu" in line and "--device cuda" in line
+    assert not kit.runs()
+
+
+@pytest.mark.parametrize("script", [TRAIN_SH, GENERATE_SH])
+def test_memlock_only_on_gpu_runs_and_can_be_turned_off(kit, script):
+    args = ["--preset", "tiny"] if script == TRAIN_SH else []
+    for flags, memlock in (([], True), (["--no-memlock"], False), (["--cpu"], False)):
+        kit.log.unlink(missing_ok=True)
+        p = kit.run(script, *args, *flags)
+        assert p.returncode == 0, p.stderr
+        opts, _ = split_run(kit.runs()[-1])
+        assert (("--ulimit", "memlock=-1") in pairs(opts)) == memlock, flags
+        assert ("--gpus" in opts) == (flags != ["--cpu"]), flags
+        assert ("--ulimit", "stack=67108864") in pairs(opts)
+
+
+@pytest.mark.parametrize("script", [TRAIN_SH, GENERATE_SH])
+def test_gpu_run_without_nvidia_runtime_is_one_line(kit, script):
+    # docker lists no nvidia runtime and the daemon cannot select a GPU driver: one line, nothing started
+    args = ["--preset", "tiny", "--gpus", "0,2"] if script == TRAIN_SH else []
+    p = kit.run(script, *args, FAKE_DOCKER_RUNTIMES="io.containerd.runc.v2 runc", FAKE_DOCKER_NO_GPU_DRIVER="1")
+    line = one_error_line(p, script.name)
+    assert "--cpu" in line and "NVIDIA Container Toolkit" in line and "could not select device driver" in line
+    (probe,) = kit.runs()  # only the probe ran
+    opts, inner = split_run(probe)
+    assert opts[:1] == ["--rm"] and ("--entrypoint", "true") in pairs(opts) and inner == []
+    assert ("--gpus", '"device=0,2"' if script == TRAIN_SH else "all") in pairs(opts)
+
+
+def test_gpu_run_through_the_toolkit_hook_goes_ahead(kit):
+    # no nvidia runtime listed, but --gpus works (the toolkit's hook): the probe passes and the run goes ahead
+    opts, inner, _ = kit.train("--preset", "tiny", FAKE_DOCKER_RUNTIMES="runc")
+    probe, train = kit.runs()
+    assert ("--entrypoint", "true") in pairs(probe) and ("--gpus", "all") in pairs(opts) and "train_gpt.py" in inner
+    kit.log.unlink()
+    kit.train("--preset", "tiny")  # an nvidia runtime listed: no probe
+    assert [c[:2] for c in kit.calls()] == [["image", "inspect"], ["info", "--format"], ["run", "--rm"]]
+
+
+def test_dry_run_asks_docker_nothing_about_gpus(kit):
+    p = kit.run(TRAIN_SH, "--dry-run", "--preset", "tiny", FAKE_DOCKER_RUNTIMES="runc", FAKE_DOCKER_NO_GPU_DRIVER="1")
+    assert p.returncode == 0, p.stderr
+    assert [c[:1] for c in kit.calls()] == [["image"]]
+
+
+@pytest.mark.parametrize("script", [TRAIN_SH, GENERATE_SH])
+def test_docker_client_replaces_the_wrapper(kit, script):
+    # exec: the process a signal reaches is the docker client itself (no shell left to die and orphan it)
+    args = ["--preset", "tiny"] if script == TRAIN_SH else []
+    p = subprocess.Popen([str(script), *args], cwd=kit.tmp, env=kit.env, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    runs = [m for c, m in zip(kit.calls(), kit.metas()) if c[:1] == ["run"]]
+    assert runs[-1]["pid"] == p.pid
+    assert all(m["pid"] != p.pid for m in kit.metas()[:-1])  # the checks before it are children
+
+
+FAKE_VENV_PYTHON = """#!/bin/sh
+# a virtualenv that is ready (venv_ready reads a script from stdin) and logs the program's process id
+[ "$1" = - ] && exit 0
+echo "$$ $*" >>"$FAKE_PYTHON_LOG"
+"""
+
+
+@pytest.mark.parametrize("script", [TRAIN_SH, GENERATE_SH])
+def test_local_program_replaces_the_wrapper(kit, tmp_path, script):
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text(FAKE_VENV_PYTHON, encoding="utf-8")
+    (venv / "bin" / "python").chmod(0o755)
+    log = tmp_path / "python.log"
+    args = ["--local", "--cpu"] + (["--preset", "tiny"] if script == TRAIN_SH else [])
+    p = subprocess.Popen([str(script), *args], cwd=kit.tmp, env={**kit.env, "KIT_VENV": str(venv),
+                         "FAKE_PYTHON_LOG": str(log)}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    pid, program = log.read_text(encoding="utf-8").splitlines()[-1].split()[:2]
+    assert int(pid) == p.pid and program == ("train_gpt.py" if script == TRAIN_SH else "generate.py")
 
 
 # --- generate.sh -----------------------------------------------------------------------------------------------------
@@ -760,6 +937,261 @@ def test_build_failure(kit):
     assert "fake build failure" in p.stderr and "docker build failed" in p.stderr
 
 
+def test_pinned_base_is_torch_2_13_with_cuda_12_8():
+    # the torch of the CPU test suite; CUDA 12.8 covers Hopper and Blackwell
+    assert pinned_base() == "pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime"
+
+
+def secrets_of(call: list[str]) -> dict[str, str]:
+    """A docker build's --secret options: {id: the rest of the spec}."""
+    found = {}
+    for flag, spec in pairs(call):
+        if flag == "--secret":
+            first, rest = spec.split(",", 1)
+            assert first.startswith("id="), spec
+            found[first.removeprefix("id=")] = rest
+    return found
+
+
+def test_build_secrets(kit, tmp_path):
+    ca = tmp_path / "proxy-ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n", encoding="utf-8")
+    url = "https://user:token-7f1e@mirror.example/simple"
+    p = kit.run(BUILD_SH, "--ca-bundle", str(ca), PIP_INDEX_URL=url, PIP_EXTRA_INDEX_URL=url + "2")
+    assert p.returncode == 0, p.stderr
+    call = build_call(kit)
+    assert secrets_of(call) == {"ca_bundle": f"src={ca}", "pip_index_url": "env=PIP_INDEX_URL",
+                                "pip_extra_index_url": "env=PIP_EXTRA_INDEX_URL"}
+    assert "token-7f1e" not in json.dumps(kit.calls()) + p.stdout + p.stderr  # passed by name only
+    assert kit.metas()[kit.calls().index(call)]["DOCKER_BUILDKIT"] == "1"
+    # the ids are the ones the Dockerfile mounts
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert set(re.findall(r"--mount=type=secret,id=(\w+)", dockerfile)) == set(secrets_of(call))
+
+
+def test_build_without_secrets_passes_none(kit):
+    p = kit.run(BUILD_SH, PIP_INDEX_URL="")
+    assert p.returncode == 0, p.stderr
+    assert "--secret" not in build_call(kit)
+
+
+def test_build_ca_bundle_relative_and_missing(kit, tmp_path):
+    (kit.tmp / "ca.pem").write_text("x", encoding="utf-8")
+    p = kit.run(BUILD_SH, "--ca-bundle", "ca.pem")
+    assert p.returncode == 0, p.stderr
+    assert secrets_of(build_call(kit))["ca_bundle"] == f"src={kit.tmp / 'ca.pem'}"
+    kit.log.unlink()
+    line = usage_error_line(kit.run(BUILD_SH, "--ca-bundle", "nope.pem"), "build.sh")
+    assert "--ca-bundle nope.pem is not a readable file" in line
+    assert not kit.calls()
+
+
+@pytest.mark.parametrize("env,builder", [
+    ({}, "buildkit"),                                                  # buildx plugin
+    ({"FAKE_DOCKER_BUILDX": "0", "FAKE_DOCKER_CLIENT": "20.10.24+dfsg1"}, "buildkit"),  # Debian's docker.io
+    ({"FAKE_DOCKER_BUILDX": "0"}, "legacy"),                           # a client of 23+ without buildx
+    ({"DOCKER_BUILDKIT": "0"}, "legacy"),
+    ({"FAKE_DOCKER_BUILDX": "0", "DOCKER_BUILDKIT": "1"}, "buildkit"),
+])
+def test_build_builder_choice(kit, env, builder):
+    p = kit.run(BUILD_SH, **env)
+    assert p.returncode == 0, p.stderr
+    call = build_call(kit)
+    meta = kit.metas()[kit.calls().index(call)]
+    assert f"builder: {builder}" in p.stdout
+    if builder == "buildkit":
+        assert meta["DOCKER_BUILDKIT"] == "1" and ("-f", str(ROOT / "Dockerfile")) in pairs(call)
+    else:
+        # the legacy builder knows no RUN --mount: the Dockerfile comes on stdin without the secret mounts
+        assert meta["DOCKER_BUILDKIT"] == "0" and ("-f", "-") in pairs(call)
+        dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+        assert "--mount=type=secret" in dockerfile and "--mount" not in meta["stdin"]
+        assert meta["stdin"] == re.sub(r"--mount=type=secret\S*\s+", "", dockerfile)
+
+
+def test_build_secrets_need_buildkit(kit, tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x", encoding="utf-8")
+    for args, env in ((["--ca-bundle", str(ca)], {}), ([], {"PIP_EXTRA_INDEX_URL": "https://x.example/simple"})):
+        line = one_error_line(kit.run(BUILD_SH, *args, FAKE_DOCKER_BUILDX="0", **env), "build.sh")
+        assert "BuildKit" in line and "buildx" in line
+    assert not [c for c in kit.calls() if c[:1] == ["build"]]
+
+
+# --- the image's build steps (lib/image_setup.sh, as the Dockerfile runs them) ---------------------------------------
+
+IMAGE_SETUP = ROOT / "lib" / "image_setup.sh"
+
+FAKE_SETUP_PYTHON = """#!/bin/sh
+# python as the build steps call it: torch imports, the headers are in $FAKE_INCLUDE, every call is logged with the
+# variables the build's secrets set
+echo "$*|${PIP_CERT-}|${REQUESTS_CA_BUNDLE-}|${PIP_INDEX_URL-}|${PIP_EXTRA_INDEX_URL-}" >>"$FAKE_LOG"
+case "$*" in
+  *sysconfig*) echo "$FAKE_INCLUDE" ;;
+  -) cat >/dev/null; echo "kit-image-setup: checked" ;;
+esac
+"""
+
+
+class Setup:
+    """lib/image_setup.sh with a fake python (and apt-get, compilers) on a PATH that has nothing else."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.bin = tmp / "setup-bin"
+        self.bin.mkdir()
+        self.log = tmp / "setup.log"
+        self.secrets = tmp / "secrets"
+        self.include = tmp / "include"
+        self.include.mkdir()
+        (self.include / "Python.h").write_text("", encoding="utf-8")
+        self.fake("python", FAKE_SETUP_PYTHON)
+        for tool_name in ("basename", "cat", "mktemp", "rm", "mkdir", "chmod"):
+            (self.bin / tool_name).symlink_to(shutil.which(tool_name))
+
+    def fake(self, name: str, text: str = "#!/bin/sh\necho \"$(basename \"$0\") $*\" >>\"$FAKE_LOG\"\n") -> None:
+        (self.bin / name).write_text(text, encoding="utf-8")
+        (self.bin / name).chmod(0o755)
+
+    def secret(self, name: str, value: str) -> None:
+        self.secrets.mkdir(exist_ok=True)
+        (self.secrets / name).write_text(value, encoding="utf-8")
+
+    def run(self, *args: str, **env) -> subprocess.CompletedProcess:
+        lists = self.tmp / "apt-lists"
+        lists.mkdir(exist_ok=True)
+        return subprocess.run(["/bin/sh", str(IMAGE_SETUP), *args], capture_output=True, text=True, timeout=60,
+                              env={"PATH": str(self.bin), "FAKE_LOG": str(self.log), "FAKE_INCLUDE": str(self.include),
+                                   "KIT_SECRETS_DIR": str(self.secrets), "KIT_APT_LISTS_DIR": str(lists),
+                                   "TIKTOKEN_CACHE_DIR": str(self.tmp / "tiktoken"), **env})
+
+    def lines(self) -> list[str]:
+        return self.log.read_text(encoding="utf-8").splitlines() if self.log.exists() else []
+
+
+@pytest.fixture
+def setup(tmp_path) -> Setup:
+    return Setup(tmp_path)
+
+
+def test_image_pip_step_reads_the_build_secrets(setup):
+    p = setup.run("pip", "/tmp/requirements.txt")
+    assert p.returncode == 0, p.stderr
+    assert setup.lines() == ["-m pip install --no-cache-dir --quiet -r /tmp/requirements.txt||||",
+                             "-m pip install --no-cache-dir --quiet --no-deps openai-whisper==20250625||||"]
+    setup.log.unlink()
+    setup.secret("ca_bundle", "PEM")
+    setup.secret("pip_index_url", "https://u:t@mirror.example/simple")
+    setup.secret("pip_extra_index_url", "https://extra.example/simple")
+    p = setup.run("pip", "/tmp/requirements.txt")
+    assert p.returncode == 0, p.stderr
+    ca = setup.secrets / "ca_bundle"
+    for line in setup.lines():
+        assert line.endswith(f"|{ca}|{ca}|https://u:t@mirror.example/simple|https://extra.example/simple"), line
+    assert "u:t@" not in p.stdout + p.stderr
+
+
+def test_image_compilers_installed_when_missing(setup):
+    # no cc, no g++ and the headers of a Debian python missing: apt-get installs them (with the CA when there is one)
+    setup.fake("apt-get")
+    include = "/usr/include/python9.99-kit-test"
+    setup.secret("ca_bundle", "PEM")
+    p = setup.run("compilers", FAKE_INCLUDE=include)
+    assert p.returncode == 0, p.stderr
+    ca = f"-o Acquire::https::CAInfo={setup.secrets / 'ca_bundle'}"
+    apt = [line for line in setup.lines() if line.startswith("apt-get")]
+    assert apt == [f"apt-get {ca} update",
+                   f"apt-get {ca} install -y --no-install-recommends gcc g++ python9.99-kit-test-dev libc6-dev"]
+    assert "installing gcc g++ python9.99-kit-test-dev" in p.stdout and "checked" in p.stdout
+    assert setup.lines()[-1].startswith("-|")  # then the compile check
+
+
+def test_image_compilers_present_installs_nothing(setup):
+    setup.fake("apt-get")
+    setup.fake("cc")
+    setup.fake("g++")
+    p = setup.run("compilers")
+    assert p.returncode == 0, p.stderr
+    assert not [line for line in setup.lines() if line.startswith("apt-get")]
+    assert "installing" not in p.stdout and "checked" in p.stdout
+
+
+@pytest.mark.parametrize("fakes,include,says", [
+    ([], "/usr/include/python3.11-none", ["lacks gcc g++ python3.11-none-dev", "no apt-get"]),
+    (["apt-get", "cc", "g++"], "/opt/py/include/python3.12", ["no Python.h in /opt/py/include/python3.12"]),
+], ids=["no apt-get", "headers outside /usr"])
+def test_image_compilers_that_cannot_be_installed_fail_in_one_line(setup, fakes, include, says):
+    for name in fakes:
+        setup.fake(name)
+    p = setup.run("compilers", FAKE_INCLUDE=include)
+    assert p.returncode == 1
+    (line,) = p.stderr.splitlines()
+    assert line.startswith("kit-image-setup: error: ") and all(part in line for part in says), line
+    assert not [call for call in setup.lines() if call.startswith("apt-get")]
+
+
+def test_image_tiktoken_step_is_one_line_offline(tmp_path):
+    # no network (a proxy that refuses): one line, no traceback, and the cache directory is there for every user
+    pytest.importorskip("tiktoken")
+    cache = tmp_path / "tiktoken"
+    env = {"PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "TIKTOKEN_CACHE_DIR": str(cache),
+           "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "KIT_SECRETS_DIR": str(tmp_path)}
+    p = subprocess.run(["/bin/sh", str(IMAGE_SETUP), "tiktoken"], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == "" and len(p.stdout.splitlines()) == 1, p.stdout + p.stderr
+    assert "offline vocabulary from openai-whisper" in p.stdout
+    assert cache.is_dir() and cache.stat().st_mode & 0o777 == 0o777
+
+
+# --- test.sh --docker, .ci/run and the real-engine test's own skip ---------------------------------------------------
+
+def test_test_sh_docker_runs_the_engine_test(tmp_path):
+    shutil.copy2(ROOT / "test.sh", tmp_path / "test.sh")
+    (tmp_path / "tests" / "docker").mkdir(parents=True)
+    (tmp_path / "tests" / "docker" / "e2e.sh").write_text("#!/bin/sh\necho \"fake e2e $*\"\nexit 7\n",
+                                                          encoding="utf-8")
+    (tmp_path / "tests" / "docker" / "e2e.sh").chmod(0o755)
+    p = subprocess.run([str(tmp_path / "test.sh"), "--docker"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "TEST_VENV": str(tmp_path / "venv")})
+    assert p.returncode == 7 and p.stdout.splitlines()[-1] == "fake e2e "
+    assert not (tmp_path / "venv").exists()  # no virtualenv, no pytest
+
+
+@pytest.mark.parametrize("unit_rc", [0, 1])
+def test_ci_runs_the_engine_test_after_the_unit_tests(tmp_path, unit_rc):
+    (tmp_path / ".ci").mkdir()
+    shutil.copy2(ROOT / ".ci" / "run", tmp_path / ".ci" / "run")
+    (tmp_path / "test.sh").write_text(f"#!/bin/sh\necho \"$*\" >>calls\n[ \"$1\" = --docker ] || exit {unit_rc}\n",
+                                      encoding="utf-8")
+    (tmp_path / "test.sh").chmod(0o755)
+    p = subprocess.run(["bash", str(tmp_path / ".ci" / "run")], capture_output=True, text=True, timeout=60,
+                       cwd=tmp_path)
+    calls = (tmp_path / "calls").read_text(encoding="utf-8").splitlines()
+    assert (p.returncode, calls) == ((0, ["-q", "--docker"]) if unit_rc == 0 else (1, ["-q"]))
+
+
+def as_other_user() -> list[str]:
+    """The prefix that runs a command as a user who is not root (nothing when this one is not)."""
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("runuser"):
+        pytest.skip("root without runuser: no way to run the e2e script as another user")
+    return ["runuser", "-u", "nobody", "--"]
+
+
+@pytest.mark.parametrize("ci", [None, "true"])
+def test_engine_test_without_root_says_so_in_one_line(ci):
+    env = {k: v for k, v in os.environ.items() if k != "CI"} | ({"CI": ci} if ci else {})
+    p = subprocess.run([*as_other_user(), "bash", str(ROOT / "tests" / "docker" / "e2e.sh")], capture_output=True,
+                       text=True, timeout=60, env=env, cwd="/")
+    (line,) = (p.stdout + p.stderr).splitlines()
+    assert "not root" in line
+    if ci:
+        assert p.returncode == 1 and line.startswith("FAIL: ")
+    else:
+        assert p.returncode == 0 and "skipped" in line
+
+
 # --- lint ------------------------------------------------------------------------------------------------------------
 
 def tool(name: str) -> str:
@@ -770,7 +1202,8 @@ def tool(name: str) -> str:
 
 
 def test_shellcheck():
-    scripts = ["build.sh", "train.sh", "generate.sh", "lib/common.sh", "test.sh", "bench/gpu_suite.sh"]
+    scripts = ["build.sh", "train.sh", "generate.sh", "lib/common.sh", "lib/image_setup.sh", "test.sh", ".ci/run",
+               "tests/docker/e2e.sh", "bench/gpu_suite.sh"]
     p = subprocess.run([tool("shellcheck"), "-x", "-S", "warning", *scripts], cwd=ROOT, capture_output=True,
                        text=True)
     assert p.returncode == 0, p.stdout + p.stderr
