@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import kit
 import train_gpt as tg
 
 EOT_ID = tg.BOS_ID  # <|endoftext|>: ends a document, and (as BOS) starts the next
@@ -58,7 +59,7 @@ def final_window_blocks(ckpt: dict) -> int:
     known = {f.name for f in fields(tg.Hyperparameters)}
     saved = ckpt.get("hyperparameters")
     if not isinstance(saved, dict):
-        raise tg.CheckpointError("it has no hyperparameters")
+        raise kit.CheckpointError("it has no hyperparameters")
     hp = tg.Hyperparameters(**{k: v for k, v in saved.items() if k in known})
     return tg.window_blocks(hp.num_iterations, hp)
 
@@ -69,16 +70,16 @@ def load_model(spec: str, device: torch.device, checkpoint_dir: str = "checkpoin
     The saved weights are full tensors whatever the number of processes that trained them (the trainer gathers
     optimiser state and keeps every weight replicated), so nothing here depends on the world size.
     """
-    path = tg.resolve_checkpoint(spec, None, checkpoint_dir)
-    ckpt = tg.load_checkpoint(path)
+    path = kit.resolve_checkpoint(spec, None, checkpoint_dir)
+    ckpt = kit.load_checkpoint(path)
     try:
         cfg = tg.GPTConfig(**ckpt["model_config"])
         window = final_window_blocks(ckpt)
         model = tg.GPT(cfg)
         model.load_state_dict(ckpt["model"])
-    except (KeyError, TypeError, RuntimeError, tg.CheckpointError) as e:
+    except (KeyError, TypeError, RuntimeError, kit.CheckpointError) as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise tg.CheckpointError(f"{path} has the trainer's marker but not a usable model ({detail}); "
+        raise kit.CheckpointError(f"{path} has the trainer's marker but not a usable model ({detail}); "
                                  "it may come from another version of train_gpt.py") from e
     model = model.to(device).configure(device, attention="dense", fp8=False).eval()
     model.requires_grad_(False)
@@ -397,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt = read_prompt(args)
         encoding = gpt2_tokenizer()[0]
         loaded = load_model(args.checkpoint, device)
-    except (GenerateError, tg.CheckpointError, TokenizerUnavailable) as e:
+    except (GenerateError, kit.CheckpointError, TokenizerUnavailable) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 2
     prompt_ids = encoding.encode_ordinary(prompt)

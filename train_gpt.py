@@ -47,19 +47,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import errno
 import glob
-import json
 import math
 import os
-import platform
 import re
 import shutil
-import subprocess
 import sys
 import time
-import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -71,28 +66,35 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-try:
-    import fcntl  # run locks (POSIX); elsewhere runs are not locked
-except ImportError:
-    fcntl = None
+from kit import (
+    TRACK1_TARGET,
+    Checkpointer,
+    RunReport,
+    ConfigError,
+    DeviceError,
+    CheckpointError,
+    DivergedError,
+    has_bf16,
+    resolve_device,
+    synchronize,
+    dist_info,
+    broadcast_object,
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    resolve_checkpoint,
+    load_checkpoint,
+    check_resumable,
+    check_model_config,
+    model_state,
+    rng_state,
+    set_rng_state,
+    valid_run_name,
+    new_run_id,
+    claim_run,
+)
 
 BOS_ID = 50256  # <|endoftext|>: precedes every document
 FLEX_BLOCK_SIZE = 128
-TRACK1_TARGET = 3.28
-TRACK2_TARGET = 2.92  # train_gpt_medium.py's
-# The record targets hold for this validation set only: the first 10,485,760 tokens of FineWeb's validation shard.
-TRACK_VAL_FILES, TRACK_VAL_TOKENS = "fineweb_val_*.bin", 10_485_760
-
-
-def target_comparable(target: float, val_files: str, val_tokens: int) -> bool:
-    """Whether a run's final val loss can be compared with its target: any target of one's own, but a track's record
-    target (3.28, 2.92) only on the track's validation set; a loss on other text says nothing about it."""
-    if target <= 0:
-        return False
-    return target not in (TRACK1_TARGET, TRACK2_TARGET) or (
-        Path(val_files).name == TRACK_VAL_FILES and val_tokens == TRACK_VAL_TOKENS)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Hyper-parameters and presets
 
@@ -182,19 +184,6 @@ def preset_hyperparameters(name: str, presets: dict[str, dict] | None = None) ->
     if name not in presets:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
     return dataclasses.replace(Hyperparameters(), preset=name, **presets[name])
-
-
-class ConfigError(ValueError):
-    """A bad flag value or combination; main() prints it without a traceback."""
-
-
-class DeviceError(ConfigError):
-    """A device problem of one process (its GPU is missing or too old): every process reports its own."""
-
-
-def valid_run_name(name: str) -> bool:
-    """A run name is a single, plain path component, so logs/<run>.txt and checkpoints/<run>/ stay where they are."""
-    return bool(re.fullmatch(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]{0,199}", name))
 
 
 def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
@@ -303,14 +292,6 @@ class FP8Matmul(torch.autograd.Function):
 def fp8_linear(x: Tensor, w: Tensor, x_s: float, w_s: float = FP8_W_SCALE, grad_s: float = FP8_GRAD_SCALE) -> Tensor:
     shape = x.shape
     return FP8Matmul.apply(x.reshape(-1, shape[-1]), w, x_s, w_s, grad_s).view(*shape[:-1], w.size(0))
-
-
-MIN_TRAIN_CAPABILITY = (8, 0)  # bfloat16 tensor cores and FlexAttention's Triton kernels: A100, A10, 3090 and newer
-
-
-def has_bf16(device: torch.device) -> bool:
-    """Whether the device computes in bfloat16 natively (CPU: not used; GPUs: compute capability >= 8.0)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= MIN_TRAIN_CAPABILITY
 
 
 def head_precision(device: torch.device, want_fp8: bool) -> str:
@@ -693,12 +674,6 @@ class GPT(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Optimisers: Muon and Adam, both sharded across processes (reduce-scatter gradients, update a share, all-gather)
-
-
-def dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
@@ -1270,92 +1245,6 @@ class ValidationSet:
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoints
 
-CHECKPOINT_FORMAT = "nanogpt-speedrun-kit/checkpoint"
-CHECKPOINT_VERSION = 2  # 2: record-28 model (attention gate, c_fc as (dim, 4 dim)) and per-shard loader state
-STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
-
-
-class CheckpointError(ValueError):
-    """A missing, unreadable or incompatible checkpoint."""
-
-
-class DivergedError(RuntimeError):
-    """Training produced a non-finite loss or state; the run stops without saving it (main() exits with 3)."""
-
-
-def nonfinite_tensors(state, prefix: str = "") -> list[str]:
-    """Names of the floating-point tensors in a nested dict/list that hold a NaN or an infinity."""
-    if isinstance(state, Tensor):
-        return [prefix] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
-    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
-    return [name for k, v in items for name in nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same directory, flushed, then renamed over the target."""
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def point_latest(checkpoint_dir: Path, target: Path) -> None:
-    """Make checkpoint_dir/latest a relative symlink to target, replaced atomically."""
-    link = checkpoint_dir / "latest"
-    tmp = checkpoint_dir / f".latest.tmp-{os.getpid()}"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(os.path.relpath(target, checkpoint_dir), tmp)
-    os.replace(tmp, link)
-
-
-def newest_step_file(run_dir: Path) -> Path | None:
-    best = None
-    for p in run_dir.iterdir() if run_dir.is_dir() else []:
-        m = STEP_FILE.match(p.name)
-        if m and (best is None or int(m.group(1)) > best[0]):
-            best = (int(m.group(1)), p)
-    return best[1] if best else None
-
-
-def resolve_checkpoint(spec: str, run_name: str | None = None, checkpoint_dir: str = "checkpoints") -> Path:
-    """A checkpoint file from a file, a run directory (its newest step) or "auto" (latest of run_name, or latest)."""
-    root = Path(checkpoint_dir)
-    if spec == "auto":
-        if run_name:
-            found = newest_step_file(root / run_name)
-            if found is None:
-                raise CheckpointError(f"no checkpoint of run {run_name!r} in {root / run_name}")
-            return found
-        spec = str(root / "latest")
-    path = Path(spec)
-    if path.is_dir():
-        found = newest_step_file(path)
-        if found is None:
-            raise CheckpointError(f"{path} holds no step_*.pt checkpoint")
-        return found
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist" +
-                              ("; no run has saved one yet (train with --save-every or let a run finish)"
-                               if path.name == "latest" else ""))
-    return path.resolve()
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Load with weights_only=True: a checkpoint holds tensors and plain data, never code."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, foreign pickle, not a file at all
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} was not written by this trainer (no {CHECKPOINT_FORMAT!r} marker)")
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {ckpt.get('version')}; this trainer reads "
-                              f"version {CHECKPOINT_VERSION}")
-    return ckpt
-
-
-RESUME_KEYS = {"run_id": str, "step": int, "train_time_ms": (int, float), "model_config": dict,
-               "hyperparameters": dict, "model": dict, "optimizers": dict, "rng": dict}
-
 
 def checkpoint_hyperparameters(ckpt: dict, path: Path) -> Hyperparameters:
     """The settings a checkpoint was trained with (fields this version does not know are dropped)."""
@@ -1369,148 +1258,12 @@ def checkpoint_hyperparameters(ckpt: dict, path: Path) -> Hyperparameters:
         raise CheckpointError(f"{path} holds unusable hyperparameters ({e})") from e
 
 
-def check_resumable(ckpt: dict, path: Path, hp: Hyperparameters) -> None:
-    """Everything a resume reads is there and has the right type, and the run has steps left: checked before the
-    model is built, so a hollow checkpoint costs a line, not a compile and a traceback."""
-    problems = [f"{key} ({kind.__name__ if isinstance(kind, type) else kind[0].__name__} expected)"
-                for key, kind in RESUME_KEYS.items() if not isinstance(ckpt.get(key), kind)]
-    if not isinstance(ckpt.get("loader"), dict) or not {"shard", "pos", "epoch", "files"} <= set(ckpt["loader"]):
-        problems.append("loader (the data position)")
-    if problems:
-        raise CheckpointError(f"{path} cannot be resumed: it lacks or mangles {', '.join(problems)}")
-    if hp.num_iterations < ckpt["step"]:
-        raise ConfigError(f"{path} is at step {ckpt['step']}, past --num-iterations {hp.num_iterations}: resume "
-                          f"with --num-iterations {ckpt['step']} or more")
-
-
-def check_model_config(ckpt: dict, cfg: GPTConfig, path: Path) -> None:
-    saved = ckpt["model_config"]
-    diffs = [f"{k}={saved.get(k)} (this run: {v})" for k, v in asdict(cfg).items() if saved.get(k) != v]
-    if diffs:
-        raise CheckpointError(f"{path} holds a different model: " + ", ".join(diffs) +
-                              "; resume with the same --preset and model sizes as the run that wrote it")
-
-
-def model_state(model: nn.Module) -> dict[str, Tensor]:
-    """Weights without torch.compile's _orig_mod prefix, on the CPU."""
-    base = getattr(model, "_orig_mod", model)
-    return {k: v.detach().cpu().clone() for k, v in base.state_dict().items()}
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Logging
 
 
-class RunLog:
-    """Prints on process 0 and appends to logs/<run_id>.txt."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, text: str, console: bool = True) -> None:
-        if self.path is None:
-            return
-        if console:
-            print(text, flush=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(text + "\n")
-
-
-def environment_report(device: torch.device) -> str:
-    lines = [f"python {platform.python_version()} ({platform.python_implementation()})",
-             f"platform {platform.platform()}",
-             f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN "
-             f"{torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}"]
-    if device.type == "cuda":
-        n = torch.cuda.device_count()
-        names = [torch.cuda.get_device_name(i) for i in range(n)]
-        lines.append(f"gpus {n}: {', '.join(names)}")
-        if shutil.which("nvidia-smi"):
-            try:
-                lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout)
-            except (OSError, subprocess.TimeoutExpired) as e:
-                lines.append(f"nvidia-smi failed: {e}")
-    else:
-        lines.append(f"cpu threads {torch.get_num_threads()}")
-    return "\n".join(lines)
-
-
-def peak_memory(device: torch.device) -> str:
-    if device.type == "cuda":
-        return (f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated, "
-                f"{torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved")
-    import resource
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB max resident (process)"
-
-
-class WandbLogger:
-    def __init__(self, hp: Hyperparameters, run_id: str, resumed: bool):
-        try:
-            import wandb
-        except ImportError as e:
-            raise ConfigError("--wandb needs the wandb package: pip install wandb") from e
-        self.wandb = wandb
-        self.run = wandb.init(project=hp.wandb_project, name=run_id, id=re.sub(r"[^A-Za-z0-9_-]", "-", run_id),
-                              resume="allow" if resumed else None, config=asdict(hp), dir=hp.log_dir)
-
-    def log(self, metrics: dict, step: int) -> None:
-        self.wandb.log(metrics, step=step)
-
-    def finish(self, log_path: Path | None) -> None:
-        if log_path is not None and log_path.exists():
-            art = self.wandb.Artifact(f"log-{self.run.id}", type="run-log")
-            art.add_file(str(log_path))
-            self.run.log_artifact(art)
-        self.run.finish()
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Training
-
-
-def resolve_device(spec: str, local_rank: int) -> torch.device:
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", spec):
-        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
-    device = torch.device(spec)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError("--device cuda was asked for but no CUDA GPU is visible (use --device cpu)")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-        if device.index >= torch.cuda.device_count():
-            raise DeviceError(f"process {local_rank} needs GPU {device.index} but only "
-                              f"{torch.cuda.device_count()} are visible")
-        torch.cuda.set_device(device)
-        cap = torch.cuda.get_device_capability(device)
-        if cap < MIN_TRAIN_CAPABILITY:
-            raise DeviceError(
-                f"GPU {device.index} ({torch.cuda.get_device_name(device)}) has compute capability {cap[0]}.{cap[1]}; "
-                f"training needs {MIN_TRAIN_CAPABILITY[0]}.{MIN_TRAIN_CAPABILITY[1]} or newer for bfloat16 and "
-                "FlexAttention (A100, A10, L4, RTX 3090/4090, H100). generate.py still samples on it in fp32; "
-                "--device cpu trains slowly")
-    return device
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Trainer:
@@ -1532,7 +1285,7 @@ class Trainer:
                 dist.broadcast(p.data, src=0)
         self.initial_weights = model_state(self.model)
         self.optimizers = build_optimizers(self.model, hp)
-        self.forward = torch.compile(self.model, dynamic=False) if hp.compile else self.model
+        self.compiled = torch.compile(self.model, dynamic=False) if hp.compile else self.model  # what steps run
         self.loader = (TrainLoader(train_files, hp.train_seq_len, hp.seqs_per_step, rank, world_size,
                                    hp.max_batch_span_multiplier, hp.vocab_size) if train_files is not None else None)
         self.step = 0
@@ -1550,7 +1303,7 @@ class Trainer:
         window = self.window_tensor(step)
         total = torch.zeros((), device=self.device)
         for inputs, targets in batch:
-            loss = self.forward(inputs, targets, window)  # summed over the sequence's tokens, as the record's
+            loss = self.compiled(inputs, targets, window)  # summed over the sequence's tokens, as the record's
             (loss * self.loss_scale).backward()
             total += loss.detach()
         mult = lr_multiplier(step, hp)
@@ -1579,6 +1332,19 @@ class Trainer:
         if step >= 0:
             raise DivergedError(f"the training loss of step {step} was not finite")
 
+    def describe(self, run_id: str) -> str:
+        hp, m = self.hp, self.model
+        return (f"run {run_id}: {self.world_size} process(es) on {self.device.type}, {self.grad_accum} micro-step(s) "
+                f"of {hp.train_seq_len} tokens each, global batch {hp.global_batch_tokens} tokens; attention "
+                f"{m.attn_impl}, lm_head {m.head_precision}, compile {'on' if hp.compile else 'off'}; "
+                f"{sum(p.numel() for p in m.parameters()):,} parameters")
+
+    def metrics(self, step: int) -> dict[str, float]:
+        """The schedules at a step, for wandb."""
+        hp = self.hp
+        return {"lr_multiplier": lr_multiplier(step, hp), **self.learning_rates(),
+                "muon_momentum": muon_momentum(step, hp), "window_blocks": window_blocks(step, hp)}
+
     def learning_rates(self) -> dict[str, float]:
         """The rate each parameter group last stepped with, e.g. {"lr/muon": 0.05, "lr/embed": 0.6, ...}."""
         adam = self.optimizers["adam"].param_groups  # built in this order by build_optimizers
@@ -1594,7 +1360,7 @@ class Trainer:
         self.model.eval()
         try:
             for inputs, targets in val.batches(self.device):
-                total += self.forward(inputs, targets, window).double() * inputs.numel()
+                total += self.compiled(inputs, targets, window).double() * inputs.numel()
         finally:
             self.model.train()
         if self.world_size > 1:
@@ -1610,7 +1376,7 @@ class Trainer:
         self.step = 0
         self.first_nonfinite.fill_(-1)
 
-    def checkpoint(self, run_id: str) -> dict:
+    def state_dict(self, run_id: str) -> dict:
         """Everything a resume needs; a collective when distributed (optimiser state is gathered)."""
         return {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "run_id": run_id,
@@ -1653,9 +1419,6 @@ class Trainer:
             raise CheckpointError(f"{path}: its random-number state is unusable ({e})") from e
 
 
-ROLLING_CHECK_EVERY = 5  # steps between checks of the rolling checkpoint's clock (a broadcast when distributed)
-
-
 def loss_scale(hp: Hyperparameters, world_size: int) -> float:
     """What each micro-step's summed loss is multiplied by before backward.
 
@@ -1667,162 +1430,20 @@ def loss_scale(hp: Hyperparameters, world_size: int) -> float:
     return world_size * hp.loss_sum_tokens / hp.global_batch_tokens
 
 
-def rolling_save_due(hp: Hyperparameters, step: int, last_save: float, device: torch.device, world_size: int) -> bool:
-    """Whether a rolling checkpoint is due at this step: hp.save_every_minutes since the last save by process 0's
-    clock. Saving is collective, so process 0 decides for all; it is asked every ROLLING_CHECK_EVERY steps only."""
-    if hp.save_every_minutes <= 0 or step % ROLLING_CHECK_EVERY:
-        return False
-    due = time.monotonic() - last_save >= 60 * hp.save_every_minutes
-    if world_size == 1:
-        return due
-    flag = torch.tensor([due], device=device)  # a device tensor: NCCL broadcasts only those
-    dist.broadcast(flag, src=0)
-    return bool(flag.item())
-
-
-def stop_if_diverged(trainer: Trainer, log: "RunLog", run_dir: Path, val_loss: float | None = None,
-                     state: dict | None = None) -> None:
-    """Stop the run (DivergedError, written to the log too) when a training loss so far, the validation loss or the
-    state about to be saved is not finite: nothing is saved from a diverged state, and checkpoints/latest keeps
-    pointing at the last good checkpoint."""
-    try:
-        trainer.check_finite()
-        if val_loss is not None and not math.isfinite(val_loss):
-            raise DivergedError(f"the validation loss at step {trainer.step} is {val_loss}")
-        bad = nonfinite_tensors({k: state[k] for k in ("model", "optimizers")}) if state is not None else []
-        if bad:
-            raise DivergedError(f"the state after step {trainer.step} holds non-finite values ({', '.join(bad[:3])}"
-                                f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''})")
-    except DivergedError as e:
-        newest = newest_step_file(run_dir)
-        last_good = f"the run's last checkpoint is {newest}" if newest else "the run has no checkpoint"
-        message = (f"training diverged: {e}; nothing was saved from it and {last_good} (resume from a checkpoint "
-                   "with lower learning rates)")
-        log.write(f"stopped: {message}", console=False)
-        raise DivergedError(message) from None
-
-
-class RunLock:
-    """An exclusive lock on a run name for as long as the run trains (<log_dir>/.<run>.lock), so that a second run
-    with the same name is refused instead of interleaving its log and overwriting its checkpoints. The kernel
-    releases it when the process ends, however it ends (flock), so a killed run can always be resumed. Taking it
-    also removes the temporary files that a save interrupted by a kill left behind: no other process of this run
-    name writes meanwhile."""
-
-    def __init__(self, log_dir: Path, run_dir: Path):
-        path = log_dir / f".{run_dir.name}.lock"
-        try:
-            log_dir.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "a+", encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"cannot write run logs in {log_dir} ({e.strerror}): check --log-dir") from e
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "?"
-            self.file.close()
-            raise ConfigError(f"run {run_dir.name!r} is already training (process {holder} holds {path}): give "
-                              "this run another --run-name, or wait for that one to end") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"{os.getpid()}\n")
-        self.file.flush()
-        self.removed = [p for p in run_dir.glob(".step_*.pt.tmp-*") if p.is_file()]
-        # the checkpoint root's latest link is shared by all runs: only the leftovers of processes no longer alive
-        self.removed += [p for p in run_dir.parent.glob(".latest.tmp-*")
-                         if p.is_symlink() and not process_alive(p.name.rpartition("-")[2])]
-        for p in self.removed:
-            p.unlink(missing_ok=True)
-
-    def release(self) -> None:
-        self.file.close()
-
-
-def process_alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
-def claim_run(run_dir: Path, log_dir: Path, rank: int) -> RunLock | None:
-    """On process 0, lock the run name and make sure the log directory can be written; every process raises the
-    same ConfigError when either fails (so none waits for the others in a collective)."""
-    lock, problem = None, None
-    if rank == 0:
-        try:
-            if fcntl is not None:
-                lock = RunLock(log_dir, run_dir)
-            else:
-                log_dir.mkdir(parents=True, exist_ok=True)
-            try:  # fail now, not at the first save after hours of training
-                run_dir.parent.mkdir(parents=True, exist_ok=True)
-                usable = (run_dir.is_dir() or not run_dir.exists()) and os.access(run_dir.parent, os.W_OK)
-            except OSError:
-                usable = False
-            if not usable:
-                raise ConfigError(f"cannot keep checkpoints in {run_dir} (not a writable directory): check "
-                                  "--checkpoint-dir")
-        except (ConfigError, OSError) as e:
-            problem = str(e) if isinstance(e, ConfigError) else f"cannot write run logs in {log_dir} ({e})"
-    problem = broadcast_object(problem)
-    if problem:
-        raise ConfigError(problem)
-    return lock
-
-
-def checkpoint_kind(hp: Hyperparameters, step: int, start_step: int, rolling_due) -> str | None:
-    """The checkpoint the loop writes on reaching step: "kept" (the final one, every --save-every steps), "rolling"
-    (when rolling_due(), a collective, says the clock asks for one; the next save of any kind replaces it) or None.
-    None at the step a run starts or resumes at: that state is on disk already."""
-    if step <= start_step:
-        return None
-    last = step == hp.num_iterations
-    if (last and hp.save_final) or (hp.save_every > 0 and step % hp.save_every == 0):
-        return "kept"
-    return "rolling" if not last and rolling_due() else None
-
-
-def save_checkpoint(state: dict, ckpt_root: Path, run_id: str, step: int, kind: str,
-                    rolling: Path | None) -> tuple[Path, Path | None]:
-    """Write step's checkpoint atomically, point latest at it and delete the rolling checkpoint it supersedes;
-    returns (its path, the rolling checkpoint now on disk)."""
-    path = ckpt_root / run_id / f"step_{step:06d}.pt"
-    atomic_save(state, path)
-    point_latest(ckpt_root, path)
-    if rolling is not None and rolling != path:
-        rolling.unlink(missing_ok=True)
-    return path, path if kind == "rolling" else None
-
-
-def new_run_id(hp: Hyperparameters) -> str:
-    return f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{hp.preset}-{uuid.uuid4().hex[:6]}"
-
-
-def broadcast_object(obj, src: int = 0):
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def train(hp: Hyperparameters, source: str | None = None) -> dict:
-    """Run (or resume) a training run; returns the summary. Expects the process group to be set up if distributed."""
-    rank, world_size = dist_info()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = resolve_device(hp.device, local_rank)
+def setup_device(hp: Hyperparameters, world_size: int) -> tuple[torch.device, Hyperparameters]:
+    """This process's device, the attention "auto" resolves to on it, and the settings checked."""
+    device = resolve_device(hp.device, int(os.environ.get("LOCAL_RANK", 0)))
     if hp.attention == "auto":
         hp = dataclasses.replace(hp, attention="flex" if device.type == "cuda" else "dense")
     check_hyperparameters(hp, world_size)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    return device, hp
 
-    if hp.train_files.startswith("builtin_"):  # the tiny preset's corpus: built on first use, no network needed
+
+def open_data(hp: Hyperparameters, rank: int, world_size: int) -> tuple[list[str], list[str]]:
+    """The train and validation shards (the tiny preset's built-in corpus is built on first use)."""
+    if hp.train_files.startswith("builtin_"):
         default = os.path.normpath(PRESETS["tiny"]["data_dir"])
         if os.path.normpath(hp.data_dir) not in (default, str(Path(__file__).resolve().parent / default)):
             if not os.path.isdir(hp.data_dir):  # a mistyped --data-dir must not get a corpus of its own
@@ -1832,145 +1453,119 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
             ensure_builtin_corpus(hp.data_dir)
         if world_size > 1:
             dist.barrier()
-    train_files = find_shards(hp.data_dir, hp.train_files, "train")
-    val_files = find_shards(hp.data_dir, hp.val_files, "validation")
-    val = ValidationSet(val_files, hp.val_tokens, hp.val_seq_len, rank, world_size, hp.vocab_size)
+    return find_shards(hp.data_dir, hp.train_files, "train"), find_shards(hp.data_dir, hp.val_files, "validation")
 
-    ckpt, ckpt_path = None, None
+
+def open_run(hp: Hyperparameters) -> tuple[str, dict | None, Path | None]:
+    """The run id and, when resuming, the checkpoint (checked before any model is built) and its path."""
+    ckpt, path = None, None
     if hp.resume:
-        ckpt_path = resolve_checkpoint(hp.resume, hp.run_name, hp.checkpoint_dir)
-        ckpt = load_checkpoint(ckpt_path)
-        check_resumable(ckpt, ckpt_path, hp)
+        path = resolve_checkpoint(hp.resume, hp.run_name, hp.checkpoint_dir)
+        ckpt = load_checkpoint(path)
+        check_resumable(ckpt, path, hp)
     run_id = hp.run_name or (ckpt["run_id"] if ckpt else broadcast_object(new_run_id(hp)))
     if not valid_run_name(run_id):
-        raise CheckpointError(f"{ckpt_path} names its run {run_id!r}, not a plain file name: pass --run-name")
-    run_dir = Path(hp.checkpoint_dir) / run_id
-    lock = claim_run(run_dir, Path(hp.log_dir), rank)
-    log = RunLog(Path(hp.log_dir) / f"{run_id}.txt" if rank == 0 else None)
-    rule = "=" * 100
-    if log.path is not None and not log.path.exists():  # a new log file always begins with the code
-        log.write(source if source is not None else Path(__file__).read_text(encoding="utf-8"), console=False)
-    if ckpt is not None:
-        log.write(f"{rule}\nresumed from {ckpt_path} at step {ckpt['step']}", console=True)
-    if lock is not None and lock.removed:
-        log.write(f"removed {len(lock.removed)} temporary file(s) that interrupted saves had left behind")
-    log.write(f"{rule}\nconfig {json.dumps(asdict(hp), indent=1)}", console=False)
-    log.write(f"{rule}\n{environment_report(device)}\n{rule}", console=False)
+        raise CheckpointError(f"{path} names its run {run_id!r}, not a plain file name: pass --run-name")
+    return run_id, ckpt, path
 
+
+def warm_up(trainer: Trainer, train_files: list[str], val_files: list[str], report: RunReport) -> None:
+    """Compile on real batches and a validation forward, then back to the initial weights and optimisers, so that
+    the timed run starts where an uncompiled one would."""
+    hp = trainer.hp
+    steps = hp.warmup_steps if hp.warmup_steps >= 0 else (3 if hp.compile else 0)
+    if not steps:
+        return
+    t0 = time.perf_counter()
+    loader = TrainLoader(train_files, hp.train_seq_len, hp.seqs_per_step, trainer.rank, trainer.world_size,
+                         hp.max_batch_span_multiplier, hp.vocab_size)
+    for _ in range(steps):
+        trainer.train_step(loader.next_batch(trainer.device))
+    trainer.validate(ValidationSet(val_files, hp.val_seq_len, hp.val_seq_len))  # one chunk: the eval graph
+    synchronize(trainer.device)
+    trainer.reset()
+    report.write(f"warm-up: {steps} steps and a validation forward in {time.perf_counter() - t0:.1f}s (not timed; "
+                 "weights and optimisers reset)")
+
+
+class Clock:
+    """Training time in ms: runs during steps, stopped for validations and saves."""
+
+    def __init__(self, device: torch.device, total_ms: float):
+        self.device, self.total_ms = device, total_ms
+        self.start()
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self.t0 = time.perf_counter()
+
+    def now_ms(self) -> float:
+        return self.total_ms + 1000 * (time.perf_counter() - self.t0)
+
+    def stop(self) -> float:
+        synchronize(self.device)
+        self.total_ms = self.now_ms()
+        return self.total_ms
+
+
+def run_steps(trainer: Trainer, val: ValidationSet, saver: Checkpointer, report: RunReport) -> tuple[float, int]:
+    """The loop from the trainer's step to the last: validations and saves on the stopped clock, the record's step
+    lines. Non-finite losses are looked for only where the loop syncs anyway. Returns the last val loss and its step."""
+    hp, N = trainer.hp, trainer.hp.num_iterations
+    val_loss, val_step = float("nan"), -1
+    clock = Clock(trainer.device, trainer.train_time_ms)
+    for step in range(trainer.step, N + 1):
+        last = step == N
+        if last or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0):
+            trainer.train_time_ms = clock.stop()
+            val_loss, val_step = trainer.validate(val), step
+            report.val(step, val_loss, trainer.train_time_ms)
+            saver.check(trainer, report.log, val_loss=val_loss)
+            clock.start()
+        kind = saver.due(step)
+        if kind:
+            trainer.train_time_ms = clock.stop()
+            saver.save(trainer, step, kind, report.log)
+            clock.start()
+        if last:
+            break
+        loss = trainer.train_step(trainer.loader.next_batch(trainer.device))
+        synchronize(trainer.device)
+        train_loss = None
+        if hp.train_loss_every > 0 and (step + 1) % hp.train_loss_every == 0:
+            if trainer.world_size > 1:
+                dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+            train_loss = loss.item()
+        report.step(step + 1, clock.now_ms(), train_loss, trainer.metrics(step) if report.wandb else {})
+        if train_loss is not None:  # synced for the line already: check every step since the last check
+            saver.check(trainer, report.log)
+    trainer.train_time_ms = clock.stop()
+    return val_loss, val_step
+
+
+def train(hp: Hyperparameters, source: str | None = None) -> dict:
+    """Run (or resume) a training run; returns the summary. Expects the process group to be set up if distributed."""
+    rank, world_size = dist_info()
+    device, hp = setup_device(hp, world_size)
+    train_files, val_files = open_data(hp, rank, world_size)
+    val = ValidationSet(val_files, hp.val_tokens, hp.val_seq_len, rank, world_size, hp.vocab_size)
+    run_id, ckpt, ckpt_path = open_run(hp)
+    lock = claim_run(Path(hp.checkpoint_dir) / run_id, Path(hp.log_dir), rank)
+    report = RunReport(hp, run_id, rank, resumed=ckpt is not None)
+    report.start(source if source is not None else Path(__file__).read_text(encoding="utf-8"), device,
+                 f"resumed from {ckpt_path} at step {ckpt['step']}" if ckpt else None,
+                 len(lock.removed) if lock is not None else 0)
     trainer = Trainer(hp, device, rank, world_size, train_files)
-    head = trainer.model.head_precision
-    log.write(f"run {run_id}: {world_size} process(es) on {device.type}, {trainer.grad_accum} micro-step(s) of "
-              f"{hp.train_seq_len} tokens each, global batch {hp.global_batch_tokens} tokens; attention "
-              f"{trainer.model.attn_impl}, lm_head {head}, "
-              f"compile {'on' if hp.compile else 'off'}; "
-              f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters")
-    wandb_log = WandbLogger(hp, run_id, ckpt is not None) if hp.wandb and rank == 0 else None
-
-    # Compile warm-up on real batches, then back to the initial state: the timed run starts from the same weights.
-    warmup = hp.warmup_steps if hp.warmup_steps >= 0 else (3 if hp.compile else 0)
-    if warmup:
-        t0 = time.perf_counter()
-        warm_loader = TrainLoader(train_files, hp.train_seq_len, hp.seqs_per_step, rank, world_size,
-                                  hp.max_batch_span_multiplier, hp.vocab_size)
-        for _ in range(warmup):
-            trainer.train_step(warm_loader.next_batch(device))
-        trainer.validate(ValidationSet(val_files, hp.val_seq_len, hp.val_seq_len))  # one chunk: the eval graph
-        synchronize(device)
-        trainer.reset()
-        log.write(f"warm-up: {warmup} steps and a validation forward in {time.perf_counter() - t0:.1f}s "
-                  "(not timed; weights and optimisers reset)")
+    report.write(trainer.describe(run_id))
+    warm_up(trainer, train_files, val_files, report)
     torch.manual_seed(hp.seed)
     if ckpt is not None:
         trainer.restore(ckpt, ckpt_path)
         del ckpt
-
-    ckpt_root = Path(hp.checkpoint_dir)
-    N, start_step = hp.num_iterations, trainer.step
-    val_loss, last_val_step = float("nan"), -1
-    rolling, last_save = None, time.monotonic()  # the rolling checkpoint on disk, when the last save ended
-    synchronize(device)
-    t0 = time.perf_counter()
-    for step in range(start_step, N + 1):
-        last = step == N
-        if last or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0):
-            synchronize(device)
-            trainer.train_time_ms += 1000 * (time.perf_counter() - t0)
-            val_loss, last_val_step = trainer.validate(val), step
-            avg = trainer.train_time_ms / max(step, 1)
-            log.write(f"step:{step}/{N} val_loss:{val_loss:.4f} train_time:{trainer.train_time_ms:.0f}ms "
-                      f"step_avg:{avg:.2f}ms")
-            stop_if_diverged(trainer, log, run_dir, val_loss=val_loss)
-            if wandb_log:
-                wandb_log.log({"val/loss": val_loss, "val/train_time_ms": trainer.train_time_ms}, step=step)
-            synchronize(device)
-            t0 = time.perf_counter()
-        kind = checkpoint_kind(hp, step, start_step,
-                               lambda: rolling_save_due(hp, step, last_save, device, world_size))
-        if kind:
-            synchronize(device)
-            trainer.train_time_ms += 1000 * (time.perf_counter() - t0)
-            stop_if_diverged(trainer, log, run_dir)
-            state = trainer.checkpoint(run_id)
-            stop_if_diverged(trainer, log, run_dir, state=state)
-            if rank == 0:
-                path, rolling = save_checkpoint(state, ckpt_root, run_id, step, kind, rolling)
-                log.write(f"saved checkpoint {path}" +
-                          (" (rolling: replaced by the next save)" if kind == "rolling" else ""), console=True)
-            del state
-            if world_size > 1:
-                dist.barrier()
-            last_save = time.monotonic()
-            t0 = time.perf_counter()
-        if last:
-            break
-        loss = trainer.train_step(trainer.loader.next_batch(device))
-        synchronize(device)
-        now = time.perf_counter()
-        elapsed = trainer.train_time_ms + 1000 * (now - t0)
-        line = f"step:{step + 1}/{N}"
-        if hp.train_loss_every > 0 and (step + 1) % hp.train_loss_every == 0:
-            if world_size > 1:
-                dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-            train_loss = loss.item()
-            line += f" train_loss:{train_loss:.4f}"
-            if wandb_log:
-                wandb_log.log({"train/loss": train_loss, "lr_multiplier": lr_multiplier(step, hp),
-                               **trainer.learning_rates(), "muon_momentum": muon_momentum(step, hp),
-                               "window_blocks": window_blocks(step, hp), "train_time_ms": elapsed,
-                               "step_avg_ms": elapsed / (step + 1),
-                               "tokens_per_s": (step + 1) * hp.global_batch_tokens / (elapsed / 1000)}, step=step + 1)
-        log.write(f"{line} train_time:{elapsed:.0f}ms step_avg:{elapsed / (step + 1):.2f}ms")
-        if "train_loss:" in line:  # synced for the line already: check every step since the last check
-            stop_if_diverged(trainer, log, run_dir)
-
-    steps_done = N
-    tokens = steps_done * hp.global_batch_tokens
-    seconds = trainer.train_time_ms / 1000
-    summary = {
-        "run_id": run_id, "final_val_loss": val_loss, "val_step": last_val_step, "steps": steps_done,
-        "train_time_s": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds if seconds > 0 else float("nan"),
-        "peak_memory": peak_memory(device), "world_size": world_size, "device": device.type,
-        "unaligned_steps": trainer.loader.unaligned_steps,
-        "reached_target": (bool(val_loss <= hp.target_val_loss)
-                           if target_comparable(hp.target_val_loss, hp.val_files, hp.val_tokens) else None),
-    }
-    if hp.target_val_loss <= 0:
-        target = "no target"
-    elif summary["reached_target"] is None:
-        target = (f"target {hp.target_val_loss} not compared: it holds for the first {TRACK_VAL_TOKENS:,} tokens of "
-                  f"{TRACK_VAL_FILES}, this run validated on {hp.val_tokens:,} tokens of {hp.val_files}")
-    else:
-        target = f"target {hp.target_val_loss}: {'reached' if summary['reached_target'] else 'not reached'}"
-    if trainer.loader.unaligned_steps:
-        log.write(f"loader: {trainer.loader.unaligned_steps} step(s) of this session started sequences inside "
-                  f"documents (no BOS close enough to align them; the record's loader stops there)")
-    log.write(f"{rule}\nfinal val_loss:{val_loss:.4f} train_time:{seconds:.1f}s ({steps_done} steps, "
-              f"{tokens:,} tokens, {summary['tokens_per_s']:,.0f} tokens/s) peak memory: {summary['peak_memory']}; "
-              f"{target}")
-    if wandb_log:
-        wandb_log.log({"final/val_loss": val_loss, "final/train_time_s": seconds,
-                       "final/tokens_per_s": summary["tokens_per_s"]}, step=N)
-        wandb_log.finish(log.path)
+    saver = Checkpointer(hp, run_id, trainer.step, device, rank, world_size)
+    val_loss, val_step = run_steps(trainer, val, saver, report)
+    summary = report.finish(val_loss, val_step, trainer.train_time_ms, device, world_size,
+                            trainer.loader.unaligned_steps)
     if lock is not None:
         lock.release()
     return summary

@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import generate as g  # noqa: E402
+import kit  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model, window = preset_model(args.preset, device, args.seed)
             what = f"preset {args.preset} (random weights)"
-    except (ValueError, tg.CheckpointError, g.GenerateError) as e:
+    except (ValueError, kit.CheckpointError, g.GenerateError) as e:
         print(f"bench_generate.py: error: {e}", file=sys.stderr)
         return 2
     gen = torch.Generator().manual_seed(args.seed)

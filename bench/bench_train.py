@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import kit  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 800.0, "H200": 800.0, "A10": 125.0}
@@ -73,7 +74,7 @@ def profile_steps(trainer, batches, device, steps: int) -> dict:
                 batch = batches.next_batch(device)
             with record_function("## step"):
                 trainer.train_step(batch)
-        tg.synchronize(device)
+        kit.synchronize(device)
     events = prof.key_averages()
     totals: dict[str, float] = {name: 0.0 for name, _ in KERNEL_CATEGORIES}
     kernels = []
@@ -180,10 +181,10 @@ def validation_memory(trainer, hp: tg.Hyperparameters, device: torch.device, win
     trainer.model.eval()
     with torch.no_grad():
         for attempt in ("first (compile)", "second"):
-            tg.synchronize(device)
+            kit.synchronize(device)
             t = time.perf_counter()
-            loss = trainer.forward(inputs, targets, win)
-            tg.synchronize(device)
+            loss = trainer.compiled(inputs, targets, win)
+            kit.synchronize(device)
             out[f"val_forward_s_{attempt.split()[0]}"] = round(time.perf_counter() - t, 3)
     trainer.model.train()
     out["val_forward_loss"] = round(loss.item(), 4)
@@ -223,7 +224,7 @@ def main(argv=None) -> int:
     if args.train_files:
         over["train_files"] = args.train_files
     hp = dataclasses.replace(hp, device=args.device, **over)
-    device = tg.resolve_device(hp.device, 0)
+    device = kit.resolve_device(hp.device, 0)
     hp = dataclasses.replace(hp, attention="flex" if device.type == "cuda" else "dense")
     tg.check_hyperparameters(hp, 1)
     steps = args.steps if args.steps is not None else (50 if device.type == "cuda" else 5)
@@ -250,7 +251,7 @@ def main(argv=None) -> int:
     for i in range(args.warmup_steps):
         t = time.perf_counter()
         trainer.train_step(batches.next_batch(device))
-        tg.synchronize(device)
+        kit.synchronize(device)
         print(f"warm-up step {i + 1}: {time.perf_counter() - t:.1f}s", flush=True)
     warmup_s = time.perf_counter() - t0
     if os.environ.get("BENCH_STACKS"):
@@ -267,10 +268,10 @@ def main(argv=None) -> int:
     times, last_batch = [], None
     for _ in range(steps):
         batch = batches.next_batch(device)
-        tg.synchronize(device)
+        kit.synchronize(device)
         t = time.perf_counter()
         loss = trainer.train_step(batch)
-        tg.synchronize(device)
+        kit.synchronize(device)
         times.append(time.perf_counter() - t)
         trainer.step = hp.num_iterations - 1
         last_batch = batch
@@ -290,7 +291,7 @@ def main(argv=None) -> int:
         "step_ms_mean": round(1000 * statistics.mean(times), 2), "tokens_per_s": round(tok_s),
         "model_flops_per_token": round(fpt), "achieved_tflops": round(achieved / 1e12, 3),
         "peak_tflops": peak, "mfu": round(achieved / (peak * 1e12), 4) if peak else None,
-        "peak_memory": tg.peak_memory(device), "final_loss": round(loss.item(), 4), "window_blocks": window,
+        "peak_memory": kit.peak_memory(device), "final_loss": round(loss.item(), 4), "window_blocks": window,
         "driver": None,
     }
     if device.type == "cuda":

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train_gpt import TRACK_VAL_TOKENS, target_comparable  # noqa: E402  (one rule for the trainer and the report)
+from kit import TRACK_VAL_TOKENS, target_comparable  # noqa: E402  (one rule for the trainer and the report)
 
 RULE = "=" * 100
 STEP_LINE = re.compile(r"^step:(\d+)/(\d+) (?:(val_loss|train_loss):(\S+) )?train_time:(\d+)ms step_avg:\S+ms$")

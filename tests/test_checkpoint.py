@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import kit
 import train_gpt as tg
 from conftest import ROOT, parse_log, subprocess_env, tiny_flags, tiny_hp
 
@@ -56,9 +57,9 @@ def test_checkpoint_files_and_latest_symlink(run_b):
     assert summary["steps"] == N and summary["run_id"] == "B"
 
 
-def schedule(hp, start_step: int = 0, due_every: int = tg.ROLLING_CHECK_EVERY) -> list[tuple[int, str]]:
+def schedule(hp, start_step: int = 0, due_every: int = kit.ROLLING_CHECK_EVERY) -> list[tuple[int, str]]:
     """(step, kind) of every checkpoint a run writes, the rolling clock due at every due_every-th step."""
-    kinds = [(step, tg.checkpoint_kind(hp, step, start_step, lambda step=step: step % due_every == 0))
+    kinds = [(step, kit.checkpoint_kind(hp, step, start_step, lambda step=step: step % due_every == 0))
              for step in range(start_step, hp.num_iterations + 1)]
     return [(step, kind) for step, kind in kinds if kind]
 
@@ -73,7 +74,7 @@ def test_rolling_checkpoints_replace_each_other_as_a_rule(tmp_path, save_final, 
         [(25, "kept")] if save_final else [])
     rolling = None
     for step, kind in plan:
-        path, rolling = tg.save_checkpoint({"step": step}, tmp_path, "roll", step, kind, rolling)
+        path, rolling = kit.save_checkpoint({"step": step}, tmp_path, "roll", step, kind, rolling)
         assert (tmp_path / "latest").resolve() == path.resolve()
     assert sorted(p.name for p in (tmp_path / "roll").iterdir()) == [f"step_{s:06d}.pt" for s in kept]
     assert rolling == (None if save_final else tmp_path / "roll" / "step_000020.pt")
@@ -102,17 +103,17 @@ def test_rolling_checkpoints_replace_each_other(shared_synthetic_data, tmp_path,
     saved = re.findall(r"saved checkpoint \S+step_(\d+)\.pt( \(rolling)?", log)
     expected = [(5, True), (10, True), (15, False), (20, True)] + ([(25, False)] if save_final else [])
     assert [(int(step), bool(r)) for step, r in saved] == expected
-    assert tg.load_checkpoint(ckpt_path(hp, kept[-1]))["step"] == kept[-1]  # a rolling one resumes like any other
+    assert kit.load_checkpoint(ckpt_path(hp, kept[-1]))["step"] == kept[-1]  # a rolling one resumes like any other
 
 
 def test_rolling_save_due_follows_process_zero_clock(monkeypatch):
     hp = dataclasses.replace(tg.Hyperparameters(), save_every_minutes=2.0)
     cpu = torch.device("cpu")
     monkeypatch.setattr(tg.time, "monotonic", lambda: 1000.0)
-    assert tg.rolling_save_due(hp, 2 * tg.ROLLING_CHECK_EVERY, 1000.0 - 120, cpu, 1)
-    assert not tg.rolling_save_due(hp, 2 * tg.ROLLING_CHECK_EVERY, 1000.0 - 119, cpu, 1)  # not yet 2 minutes
-    assert not tg.rolling_save_due(hp, 2 * tg.ROLLING_CHECK_EVERY + 1, 0.0, cpu, 1)  # checked on a fixed cadence
-    assert not tg.rolling_save_due(dataclasses.replace(hp, save_every_minutes=0), 2 * tg.ROLLING_CHECK_EVERY, 0.0,
+    assert kit.rolling_save_due(hp, 2 * kit.ROLLING_CHECK_EVERY, 1000.0 - 120, cpu, 1)
+    assert not kit.rolling_save_due(hp, 2 * kit.ROLLING_CHECK_EVERY, 1000.0 - 119, cpu, 1)  # not yet 2 minutes
+    assert not kit.rolling_save_due(hp, 2 * kit.ROLLING_CHECK_EVERY + 1, 0.0, cpu, 1)  # checked on a fixed cadence
+    assert not kit.rolling_save_due(dataclasses.replace(hp, save_every_minutes=0), 2 * kit.ROLLING_CHECK_EVERY, 0.0,
                                    cpu, 1)  # 0: off
 
 
@@ -120,7 +121,7 @@ def test_rolling_save_due_follows_process_zero_clock(monkeypatch):
 def test_checkpoint_contents(run_b, shared_synthetic_data):
     hp, _, _ = run_b
     ckpt = torch.load(ckpt_path(hp, SAVE_EVERY), map_location="cpu", weights_only=True)
-    assert ckpt["format"] == tg.CHECKPOINT_FORMAT and ckpt["version"] == tg.CHECKPOINT_VERSION == 2
+    assert ckpt["format"] == kit.CHECKPOINT_FORMAT and ckpt["version"] == kit.CHECKPOINT_VERSION == 2
     assert ckpt["step"] == SAVE_EVERY and ckpt["run_id"] == "B"
     # the tiny preset's layer pattern ("LS") travels with the sizes: a resume must rebuild the same windows
     assert ckpt["model_config"] == asdict(tg.GPTConfig(num_layers=4, model_dim=64, num_heads=2, head_dim=32,
@@ -168,7 +169,7 @@ def test_model_state_strips_the_compile_prefix():
                                 no_attn_layer=-1))
     compiled = torch.compile(model, dynamic=False)  # wrapping only; nothing is compiled until it is called
     assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
-    state = tg.model_state(compiled)
+    state = kit.model_state(compiled)
     assert set(state) == set(model.state_dict())
     for k, v in model.state_dict().items():
         assert torch.equal(state[k], v)
@@ -185,11 +186,11 @@ def test_resolve_checkpoint(run_b):
     hp, _, _ = run_b
     root = hp.checkpoint_dir
     f = ckpt_path(hp, SAVE_EVERY)
-    assert tg.resolve_checkpoint(str(f), None, root).resolve() == f.resolve()
+    assert kit.resolve_checkpoint(str(f), None, root).resolve() == f.resolve()
     newest = ckpt_path(hp, N).resolve()
-    assert tg.resolve_checkpoint(str(Path(root) / "B"), None, root).resolve() == newest
-    assert tg.resolve_checkpoint("auto", "B", root).resolve() == newest
-    assert tg.resolve_checkpoint("auto", None, root).resolve() == newest
+    assert kit.resolve_checkpoint(str(Path(root) / "B"), None, root).resolve() == newest
+    assert kit.resolve_checkpoint("auto", "B", root).resolve() == newest
+    assert kit.resolve_checkpoint("auto", None, root).resolve() == newest
 
 
 def test_resolve_checkpoint_orders_steps_numerically(tmp_path):
@@ -198,23 +199,23 @@ def test_resolve_checkpoint_orders_steps_numerically(tmp_path):
     for name in ("step_000002.pt", "step_999999.pt", "step_1000000.pt", "step_abc.pt", "other_000005.pt",
                  ".step_2000000.pt.tmp-1", "step_3000000.pt.partial"):
         (run / name).write_bytes(b"x")
-    assert tg.resolve_checkpoint(str(run)).name == "step_1000000.pt"
-    assert tg.resolve_checkpoint("auto", "r", str(tmp_path)).name == "step_1000000.pt"
+    assert kit.resolve_checkpoint(str(run)).name == "step_1000000.pt"
+    assert kit.resolve_checkpoint("auto", "r", str(tmp_path)).name == "step_1000000.pt"
 
 
 def test_resolve_checkpoint_errors(tmp_path):
     missing = tmp_path / "nope" / "step_000004.pt"
-    with pytest.raises(tg.CheckpointError, match="does not exist") as exc:
-        tg.resolve_checkpoint(str(missing), None, str(tmp_path))
+    with pytest.raises(kit.CheckpointError, match="does not exist") as exc:
+        kit.resolve_checkpoint(str(missing), None, str(tmp_path))
     assert str(missing) in str(exc.value)
-    with pytest.raises(tg.CheckpointError, match="no run has saved one yet"):
-        tg.resolve_checkpoint("auto", None, str(tmp_path))
-    with pytest.raises(tg.CheckpointError) as exc:
-        tg.resolve_checkpoint("auto", "ghost", str(tmp_path))
+    with pytest.raises(kit.CheckpointError, match="no run has saved one yet"):
+        kit.resolve_checkpoint("auto", None, str(tmp_path))
+    with pytest.raises(kit.CheckpointError) as exc:
+        kit.resolve_checkpoint("auto", "ghost", str(tmp_path))
     assert "ghost" in str(exc.value)
     (tmp_path / "empty_run").mkdir()
-    with pytest.raises(tg.CheckpointError, match="step_") as exc:
-        tg.resolve_checkpoint(str(tmp_path / "empty_run"), None, str(tmp_path))
+    with pytest.raises(kit.CheckpointError, match="step_") as exc:
+        kit.resolve_checkpoint(str(tmp_path / "empty_run"), None, str(tmp_path))
     assert "empty_run" in str(exc.value)
 
 
@@ -233,7 +234,7 @@ class NotAllowed:
 def test_load_checkpoint_rejects_bad_files(run_b, tmp_path):
     hp, _, _ = run_b
     good = ckpt_path(hp, SAVE_EVERY)
-    assert tg.load_checkpoint(good)["step"] == SAVE_EVERY
+    assert kit.load_checkpoint(good)["step"] == SAVE_EVERY
 
     data = good.read_bytes()
     truncated = tmp_path / "truncated.pt"
@@ -243,41 +244,41 @@ def test_load_checkpoint_rejects_bad_files(run_b, tmp_path):
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
     code = tmp_path / "code.pt"
-    torch.save({"format": tg.CHECKPOINT_FORMAT, "version": 1, "obj": NotAllowed()}, code)
+    torch.save({"format": kit.CHECKPOINT_FORMAT, "version": 1, "obj": NotAllowed()}, code)
     for path in (truncated, noise, empty, code):
-        with pytest.raises(tg.CheckpointError, match="not a readable checkpoint") as exc:
-            tg.load_checkpoint(path)
+        with pytest.raises(kit.CheckpointError, match="not a readable checkpoint") as exc:
+            kit.load_checkpoint(path)
         assert str(path) in str(exc.value)
 
     foreign = tmp_path / "foreign.pt"
     torch.save({"model": {"w": torch.zeros(2)}, "step": 3}, foreign)
-    with pytest.raises(tg.CheckpointError, match="not written by this trainer") as exc:
-        tg.load_checkpoint(foreign)
+    with pytest.raises(kit.CheckpointError, match="not written by this trainer") as exc:
+        kit.load_checkpoint(foreign)
     assert str(foreign) in str(exc.value)
     not_a_dict = tmp_path / "list.pt"
     torch.save([1, 2, 3], not_a_dict)
-    with pytest.raises(tg.CheckpointError, match="not written by this trainer"):
-        tg.load_checkpoint(not_a_dict)
+    with pytest.raises(kit.CheckpointError, match="not written by this trainer"):
+        kit.load_checkpoint(not_a_dict)
 
     newer = tmp_path / "newer.pt"
     ckpt = torch.load(good, map_location="cpu", weights_only=True)
-    ckpt["version"] = tg.CHECKPOINT_VERSION + 1
+    ckpt["version"] = kit.CHECKPOINT_VERSION + 1
     torch.save(ckpt, newer)
-    with pytest.raises(tg.CheckpointError, match="version") as exc:
-        tg.load_checkpoint(newer)
-    assert str(tg.CHECKPOINT_VERSION + 1) in str(exc.value)
+    with pytest.raises(kit.CheckpointError, match="version") as exc:
+        kit.load_checkpoint(newer)
+    assert str(kit.CHECKPOINT_VERSION + 1) in str(exc.value)
 
 
 @pytest.mark.slow
 def test_check_model_config_names_the_differing_fields(run_b):
     hp, _, _ = run_b
     path = ckpt_path(hp, SAVE_EVERY)
-    ckpt = tg.load_checkpoint(path)
+    ckpt = kit.load_checkpoint(path)
     same = tg.GPTConfig.from_hyperparameters(hp)
-    tg.check_model_config(ckpt, same, path)
+    kit.check_model_config(ckpt, same, path)
     other = dataclasses.replace(same, model_dim=128, num_layers=6)
-    with pytest.raises(tg.CheckpointError) as exc:
-        tg.check_model_config(ckpt, other, path)
+    with pytest.raises(kit.CheckpointError) as exc:
+        kit.check_model_config(ckpt, other, path)
     msg = str(exc.value)
     assert "model_dim=64" in msg and "128" in msg and "num_layers=4" in msg
     assert "head_dim" not in msg and "num_heads" not in msg
@@ -289,7 +290,7 @@ def test_resume_with_a_different_model_size_fails_clearly(run_b, shared_syntheti
     hp, _, _ = run_b
     other = tiny_hp(shared_synthetic_data, tmp_path, model_dim=128, resume=str(ckpt_path(hp, SAVE_EVERY)),
                     run_name="mismatch")
-    with pytest.raises(tg.CheckpointError) as exc:
+    with pytest.raises(kit.CheckpointError) as exc:
         tg.train(other)
     assert "model_dim=64" in str(exc.value) and "128" in str(exc.value)
     assert not (tmp_path / "checkpoints" / "mismatch").exists()
@@ -342,12 +343,12 @@ def test_atomic_save_failure_leaves_no_partial_file(shared_synthetic_data, tmp_p
     assert sorted(p.name for p in root.iterdir()) == ["atomic", "latest"]
     assert (root / "latest").resolve() == (run_dir / "step_000002.pt").resolve()
     monkeypatch.setattr(torch, "save", real_save)
-    assert tg.load_checkpoint(run_dir / "step_000002.pt")["step"] == 2
+    assert kit.load_checkpoint(run_dir / "step_000002.pt")["step"] == 2
 
 
 def test_atomic_save_replaces_existing_file_only_when_complete(tmp_path, monkeypatch):
     target = tmp_path / "sub" / "step_000001.pt"
-    tg.atomic_save({"a": torch.ones(3)}, target)
+    kit.atomic_save({"a": torch.ones(3)}, target)
     assert torch.equal(torch.load(target, weights_only=True)["a"], torch.ones(3))
     before = target.read_bytes()
 
@@ -357,7 +358,7 @@ def test_atomic_save_replaces_existing_file_only_when_complete(tmp_path, monkeyp
 
     monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(RuntimeError):
-        tg.atomic_save({"a": torch.zeros(3)}, target)
+        kit.atomic_save({"a": torch.zeros(3)}, target)
     assert target.read_bytes() == before
     assert sorted(p.name for p in target.parent.iterdir()) == ["step_000001.pt"]
 
@@ -367,9 +368,9 @@ def test_point_latest_replaces_the_link(tmp_path):
     a.parent.mkdir()
     a.write_bytes(b"1")
     b.write_bytes(b"2")
-    tg.point_latest(tmp_path, a)
+    kit.point_latest(tmp_path, a)
     assert (tmp_path / "latest").read_bytes() == b"1"
-    tg.point_latest(tmp_path, b)
+    kit.point_latest(tmp_path, b)
     assert (tmp_path / "latest").read_bytes() == b"2"
     assert os.readlink(tmp_path / "latest") == os.path.join("r", "step_000002.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "r"]
@@ -454,7 +455,7 @@ def test_sigkill_and_resume_matches_an_uninterrupted_subprocess_run(shared_synth
     # every step file that exists is complete (temp files may be left by the kill, never partial step files)
     saved = sorted(p for p in run_dir.iterdir() if p.name.startswith("step_"))
     for p in saved:
-        assert tg.load_checkpoint(p)["step"] == int(p.stem.split("_")[1])
+        assert kit.load_checkpoint(p)["step"] == int(p.stem.split("_")[1])
     newest_before = max(int(p.stem.split("_")[1]) for p in saved)
 
     # resume: the run directory when it was really killed, else explicitly from the step-4 file
@@ -479,7 +480,7 @@ def test_sigkill_and_resume_matches_an_uninterrupted_subprocess_run(shared_synth
     source = (ROOT / "train_gpt.py").read_text(encoding="utf-8")
     assert log.startswith(source)
     assert log.count(source.splitlines()[0]) == 1  # the resumed run appended to its log, without the code again
-    final = tg.load_checkpoint(run_dir / f"step_{steps:06d}.pt")
+    final = kit.load_checkpoint(run_dir / f"step_{steps:06d}.pt")
     assert final["step"] == steps
     assert (tmp_path / "kill" / "checkpoints" / "latest").resolve() == (run_dir / f"step_{steps:06d}.pt").resolve()
     shutil.rmtree(tmp_path / "kill" / "checkpoints")
@@ -500,7 +501,7 @@ def damaged(run_b, tmp_path, change) -> Path:
     ckpt = torch.load(ckpt_path(hp, SAVE_EVERY), weights_only=True)
     change(ckpt)
     path = tmp_path / "damaged" / "step_000004.pt"
-    tg.atomic_save(ckpt, path)
+    kit.atomic_save(ckpt, path)
     return path
 
 
@@ -581,13 +582,13 @@ def test_disk_full_is_named_and_other_write_failures_are_not(tmp_path, monkeypat
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=3 << 20))
     with pytest.raises(tg.DiskFullError) as exc:
-        tg.atomic_save({"a": torch.ones(2)}, target)
+        kit.atomic_save({"a": torch.ones(2)}, target)
     assert exc.value.strerror == (f"cannot write {target}: the disk is full (3 MiB free in {target.parent}); free "
                                   "some space and run again (nothing was replaced)")
     assert list(target.parent.iterdir()) == []
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10 << 30))
     with pytest.raises(RuntimeError, match="unexpected pos"):
-        tg.atomic_save({"a": torch.ones(2)}, target)
+        kit.atomic_save({"a": torch.ones(2)}, target)
 
 
 @pytest.mark.slow

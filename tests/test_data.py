@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import kit
 import train_gpt as tg
 from conftest import BOS, write_shard
 
@@ -638,7 +639,7 @@ def test_check_hyperparameters_accepts_the_presets():
 ])
 def test_check_hyperparameters_rejects(changes, world, words):
     hp = dataclasses.replace(tg.preset_hyperparameters("tiny"), **changes)
-    with pytest.raises(tg.ConfigError) as exc:
+    with pytest.raises(kit.ConfigError) as exc:
         tg.check_hyperparameters(hp, world)
     assert words in str(exc.value)
 
@@ -650,7 +651,7 @@ def test_dense_attention_accepts_any_seq_len():
 
 
 def test_preset_unknown():
-    with pytest.raises(tg.ConfigError, match="unknown preset"):
+    with pytest.raises(kit.ConfigError, match="unknown preset"):
         tg.preset_hyperparameters("huge")
     assert math.isclose(tg.preset_hyperparameters("a10").global_batch_tokens,
                         tg.preset_hyperparameters("speedrun").global_batch_tokens)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import generate as g
+import kit
 import train_gpt as tg
 from conftest import ROOT, subprocess_env, tiny_hp
 
@@ -50,7 +51,7 @@ def random_ckpt(shared_synthetic_data, tmp_path_factory) -> Path:
             else:
                 p.copy_(torch.rand(p.shape, generator=gen) * 0.7 + 0.3)
     path = Path(hp.checkpoint_dir) / "R" / "step_000012.pt"
-    tg.atomic_save(trainer.checkpoint("R"), path)
+    kit.atomic_save(trainer.state_dict("R"), path)
     return path
 
 
@@ -266,7 +267,7 @@ def test_cli_prompt_from_stdin_and_world_size_does_not_matter(trained):
 
 
 def test_checkpoint_weights_are_full_whatever_the_process_count(trained):
-    ckpt = tg.load_checkpoint(g.tg.resolve_checkpoint(str(trained)))
+    ckpt = kit.load_checkpoint(g.kit.resolve_checkpoint(str(trained)))
     full = tg.GPT(tg.GPTConfig(**ckpt["model_config"])).state_dict()
     assert {k: v.shape for k, v in ckpt["model"].items()} == {k: v.shape for k, v in full.items()}
     assert "world_size" not in ckpt["hyperparameters"]

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+import kit
 import train_gpt as tg
 from conftest import ROOT, parse_log, subprocess_env, tiny_flags, tiny_hp, write_shard
 
@@ -165,7 +166,7 @@ def test_a_second_run_with_the_same_name_is_refused(tmp_path, shared_synthetic_d
     """While a process holds the run's lock (here: this one, as a running trainer would), a second run of the
     same name stops before writing anything; once the holder is gone the name is free again."""
     log_dir, ckpt_dir = tmp_path / "logs", tmp_path / "checkpoints"
-    lock = tg.RunLock(log_dir, ckpt_dir / "twin")
+    lock = kit.RunLock(log_dir, ckpt_dir / "twin")
     flags = tiny_flags(shared_synthetic_data, tmp_path, run_name="twin", num_iterations=2, val_loss_every=0)
     assert tg.main(flags) == 2
     err = capsys.readouterr().err
@@ -181,12 +182,12 @@ def test_the_run_lock_rule(tmp_path):
     """The rule alone: one holder per run name (a second open of the lock is refused, naming the holder), other
     names are free, and releasing frees the name."""
     logs, ckpt = tmp_path / "logs", tmp_path / "checkpoints"
-    first = tg.RunLock(logs, ckpt / "a")
-    with pytest.raises(tg.ConfigError, match=f"run 'a' is already training \\(process {os.getpid()} holds "):
-        tg.RunLock(logs, ckpt / "a")
-    other = tg.RunLock(logs, ckpt / "b")
+    first = kit.RunLock(logs, ckpt / "a")
+    with pytest.raises(kit.ConfigError, match=f"run 'a' is already training \\(process {os.getpid()} holds "):
+        kit.RunLock(logs, ckpt / "a")
+    other = kit.RunLock(logs, ckpt / "b")
     first.release()
-    tg.RunLock(logs, ckpt / "a").release()
+    kit.RunLock(logs, ckpt / "a").release()
     other.release()
     assert sorted(p.name for p in logs.iterdir()) == [".a.lock", ".b.lock"] and not ckpt.exists()
 
@@ -194,18 +195,18 @@ def test_the_run_lock_rule(tmp_path):
 @pytest.mark.slow
 def test_the_run_lock_is_released_when_its_process_dies(tmp_path):
     """flock belongs to the process: a killed trainer leaves its lock file but no lock."""
-    code = ("import sys, time, pathlib, train_gpt as tg; lock = tg.RunLock(pathlib.Path(sys.argv[1]), "
+    code = ("import sys, time, pathlib, kit; lock = kit.RunLock(pathlib.Path(sys.argv[1]), "
             "pathlib.Path(sys.argv[2])); print('locked', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "logs"), str(tmp_path / "ck" / "r")],
                             cwd=ROOT, env=subprocess_env(**FAST_ENV), stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline() == "locked\n"
-        with pytest.raises(tg.ConfigError, match=f"process {proc.pid} holds"):
-            tg.RunLock(tmp_path / "logs", tmp_path / "ck" / "r")
+        with pytest.raises(kit.ConfigError, match=f"process {proc.pid} holds"):
+            kit.RunLock(tmp_path / "logs", tmp_path / "ck" / "r")
     finally:
         proc.kill()
         proc.wait()
-    tg.RunLock(tmp_path / "logs", tmp_path / "ck" / "r").release()
+    kit.RunLock(tmp_path / "logs", tmp_path / "ck" / "r").release()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -229,8 +230,8 @@ def test_divergence_stops_the_run_and_saves_nothing_non_finite(tmp_path, shared_
     assert err.startswith("train_gpt.py: error: training diverged: ") and err.count("\n") == 1, err
     saved = sorted(start.parent.glob("step_*.pt"))
     assert len(saved) < 8 - 3 + 1  # it stopped before the end
-    assert all(not tg.nonfinite_tensors({k: c[k] for k in ("model", "optimizers")})
-               for c in map(tg.load_checkpoint, saved))
+    assert all(not kit.nonfinite_tensors({k: c[k] for k in ("model", "optimizers")})
+               for c in map(kit.load_checkpoint, saved))
     assert (tmp_path / "checkpoints" / "latest").resolve() == saved[-1].resolve()
     assert f"the run's last checkpoint is {saved[-1]}" in err
     log = (tmp_path / "logs" / "healthy.txt").read_text(encoding="utf-8").splitlines()
@@ -298,7 +299,7 @@ def test_the_first_non_finite_step_is_recorded_on_the_device(tmp_path, shared_sy
     trainer.train_step(batch)
     trainer.train_step(batch)
     assert trainer.first_nonfinite.item() == 2  # the first bad step, not the last
-    with pytest.raises(tg.DivergedError, match="the training loss of step 2 was not finite"):
+    with pytest.raises(kit.DivergedError, match="the training loss of step 2 was not finite"):
         trainer.check_finite()
 
 
@@ -313,7 +314,7 @@ def test_the_first_non_finite_step_is_recorded_on_the_device(tmp_path, shared_sy
     (0.0, "fineweb_val_*.bin", 10_485_760, False),  # no target
 ])
 def test_record_targets_compare_only_on_fineweb_validation(target, val_files, val_tokens, expected):
-    assert tg.target_comparable(target, val_files, val_tokens) is expected
+    assert kit.target_comparable(target, val_files, val_tokens) is expected
 
 
 def test_import_has_no_side_effects(tmp_path):
@@ -654,8 +655,8 @@ def test_training_refuses_gpus_without_bfloat16(monkeypatch, capability, ok):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
     if ok:
-        assert tg.resolve_device("auto", 1) == torch.device("cuda", 1)
+        assert kit.resolve_device("auto", 1) == torch.device("cuda", 1)
         return
-    with pytest.raises(tg.ConfigError, match=rf"GPU 1 \(Fake GPU\) has compute capability "
+    with pytest.raises(kit.ConfigError, match=rf"GPU 1 \(Fake GPU\) has compute capability "
                                              rf"{capability[0]}\.{capability[1]}; training needs 8\.0"):
-        tg.resolve_device("cuda", 1)
+        kit.resolve_device("cuda", 1)

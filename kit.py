@@ -1,0 +1,573 @@
+"""What train_gpt.py and generate.py share around the model: errors, devices and processes, checkpoint files,
+run names and locks, the run log, the environment report and wandb. Nothing here knows the model's arithmetic.
+
+Importing this module has no side effects."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch import Tensor
+
+try:
+    import fcntl  # run locks (POSIX); elsewhere runs are not locked
+except ImportError:
+    fcntl = None
+
+if TYPE_CHECKING:
+    from train_gpt import GPTConfig, Hyperparameters
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Track targets
+
+TRACK1_TARGET = 3.28
+TRACK2_TARGET = 2.92  # train_gpt_medium.py's
+# The record targets hold for this validation set only: the first 10,485,760 tokens of FineWeb's validation shard.
+TRACK_VAL_FILES, TRACK_VAL_TOKENS = "fineweb_val_*.bin", 10_485_760
+
+
+def target_comparable(target: float, val_files: str, val_tokens: int) -> bool:
+    """Whether a run's final val loss can be compared with its target: any target of one's own, but a track's record
+    target (3.28, 2.92) only on the track's validation set; a loss on other text says nothing about it."""
+    if target <= 0:
+        return False
+    return target not in (TRACK1_TARGET, TRACK2_TARGET) or (
+        Path(val_files).name == TRACK_VAL_FILES and val_tokens == TRACK_VAL_TOKENS)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Errors
+
+
+class ConfigError(ValueError):
+    """A bad flag value or combination; main() prints it without a traceback."""
+
+
+class DeviceError(ConfigError):
+    """A device problem of one process (its GPU is missing or too old): every process reports its own."""
+
+
+class CheckpointError(ValueError):
+    """A missing, unreadable or incompatible checkpoint."""
+
+
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss or state; the run stops without saving it (main() exits with 3)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Devices and processes
+
+MIN_TRAIN_CAPABILITY = (8, 0)  # bfloat16 tensor cores and FlexAttention's Triton kernels: A100, A10, 3090 and newer
+
+
+def has_bf16(device: torch.device) -> bool:
+    """Whether the device computes in bfloat16 natively (CPU: not used; GPUs: compute capability >= 8.0)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= MIN_TRAIN_CAPABILITY
+
+
+def resolve_device(spec: str, local_rank: int) -> torch.device:
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", spec):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError("--device cuda was asked for but no CUDA GPU is visible (use --device cpu)")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise DeviceError(f"process {local_rank} needs GPU {device.index} but only "
+                              f"{torch.cuda.device_count()} are visible")
+        torch.cuda.set_device(device)
+        cap = torch.cuda.get_device_capability(device)
+        if cap < MIN_TRAIN_CAPABILITY:
+            raise DeviceError(
+                f"GPU {device.index} ({torch.cuda.get_device_name(device)}) has compute capability {cap[0]}.{cap[1]}; "
+                f"training needs {MIN_TRAIN_CAPABILITY[0]}.{MIN_TRAIN_CAPABILITY[1]} or newer for bfloat16 and "
+                "FlexAttention (A100, A10, L4, RTX 3090/4090, H100). generate.py still samples on it in fp32; "
+                "--device cpu trains slowly")
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def broadcast_object(obj, src: int = 0):
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoint files
+
+CHECKPOINT_FORMAT = "nanogpt-speedrun-kit/checkpoint"
+CHECKPOINT_VERSION = 2  # 2: record-28 model (attention gate, c_fc as (dim, 4 dim)) and per-shard loader state
+
+
+STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+
+
+def nonfinite_tensors(state, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a nested dict/list that hold a NaN or an infinity."""
+    if isinstance(state, Tensor):
+        return [prefix] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    return [name for k, v in items for name in nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file in the same directory, flushed, then renamed over the target."""
+    from train_gpt import atomic_write  # the shard format's writer, at call time (train_gpt imports this module)
+
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def point_latest(checkpoint_dir: Path, target: Path) -> None:
+    """Make checkpoint_dir/latest a relative symlink to target, replaced atomically."""
+    link = checkpoint_dir / "latest"
+    tmp = checkpoint_dir / f".latest.tmp-{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(os.path.relpath(target, checkpoint_dir), tmp)
+    os.replace(tmp, link)
+
+
+def newest_step_file(run_dir: Path) -> Path | None:
+    best = None
+    for p in run_dir.iterdir() if run_dir.is_dir() else []:
+        m = STEP_FILE.match(p.name)
+        if m and (best is None or int(m.group(1)) > best[0]):
+            best = (int(m.group(1)), p)
+    return best[1] if best else None
+
+
+def resolve_checkpoint(spec: str, run_name: str | None = None, checkpoint_dir: str = "checkpoints") -> Path:
+    """A checkpoint file from a file, a run directory (its newest step) or "auto" (latest of run_name, or latest)."""
+    root = Path(checkpoint_dir)
+    if spec == "auto":
+        if run_name:
+            found = newest_step_file(root / run_name)
+            if found is None:
+                raise CheckpointError(f"no checkpoint of run {run_name!r} in {root / run_name}")
+            return found
+        spec = str(root / "latest")
+    path = Path(spec)
+    if path.is_dir():
+        found = newest_step_file(path)
+        if found is None:
+            raise CheckpointError(f"{path} holds no step_*.pt checkpoint")
+        return found
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist" +
+                              ("; no run has saved one yet (train with --save-every or let a run finish)"
+                               if path.name == "latest" else ""))
+    return path.resolve()
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load with weights_only=True: a checkpoint holds tensors and plain data, never code."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, foreign pickle, not a file at all
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} was not written by this trainer (no {CHECKPOINT_FORMAT!r} marker)")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {ckpt.get('version')}; this trainer reads "
+                              f"version {CHECKPOINT_VERSION}")
+    return ckpt
+
+
+RESUME_KEYS = {"run_id": str, "step": int, "train_time_ms": (int, float), "model_config": dict,
+               "hyperparameters": dict, "model": dict, "optimizers": dict, "rng": dict}
+
+
+def check_resumable(ckpt: dict, path: Path, hp: Hyperparameters) -> None:
+    """Everything a resume reads is there and has the right type, and the run has steps left: checked before the
+    model is built, so a hollow checkpoint costs a line, not a compile and a traceback."""
+    problems = [f"{key} ({kind.__name__ if isinstance(kind, type) else kind[0].__name__} expected)"
+                for key, kind in RESUME_KEYS.items() if not isinstance(ckpt.get(key), kind)]
+    if not isinstance(ckpt.get("loader"), dict) or not {"shard", "pos", "epoch", "files"} <= set(ckpt["loader"]):
+        problems.append("loader (the data position)")
+    if problems:
+        raise CheckpointError(f"{path} cannot be resumed: it lacks or mangles {', '.join(problems)}")
+    if hp.num_iterations < ckpt["step"]:
+        raise ConfigError(f"{path} is at step {ckpt['step']}, past --num-iterations {hp.num_iterations}: resume "
+                          f"with --num-iterations {ckpt['step']} or more")
+
+
+def check_model_config(ckpt: dict, cfg: GPTConfig, path: Path) -> None:
+    saved = ckpt["model_config"]
+    diffs = [f"{k}={saved.get(k)} (this run: {v})" for k, v in asdict(cfg).items() if saved.get(k) != v]
+    if diffs:
+        raise CheckpointError(f"{path} holds a different model: " + ", ".join(diffs) +
+                              "; resume with the same --preset and model sizes as the run that wrote it")
+
+
+def model_state(model: nn.Module) -> dict[str, Tensor]:
+    """Weights without torch.compile's _orig_mod prefix, on the CPU."""
+    base = getattr(model, "_orig_mod", model)
+    return {k: v.detach().cpu().clone() for k, v in base.state_dict().items()}
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+ROLLING_CHECK_EVERY = 5  # steps between checks of the rolling checkpoint's clock (a broadcast when distributed)
+
+
+def rolling_save_due(hp: Hyperparameters, step: int, last_save: float, device: torch.device, world_size: int) -> bool:
+    """Whether a rolling checkpoint is due at this step: hp.save_every_minutes since the last save by process 0's
+    clock. Saving is collective, so process 0 decides for all; it is asked every ROLLING_CHECK_EVERY steps only."""
+    if hp.save_every_minutes <= 0 or step % ROLLING_CHECK_EVERY:
+        return False
+    due = time.monotonic() - last_save >= 60 * hp.save_every_minutes
+    if world_size == 1:
+        return due
+    flag = torch.tensor([due], device=device)  # a device tensor: NCCL broadcasts only those
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def checkpoint_kind(hp: Hyperparameters, step: int, start_step: int, rolling_due) -> str | None:
+    """The checkpoint the loop writes on reaching step: "kept" (the final one, every --save-every steps), "rolling"
+    (when rolling_due(), a collective, says the clock asks for one; the next save of any kind replaces it) or None.
+    None at the step a run starts or resumes at: that state is on disk already."""
+    if step <= start_step:
+        return None
+    last = step == hp.num_iterations
+    if (last and hp.save_final) or (hp.save_every > 0 and step % hp.save_every == 0):
+        return "kept"
+    return "rolling" if not last and rolling_due() else None
+
+
+def save_checkpoint(state: dict, ckpt_root: Path, run_id: str, step: int, kind: str,
+                    rolling: Path | None) -> tuple[Path, Path | None]:
+    """Write step's checkpoint atomically, point latest at it and delete the rolling checkpoint it supersedes;
+    returns (its path, the rolling checkpoint now on disk)."""
+    path = ckpt_root / run_id / f"step_{step:06d}.pt"
+    atomic_save(state, path)
+    point_latest(ckpt_root, path)
+    if rolling is not None and rolling != path:
+        rolling.unlink(missing_ok=True)
+    return path, path if kind == "rolling" else None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Run names and locks
+
+
+def valid_run_name(name: str) -> bool:
+    """A run name is a single, plain path component, so logs/<run>.txt and checkpoints/<run>/ stay where they are."""
+    return bool(re.fullmatch(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]{0,199}", name))
+
+
+def new_run_id(hp: Hyperparameters) -> str:
+    return f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{hp.preset}-{uuid.uuid4().hex[:6]}"
+
+
+class RunLock:
+    """An exclusive lock on a run name for as long as the run trains (<log_dir>/.<run>.lock), so that a second run
+    with the same name is refused instead of interleaving its log and overwriting its checkpoints. The kernel
+    releases it when the process ends, however it ends (flock), so a killed run can always be resumed. Taking it
+    also removes the temporary files that a save interrupted by a kill left behind: no other process of this run
+    name writes meanwhile."""
+
+    def __init__(self, log_dir: Path, run_dir: Path):
+        path = log_dir / f".{run_dir.name}.lock"
+        try:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a+", encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot write run logs in {log_dir} ({e.strerror}): check --log-dir") from e
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "?"
+            self.file.close()
+            raise ConfigError(f"run {run_dir.name!r} is already training (process {holder} holds {path}): give "
+                              "this run another --run-name, or wait for that one to end") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+        self.removed = [p for p in run_dir.glob(".step_*.pt.tmp-*") if p.is_file()]
+        # the checkpoint root's latest link is shared by all runs: only the leftovers of processes no longer alive
+        self.removed += [p for p in run_dir.parent.glob(".latest.tmp-*")
+                         if p.is_symlink() and not process_alive(p.name.rpartition("-")[2])]
+        for p in self.removed:
+            p.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        self.file.close()
+
+
+def process_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def claim_run(run_dir: Path, log_dir: Path, rank: int) -> RunLock | None:
+    """On process 0, lock the run name and make sure the log directory can be written; every process raises the
+    same ConfigError when either fails (so none waits for the others in a collective)."""
+    lock, problem = None, None
+    if rank == 0:
+        try:
+            if fcntl is not None:
+                lock = RunLock(log_dir, run_dir)
+            else:
+                log_dir.mkdir(parents=True, exist_ok=True)
+            try:  # fail now, not at the first save after hours of training
+                run_dir.parent.mkdir(parents=True, exist_ok=True)
+                usable = (run_dir.is_dir() or not run_dir.exists()) and os.access(run_dir.parent, os.W_OK)
+            except OSError:
+                usable = False
+            if not usable:
+                raise ConfigError(f"cannot keep checkpoints in {run_dir} (not a writable directory): check "
+                                  "--checkpoint-dir")
+        except (ConfigError, OSError) as e:
+            problem = str(e) if isinstance(e, ConfigError) else f"cannot write run logs in {log_dir} ({e})"
+    problem = broadcast_object(problem)
+    if problem:
+        raise ConfigError(problem)
+    return lock
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Run log, environment, wandb
+
+
+class RunLog:
+    """Prints on process 0 and appends to logs/<run_id>.txt."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, text: str, console: bool = True) -> None:
+        if self.path is None:
+            return
+        if console:
+            print(text, flush=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+
+def environment_report(device: torch.device) -> str:
+    lines = [f"python {platform.python_version()} ({platform.python_implementation()})",
+             f"platform {platform.platform()}",
+             f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN "
+             f"{torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}"]
+    if device.type == "cuda":
+        n = torch.cuda.device_count()
+        names = [torch.cuda.get_device_name(i) for i in range(n)]
+        lines.append(f"gpus {n}: {', '.join(names)}")
+        if shutil.which("nvidia-smi"):
+            try:
+                lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                lines.append(f"nvidia-smi failed: {e}")
+    else:
+        lines.append(f"cpu threads {torch.get_num_threads()}")
+    return "\n".join(lines)
+
+
+def peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return (f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated, "
+                f"{torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved")
+    import resource
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB max resident (process)"
+
+
+class WandbLogger:
+    def __init__(self, hp: Hyperparameters, run_id: str, resumed: bool):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ConfigError("--wandb needs the wandb package: pip install wandb") from e
+        self.wandb = wandb
+        self.run = wandb.init(project=hp.wandb_project, name=run_id, id=re.sub(r"[^A-Za-z0-9_-]", "-", run_id),
+                              resume="allow" if resumed else None, config=asdict(hp), dir=hp.log_dir)
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.wandb.log(metrics, step=step)
+
+    def finish(self, log_path: Path | None) -> None:
+        if log_path is not None and log_path.exists():
+            art = self.wandb.Artifact(f"log-{self.run.id}", type="run-log")
+            art.add_file(str(log_path))
+            self.run.log_artifact(art)
+        self.run.finish()
+
+
+class Checkpointer:
+    """The run's checkpoints: which step gets one ("kept": the final one and every --save-every steps; "rolling":
+    every --save-every-minutes, replaced by the next save), written only from a finite state, then latest pointed
+    at it. Saving is collective (the optimiser state is gathered); process 0 writes."""
+
+    def __init__(self, hp: Hyperparameters, run_id: str, start_step: int, device: torch.device, rank: int,
+                 world_size: int):
+        self.hp, self.run_id, self.start_step = hp, run_id, start_step
+        self.device, self.rank, self.world_size = device, rank, world_size
+        self.root = Path(hp.checkpoint_dir)
+        self.run_dir = self.root / run_id
+        self.rolling: Path | None = None  # the rolling checkpoint on disk
+        self.last_save = time.monotonic()
+
+    def due(self, step: int) -> str | None:
+        return checkpoint_kind(self.hp, step, self.start_step, lambda: rolling_save_due(
+            self.hp, step, self.last_save, self.device, self.world_size))
+
+    def check(self, trainer, log: RunLog, val_loss: float | None = None, state: dict | None = None) -> None:
+        """DivergedError (also written to the log) when a training loss so far, the validation loss or the state
+        about to be saved is not finite: nothing is saved from such a state, and latest keeps pointing at the last
+        good checkpoint."""
+        try:
+            trainer.check_finite()
+            if val_loss is not None and not math.isfinite(val_loss):
+                raise DivergedError(f"the validation loss at step {trainer.step} is {val_loss}")
+            bad = nonfinite_tensors({k: state[k] for k in ("model", "optimizers")}) if state is not None else []
+            if bad:
+                more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+                raise DivergedError(f"the state after step {trainer.step} holds non-finite values "
+                                    f"({', '.join(bad[:3])}{more})")
+        except DivergedError as e:
+            newest = newest_step_file(self.run_dir)
+            last_good = f"the run's last checkpoint is {newest}" if newest else "the run has no checkpoint"
+            message = (f"training diverged: {e}; nothing was saved from it and {last_good} (resume from a "
+                       "checkpoint with lower learning rates)")
+            log.write(f"stopped: {message}", console=False)
+            raise DivergedError(message) from None
+
+    def save(self, trainer, step: int, kind: str, log: RunLog) -> None:
+        self.check(trainer, log)
+        state = trainer.state_dict(self.run_id)
+        self.check(trainer, log, state=state)
+        if self.rank == 0:
+            path, self.rolling = save_checkpoint(state, self.root, self.run_id, step, kind, self.rolling)
+            log.write(f"saved checkpoint {path}" + (" (rolling: replaced by the next save)" if kind == "rolling"
+                                                   else ""))
+        del state
+        if self.world_size > 1:
+            dist.barrier()
+        self.last_save = time.monotonic()
+
+
+class RunReport:
+    """What a run tells: its log file (process 0; a new one begins with the trainer's source), the console, wandb
+    when asked for, and the closing summary."""
+
+    RULE = "=" * 100
+
+    def __init__(self, hp: Hyperparameters, run_id: str, rank: int, resumed: bool):
+        self.hp, self.run_id = hp, run_id
+        self.log = RunLog(Path(hp.log_dir) / f"{run_id}.txt" if rank == 0 else None)
+        self.wandb = WandbLogger(hp, run_id, resumed) if hp.wandb and rank == 0 else None
+
+    def write(self, text: str, console: bool = True) -> None:
+        self.log.write(text, console)
+
+    def start(self, source: str, device: torch.device, resumed_from: str | None, removed: int) -> None:
+        rule = self.RULE
+        if self.log.path is not None and not self.log.path.exists():
+            self.write(source, console=False)
+        if resumed_from:
+            self.write(f"{rule}\n{resumed_from}")
+        if removed:
+            self.write(f"removed {removed} temporary file(s) that interrupted saves had left behind")
+        self.write(f"{rule}\nconfig {json.dumps(asdict(self.hp), indent=1)}", console=False)
+        self.write(f"{rule}\n{environment_report(device)}\n{rule}", console=False)
+
+    def val(self, step: int, val_loss: float, train_time_ms: float) -> None:
+        self.write(f"step:{step}/{self.hp.num_iterations} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
+                   f"step_avg:{train_time_ms / max(step, 1):.2f}ms")
+        if self.wandb:
+            self.wandb.log({"val/loss": val_loss, "val/train_time_ms": train_time_ms}, step=step)
+
+    def step(self, step: int, elapsed_ms: float, train_loss: float | None, metrics: dict) -> None:
+        loss = f" train_loss:{train_loss:.4f}" if train_loss is not None else ""
+        self.write(f"step:{step}/{self.hp.num_iterations}{loss} train_time:{elapsed_ms:.0f}ms "
+                   f"step_avg:{elapsed_ms / step:.2f}ms")
+        if self.wandb and train_loss is not None:
+            tokens_per_s = step * self.hp.global_batch_tokens / (elapsed_ms / 1000)
+            self.wandb.log({"train/loss": train_loss, **metrics, "train_time_ms": elapsed_ms,
+                            "step_avg_ms": elapsed_ms / step, "tokens_per_s": tokens_per_s}, step=step)
+
+    def finish(self, val_loss: float, val_step: int, train_time_ms: float, device: torch.device, world_size: int,
+               unaligned_steps: int) -> dict:
+        hp, steps = self.hp, self.hp.num_iterations
+        tokens, seconds = steps * hp.global_batch_tokens, train_time_ms / 1000
+        comparable = target_comparable(hp.target_val_loss, hp.val_files, hp.val_tokens)
+        summary = {
+            "run_id": self.run_id, "final_val_loss": val_loss, "val_step": val_step, "steps": steps,
+            "train_time_s": seconds, "tokens": tokens,
+            "tokens_per_s": tokens / seconds if seconds > 0 else float("nan"), "peak_memory": peak_memory(device),
+            "world_size": world_size, "device": device.type, "unaligned_steps": unaligned_steps,
+            "reached_target": bool(val_loss <= hp.target_val_loss) if comparable else None,
+        }
+        if hp.target_val_loss <= 0:
+            target = "no target"
+        elif not comparable:
+            target = (f"target {hp.target_val_loss} not compared: it holds for the first {TRACK_VAL_TOKENS:,} tokens "
+                      f"of {TRACK_VAL_FILES}, this run validated on {hp.val_tokens:,} tokens of {hp.val_files}")
+        else:
+            target = f"target {hp.target_val_loss}: {'reached' if summary['reached_target'] else 'not reached'}"
+        if unaligned_steps:
+            self.write(f"loader: {unaligned_steps} step(s) of this session started sequences inside documents (no "
+                       "BOS close enough to align them; the record's loader stops there)")
+        self.write(f"{self.RULE}\nfinal val_loss:{val_loss:.4f} train_time:{seconds:.1f}s ({steps} steps, "
+                   f"{tokens:,} tokens, {summary['tokens_per_s']:,.0f} tokens/s) peak memory: "
+                   f"{summary['peak_memory']}; {target}")
+        if self.wandb:
+            self.wandb.log({"final/val_loss": val_loss, "final/train_time_s": seconds,
+                            "final/tokens_per_s": summary["tokens_per_s"]}, step=steps)
+            self.wandb.finish(self.log.path)
+        return summary
