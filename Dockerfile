@@ -23,7 +23,7 @@ COPY lib/image_setup.sh /usr/local/bin/kit-image-setup
 RUN --mount=type=secret,id=ca_bundle kit-image-setup compilers
 
 # torch comes with the base image
-COPY requirements.txt /tmp/requirements.txt
+COPY requirements.txt requirements-vocab.txt /tmp/
 RUN --mount=type=secret,id=ca_bundle --mount=type=secret,id=pip_index_url --mount=type=secret,id=pip_extra_index_url \
     kit-image-setup pip /tmp/requirements.txt
 

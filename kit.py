@@ -82,8 +82,10 @@ def has_bf16(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= MIN_TRAIN_CAPABILITY
 
 
-def resolve_device(spec: str, local_rank: int) -> torch.device:
-    if spec == "auto":
+def resolve_device(spec: str | None, local_rank: int = 0, train: bool = True) -> torch.device:
+    """The device of --device (auto or None: CUDA when there is a GPU, else the CPU; cuda: this process's GPU by
+    LOCAL_RANK). For training, the GPU is made current and must be able to train; sampling runs on any GPU."""
+    if spec in (None, "auto"):
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     if not re.fullmatch(r"cpu|cuda(:\d+)?", spec):
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
@@ -94,8 +96,10 @@ def resolve_device(spec: str, local_rank: int) -> torch.device:
         if device.index is None:
             device = torch.device("cuda", local_rank)
         if device.index >= torch.cuda.device_count():
-            raise DeviceError(f"process {local_rank} needs GPU {device.index} but only "
-                              f"{torch.cuda.device_count()} are visible")
+            who = f"process {local_rank} needs" if train else "--device asks for"
+            raise DeviceError(f"{who} GPU {device.index} but only {torch.cuda.device_count()} are visible")
+        if not train:
+            return device
         torch.cuda.set_device(device)
         cap = torch.cuda.get_device_capability(device)
         if cap < MIN_TRAIN_CAPABILITY:

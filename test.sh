@@ -3,8 +3,6 @@
 # environment, lints, then runs pytest. Extra arguments go to pytest, e.g. ./test.sh -k attention -x
 set -euo pipefail
 
-WHISPER_SPEC=openai-whisper==20250625
-
 usage() {
   cat <<'TXT'
 Usage: ./test.sh [--fast] [PYTEST_ARGS...]
@@ -56,14 +54,14 @@ main() {
   fi
   local stamp="$venv/.installed"
   local want
-  want="$torch_spec $WHISPER_SPEC $(cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16)"
+  want="$torch_spec $(cat requirements.txt requirements-dev.txt requirements-vocab.txt | sha256sum | cut -c1-16)"
   if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
     echo "test.sh: installing $torch_spec and requirements-dev.txt"
     "$venv/bin/python" -m pip install --quiet --upgrade pip
     "$venv/bin/python" -m pip install --quiet "$torch_spec"
     "$venv/bin/python" -m pip install --quiet -r requirements-dev.txt
     # the offline GPT-2 vocabulary (whisper/assets/gpt2.tiktoken); its own dependencies are not needed
-    "$venv/bin/python" -m pip install --quiet --no-deps "$WHISPER_SPEC"
+    "$venv/bin/python" -m pip install --quiet --no-deps -r requirements-vocab.txt
     echo "$want" >"$stamp"
   fi
 

@@ -119,15 +119,15 @@ class Hyperparameters:
     # optimisers
     muon_lr: float = 0.05  # Muon, for the 2-D weights inside the blocks
     muon_momentum: float = 0.95  # Muon momentum after the warm-up (Nesterov)
-    muon_momentum_start: float = 0.85  # momentum warm-up from this value ...
-    muon_momentum_warmup_steps: int = 300  # ... over this many steps
+    muon_momentum_start: float = 0.85  # Muon momentum at step 0, warmed up to muon_momentum ...
+    muon_momentum_warmup_steps: int = 300  # ... over this many steps (Muon momentum warm-up)
     # Adam: the record's lr 0.008 x lr_mul, with lr_mul 75 for the embeddings, 1 for the head and 5 for the scalars
     adam_lr: float = 0.6  # Adam, token embedding and value embeddings (0.008 x 75)
     head_lr: float = 0.008  # Adam, lm_head (0.008 x 1)
     scalar_lr: float = 0.04  # Adam, learned scalars: x0 mixing, value mixing, skip weights (0.008 x 5)
-    adam_beta1: float = 0.8  # Adam betas and eps for every Adam group
-    adam_beta2: float = 0.95  # second-moment decay
-    adam_eps: float = 1e-10  # added to the root of the second moment
+    adam_beta1: float = 0.8  # first-moment decay of every Adam group
+    adam_beta2: float = 0.95  # second-moment decay of every Adam group
+    adam_eps: float = 1e-10  # Adam: added to the root of the second moment
     # model
     vocab_size: int = 50304  # 50257 padded to a multiple of 128
     num_layers: int = 12  # transformer blocks
@@ -153,7 +153,7 @@ class Hyperparameters:
     preset: str = "speedrun"  # which preset the values started from
     device: str = "auto"  # auto, cuda, cuda:N or cpu
     compile: bool = True  # torch.compile the model (warm-up excluded from timing)
-    fp8: bool = True  # FP8 lm_head where the GPU supports it (compute capability >= 8.9)
+    fp8: bool = True  # run lm_head in FP8 where the GPU supports it (compute capability >= 8.9)
     attention: str = "auto"  # flex (FlexAttention, CUDA), dense (explicit mask, any device), auto
     warmup_steps: int = -1  # compile warm-up steps before the timed run (-1: 3 when compiling, else 0)
     seed: int = 0  # initial weights; data order is fixed by the shards
@@ -292,6 +292,11 @@ class FP8Matmul(torch.autograd.Function):
 def fp8_linear(x: Tensor, w: Tensor, x_s: float, w_s: float = FP8_W_SCALE, grad_s: float = FP8_GRAD_SCALE) -> Tensor:
     shape = x.shape
     return FP8Matmul.apply(x.reshape(-1, shape[-1]), w, x_s, w_s, grad_s).view(*shape[:-1], w.size(0))
+
+
+def attention_impl(device: torch.device, choice: str = "auto") -> str:
+    """flex (FlexAttention's kernels, CUDA) or dense (the same mask written out, any device); auto: flex on CUDA."""
+    return ("flex" if device.type == "cuda" else "dense") if choice == "auto" else choice
 
 
 def head_precision(device: torch.device, want_fp8: bool) -> str:
@@ -1433,8 +1438,7 @@ def loss_scale(hp: Hyperparameters, world_size: int) -> float:
 def setup_device(hp: Hyperparameters, world_size: int) -> tuple[torch.device, Hyperparameters]:
     """This process's device, the attention "auto" resolves to on it, and the settings checked."""
     device = resolve_device(hp.device, int(os.environ.get("LOCAL_RANK", 0)))
-    if hp.attention == "auto":
-        hp = dataclasses.replace(hp, attention="flex" if device.type == "cuda" else "dense")
+    hp = dataclasses.replace(hp, attention=attention_impl(device, hp.attention))
     check_hyperparameters(hp, world_size)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -1574,6 +1578,17 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
+# The settings a speedrun user turns have flags of their own; every other field is set with --set FIELD=VALUE, so
+# that each field has one spelling (and the wrappers find paths and the device under their flags only).
+FLAG_FIELDS = ("preset", "data_dir", "train_files", "val_files", "val_tokens", "train_seq_len", "val_seq_len",
+               "num_iterations", "muon_lr", "adam_lr", "val_loss_every", "train_loss_every", "save_every",
+               "save_every_minutes", "save_final", "log_dir", "checkpoint_dir", "run_name", "resume", "wandb",
+               "device", "compile", "fp8", "seed")
+_SWITCHES = {"compile": "--no-compile", "fp8": "--no-fp8", "save_final": "--no-save-final", "wandb": "--wandb"}
+_KIND_WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text",
+               "str | None": "text, or none"}
+
+
 def _field_help() -> dict[str, str]:
     """The trailing comment of each Hyperparameters field, so --help and the dataclass never disagree."""
     helps = {}
@@ -1589,56 +1604,197 @@ def _field_help() -> dict[str, str]:
     return helps
 
 
+def _field_kind(f: dataclasses.Field) -> str:
+    """A field's type as the dataclass spells it: int, float, bool, str or str | None."""
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+
+
+def set_fields() -> list[str]:
+    """The fields --set takes: those without a flag of their own."""
+    return [f.name for f in fields(Hyperparameters) if f.name not in FLAG_FIELDS]
+
+
+def field_flag(name: str) -> str:
+    """How the command line sets a field: its flag, or --set NAME=VALUE."""
+    if name in FLAG_FIELDS:
+        return _SWITCHES.get(name, "--" + name.replace("_", "-"))
+    return f"--set {name}=VALUE"
+
+
+def parse_field_value(name: str, text: str):
+    """TEXT as a value of the field NAME: int, float, str, bool (true/false) or optional str (none: no value)."""
+    kind = _field_kind(next(f for f in fields(Hyperparameters) if f.name == name))
+    try:
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+        if kind == "bool":
+            return {"true": True, "false": False}[text.lower()]
+        if kind == "str | None":
+            return None if text.lower() == "none" else text
+        if kind == "str":
+            return text
+    except (ValueError, KeyError):
+        raise ConfigError(f"--set {name}={text}: {name} takes {_KIND_WORDS[kind]}, got {text!r}") from None
+    raise ConfigError(f"--set {name}: a field of type {kind} cannot be set from the command line")
+
+
+def _set_values(pairs: list[str]) -> dict:
+    """The --set FIELD=VALUE pairs as field values (a field given twice: the last one)."""
+    import difflib
+
+    settable = set_fields()
+    values = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {pair}: expected FIELD=VALUE, e.g. --set model_dim=64")
+        if name in FLAG_FIELDS:
+            raise ConfigError(f"--set {pair}: {name} has a flag of its own, {field_flag(name)}")
+        if name not in settable:
+            close = difflib.get_close_matches(name.replace("-", "_"), settable, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"--set {pair}: no field {name!r}{hint}; --set takes {', '.join(settable)}")
+        values[name] = parse_field_value(name, text)
+    return values
+
+
+def _shell_word(value) -> str:
+    """A value as --set reads it back: true/false, none for no value."""
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # one line: argparse's usage of some 25 flags would bury the message
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _help_width() -> int:
+    return shutil.get_terminal_size().columns - 2  # argparse's own rule
+
+
+def _set_epilog(defaults: Hyperparameters, default_preset: str, helps: dict[str, str]) -> str:
+    """--help's table of the --set fields: name, default, meaning (wrapped like argparse's own help)."""
+    import textwrap
+
+    names = set_fields()
+    words = {name: _shell_word(getattr(defaults, name)) for name in names}
+    w1, w2 = max(map(len, names)), max(map(len, words.values()))
+    width = max(_help_width(), w1 + w2 + 40)
+    lines = [textwrap.fill(f"--set FIELD=VALUE (repeatable) sets a field without a flag of its own (VALUE: a "
+                           f"number, text, true/false, or none). The fields, their {default_preset} defaults and "
+                           "meanings:", width)]
+    for name in names:
+        lines.append(textwrap.fill(helps.get(name, ""), width, initial_indent=f"  {name:<{w1}}  {words[name]:<{w2}}  ",
+                                   subsequent_indent=" " * (w1 + w2 + 6)))
+    return "\n".join(lines)
+
+
 def build_arg_parser(presets: dict[str, dict] | None = None, default_preset: str = "speedrun",
                      prog: str = "train_gpt.py") -> argparse.ArgumentParser:
     presets = PRESETS if presets is None else presets
-    parser = argparse.ArgumentParser(
-        prog=prog, description=f"Train a GPT on FineWeb shards (NanoGPT speedrun, preset {default_preset} by "
-                               "default). Flags override the preset's values.",
-        argument_default=argparse.SUPPRESS)
     helps = _field_help()
     defaults = preset_hyperparameters(default_preset, presets)
-    special = {"compile", "fp8", "save_final", "wandb", "resume", "preset", "attention"}
+    import textwrap
+
+    parser = _ArgumentParser(
+        prog=prog, description=textwrap.fill(f"Train a GPT on FineWeb shards (NanoGPT speedrun, preset "
+                                             f"{default_preset} by default). Flags and --set values override the "
+                                             "preset's values.", _help_width()),
+        epilog=_set_epilog(defaults, default_preset, helps), formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS)
     parser.add_argument("--preset", choices=list(presets),
-                        help=f"starting values for every flag (default {default_preset})")
+                        help=f"starting values for every setting (default {default_preset}; resuming without it: "
+                             "the checkpoint's settings)")
     for f in fields(Hyperparameters):
-        if f.name in special:
+        if f.name not in FLAG_FIELDS or f.name in ("preset", "resume"):
             continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = {"int": int, "float": float, "str": str, "str | None": str}[str(f.type)]
-        parser.add_argument(flag, type=kind, metavar=f.name.upper(),
+        if f.name in _SWITCHES:  # each turns its field's usual default around: --wandb on, the others off
+            on = f.name == "wandb"
+            parser.add_argument(_SWITCHES[f.name], dest=f.name, action="store_true" if on else "store_false",
+                                help=helps.get(f.name, "") if on else f"do not {helps.get(f.name, '')}")
+            continue
+        kind = {"int": int, "float": float, "str": str, "str | None": str}[_field_kind(f)]
+        parser.add_argument(field_flag(f.name), type=kind, metavar=f.name.upper(),
                             help=f"{helps.get(f.name, '')} ({default_preset} default: {getattr(defaults, f.name)})")
-    parser.add_argument("--attention", choices=["auto", "flex", "dense"],
-                        help="attention implementation: flex needs CUDA for training; auto picks flex on CUDA")
-    parser.add_argument("--no-compile", dest="compile", action="store_false", help="do not torch.compile the model")
-    parser.add_argument("--no-fp8", dest="fp8", action="store_false", help="bf16 lm_head even where FP8 is available")
-    parser.add_argument("--no-save-final", dest="save_final", action="store_false",
-                        help="do not write a checkpoint at the end")
-    parser.add_argument("--wandb", action="store_true", help=helps.get("wandb"))
     parser.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
-                        help="continue from a checkpoint file or run directory; without PATH: the newest checkpoint "
-                             "of --run-name, else checkpoints/latest. Settings come from the checkpoint unless "
-                             "given as flags")
+                        help=f"continue from a {helps.get('resume', '')} (--resume alone: auto). Settings come "
+                             "from the checkpoint unless given")
+    parser.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                        help="any other setting, by its field name (repeatable; the list follows)")
+    parser.add_argument("--print-config", nargs="?", const="json", choices=["json", "shell"],
+                        help="print the resolved settings and what follows from them (global_batch_tokens, "
+                             "train_tokens, fineweb_shards), then exit without training: as JSON, or (shell) as "
+                             "NAME=VALUE lines quoted for eval, true/false for switches, empty for none")
     return parser
 
 
-def parse_args(argv: list[str] | None = None, presets: dict[str, dict] | None = None,
-               default_preset: str = "speedrun", prog: str = "train_gpt.py") -> Hyperparameters:
-    """Preset (or the resumed checkpoint's settings), then the flags given explicitly."""
-    given = vars(build_arg_parser(presets, default_preset, prog).parse_args(argv))
+def _parse(argv: list[str] | None, presets: dict[str, dict] | None, default_preset: str,
+           prog: str) -> tuple[Hyperparameters, str | None]:
+    """The settings and --print-config's form (None: train)."""
+    parser = build_arg_parser(presets, default_preset, prog)
+    ns, extra = parser.parse_known_args(argv)
+    if extra:
+        moved = [a for a in extra if a.startswith("--") and a[2:].split("=")[0].replace("-", "_") in set_fields()]
+        hints = "".join(f"; {a.split('=')[0]} is --set {a[2:].split('=')[0].replace('-', '_')}=VALUE" for a in moved)
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{hints}")
+    given = vars(ns)
+    form = given.pop("print_config", None)
+    given.update(_set_values(given.pop("set", [])))
     if "resume" in given and "preset" not in given:
         path = resolve_checkpoint(given["resume"], given.get("run_name"), given.get("checkpoint_dir", "checkpoints"))
         hp = dataclasses.replace(checkpoint_hyperparameters(load_checkpoint(path), path), resume=None)
     else:
         hp = preset_hyperparameters(given.get("preset", default_preset), presets)
-    return dataclasses.replace(hp, **given)
+    return dataclasses.replace(hp, **given), form
+
+
+def parse_args(argv: list[str] | None = None, presets: dict[str, dict] | None = None,
+               default_preset: str = "speedrun", prog: str = "train_gpt.py") -> Hyperparameters:
+    """Preset (or the resumed checkpoint's settings), then the flags and --set values given explicitly."""
+    return _parse(argv, presets, default_preset, prog)[0]
+
+
+def derived_settings(hp: Hyperparameters) -> dict[str, int]:
+    """What follows from the settings, printed by --print-config so that no wrapper computes it again:
+    global_batch_tokens, train_tokens (what the run reads) and fineweb_shards, the FineWeb 10B train shards that
+    covers (data/fineweb.py's rule; 0 when the train files are not FineWeb's)."""
+    root = str(Path(__file__).resolve().parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from data.fineweb import DATASETS, shards_needed
+
+    fineweb = DATASETS["fineweb10B"]
+    shards = 0
+    if hp.train_files == f"{fineweb.prefix}train_*.bin":
+        shards = min(fineweb.train_shards, shards_needed(hp.num_iterations, hp.global_batch_tokens))
+    return {"global_batch_tokens": hp.global_batch_tokens,
+            "train_tokens": hp.num_iterations * hp.global_batch_tokens, "fineweb_shards": shards}
+
+
+def format_config(hp: Hyperparameters, form: str = "json") -> str:
+    """--print-config's text: JSON ({"settings": ..., "derived": ...}), or for a shell NAME=VALUE lines, each value
+    quoted for eval (true/false for switches, empty for none)."""
+    derived = derived_settings(hp)
+    if form == "json":
+        import json
+        return json.dumps({"settings": asdict(hp), "derived": derived}, indent=2)
+    import shlex
+    words = {k: "" if v is None else _shell_word(v) for k, v in {**asdict(hp), **derived}.items()}
+    return "\n".join(f"{k}={shlex.quote(v)}" for k, v in words.items())
 
 
 def main(argv: list[str] | None = None, presets: dict[str, dict] | None = None, default_preset: str = "speedrun",
          prog: str = "train_gpt.py", source: str | None = None) -> int:
     """The command line; train_gpt_medium.py calls it with its own presets and its source for the log."""
     try:
-        hp = parse_args(argv, presets, default_preset, prog)
+        hp, form = _parse(argv, presets, default_preset, prog)
+        if form:
+            check_hyperparameters(hp, 1)  # the checks that need no devices: a wrapper stops before it starts any
+            print(format_config(hp, form))
+            return 0
     except (ConfigError, CheckpointError) as e:
         print(f"train_gpt.py: error: {e}", file=sys.stderr)
         return 2
@@ -1672,7 +1828,10 @@ def main(argv: list[str] | None = None, presets: dict[str, dict] | None = None, 
 
 def _reexec_with_cpu_malloc_settings() -> None:
     """On CPU, glibc returns every large tensor's pages to the kernel and faults them in again on the next step,
-    which doubles the step time of the tiny preset. Keep freed memory in the heap instead (set before start-up)."""
+    which doubles the step time of the tiny preset. Keep freed memory in the heap instead (set before start-up).
+    Not for --print-config, which trains nothing and which the wrappers wait for."""
+    if any(a.split("=", 1)[0] == "--print-config" for a in sys.argv[1:]):
+        return
     if os.environ.get("MALLOC_MMAP_MAX_") is None and not torch.cuda.is_available() and sys.platform == "linux":
         env = dict(os.environ, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40))
         os.execve(sys.executable, [sys.executable, *sys.argv], env)

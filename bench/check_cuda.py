@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train_gpt.py
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_train.py, also when this file is imported
+import kit  # noqa: E402
 import train_gpt as tg  # noqa: E402
 from bench_train import SyntheticBatches, synthetic_tokens  # noqa: E402
 
@@ -142,7 +143,10 @@ def main(argv=None) -> int:
     p.add_argument("--train-files", default="*_train_*.bin")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = kit.resolve_device(args.device, train=False)
+    except kit.ConfigError as e:
+        p.error(str(e))
     checks = [c.strip() for c in args.checks.split(",") if c.strip()]
     unknown = set(checks) - {"attention", "fp8", "compile"}
     if unknown:

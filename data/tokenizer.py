@@ -100,7 +100,7 @@ def gpt2_tokenizer():
     raise TokenizerUnavailable(
         "no GPT-2 vocabulary available: " + "; ".join(errors) + ". Either give tiktoken network access once "
         f"(it caches the vocabulary in TIKTOKEN_CACHE_DIR), or point {RANKS_ENV} at a gpt2.tiktoken ranks file, or "
-        "install the offline copy: pip install --no-deps openai-whisper==20250625")
+        "install the offline copy: pip install --no-deps -r requirements-vocab.txt")
 
 
 def encode(text: str) -> list[int]:

@@ -354,8 +354,6 @@ docker_run_args() {
 
 # --- local virtualenv ------------------------------------------------------------------------------------------------
 
-KIT_WHISPER_SPEC=openai-whisper==20250625
-
 venv_dir() {
   printf '%s\n' "${KIT_VENV:-$KIT_ROOT/.venv}"
 }
@@ -396,7 +394,7 @@ ensure_venv() {
     run_cmd "$KIT_PY" -m pip install --quiet "${KIT_TORCH_SPEC:-torch}"
   fi
   # the offline GPT-2 vocabulary (whisper/assets/gpt2.tiktoken); its own dependencies are not needed
-  run_cmd "$KIT_PY" -m pip install --quiet --no-deps "$KIT_WHISPER_SPEC"
+  run_cmd "$KIT_PY" -m pip install --quiet --no-deps -r "$KIT_ROOT/requirements-vocab.txt"
 }
 
 # local_cmd CMD...: fills LOCAL_CMD with CMD, prefixed with `env NAME=VALUE...` for KIT_ENV and for the compile

@@ -3,7 +3,7 @@
 # cvlization-torch-gpu, a plain Debian with torch in a venv), so POSIX sh, and each prints one line of what it did.
 #
 #   kit-image-setup compilers        a C and C++ compiler and Python's headers (installed when missing), then checked
-#   kit-image-setup pip REQUIREMENTS the kit's packages and the offline GPT-2 vocabulary
+#   kit-image-setup pip REQUIREMENTS the kit's packages and, from requirements-vocab.txt beside it, the offline GPT-2 vocabulary
 #   kit-image-setup tiktoken         tiktoken's own gpt2 files, when the build can download them
 #
 # The build's secrets (build.sh --ca-bundle, PIP_INDEX_URL, PIP_EXTRA_INDEX_URL) are files under /run/secrets that
@@ -12,7 +12,6 @@ set -eu
 
 SECRETS=${KIT_SECRETS_DIR:-/run/secrets}
 APT_LISTS=${KIT_APT_LISTS_DIR:-/var/lib/apt/lists}   # emptied after an install (the tests point both elsewhere)
-WHISPER_SPEC=openai-whisper==20250625
 
 say() { printf 'kit-image-setup: %s\n' "$1"; }
 die() { printf 'kit-image-setup: error: %s\n' "$1" >&2; exit 1; }
@@ -118,9 +117,10 @@ pip_packages() {
   requirements=$1
   use_secrets
   python -m pip install --no-cache-dir --quiet -r "$requirements"
-  # openai-whisper only for its copy of the GPT-2 vocabulary, without its dependencies
-  python -m pip install --no-cache-dir --quiet --no-deps "$WHISPER_SPEC"
-  say "installed $requirements and $WHISPER_SPEC"
+  case $requirements in */*) dir=${requirements%/*} ;; *) dir=. ;; esac
+  vocab=$dir/requirements-vocab.txt  # the offline GPT-2 vocabulary, its data only
+  python -m pip install --no-cache-dir --quiet --no-deps -r "$vocab"
+  say "installed $requirements and $vocab"
 }
 
 tiktoken_files() {

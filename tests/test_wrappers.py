@@ -1078,7 +1078,7 @@ def test_image_pip_step_reads_the_build_secrets(setup):
     p = setup.run("pip", "/tmp/requirements.txt")
     assert p.returncode == 0, p.stderr
     assert setup.lines() == ["-m pip install --no-cache-dir --quiet -r /tmp/requirements.txt||||",
-                             "-m pip install --no-cache-dir --quiet --no-deps openai-whisper==20250625||||"]
+                             "-m pip install --no-cache-dir --quiet --no-deps -r /tmp/requirements-vocab.txt||||"]
     setup.log.unlink()
     setup.secret("ca_bundle", "PEM")
     setup.secret("pip_index_url", "https://u:t@mirror.example/simple")
