@@ -74,93 +74,89 @@ def parse_log(path) -> dict:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise NotARunLog(f"{path}: unreadable as a run log ({e})") from e
-    lines = text.splitlines()
+    found = _scan(text.splitlines())
+    config = found["config"]
+    if config is None:
+        raise NotARunLog(f"{path}: no config block, not a train_gpt.py run log")
+    seqs, seq_len = int(config.get("seqs_per_step", 0)), int(config.get("train_seq_len", 0))
+    target = float(config.get("target_val_loss") or 0.0)
+    curve = [(s, v, t) for s, (v, t) in sorted(found["val"].items())]
+    outcome = _outcome(found, curve)
+    steps, train_time_s, final_val = outcome["steps"], outcome["train_time_s"], outcome["final_val_loss"]
+    val_tokens = int(config.get("val_tokens") or TRACK_VAL_TOKENS)
+    comparable = target_comparable(target, str(config.get("val_files", "")), val_tokens)
+    gpus = found["gpus"]
+    return {
+        "run_id": path.stem, "path": str(path), "config": config, "preset": config.get("preset", "?"),
+        "num_iterations": int(config["num_iterations"]), "seqs_per_step": seqs, "train_seq_len": seq_len,
+        "global_batch_tokens": seqs * seq_len, "target_val_loss": target,
+        **_hardware(found), "gpus": int(gpus.group(1)) if gpus else None, "cpu_threads": found["cpu_threads"],
+        **outcome, "resumed": found["resumed"],
+        "tokens_per_s": steps * seqs * seq_len / train_time_s if train_time_s > 0 else math.nan,
+        "reached_target": bool(final_val <= target) if comparable and not math.isnan(final_val) else None,
+        "target_comparable": comparable, "val_curve": curve,
+    }
 
-    config, summary, run_line, gpus, cpu_threads = None, None, None, None, None
-    resumed = 0
-    val: dict[int, tuple[float, float]] = {}
-    last_step, last_time_ms = 0, 0
+
+def _scan(lines: list[str]) -> dict:
+    """One pass over a log: the last config block and, after it, the lines a report reads (a summary belongs to
+    the segment it follows: a later config block, written by a resume, clears it)."""
+    found = {"config": None, "summary": None, "run_line": None, "gpus": None, "cpu_threads": None, "resumed": 0,
+             "val": {}, "last_step": 0, "last_time_ms": 0}
+    matchers = {"final val_loss:": ("summary", SUMMARY_LINE), "run ": ("run_line", RUN_LINE),
+                "gpus ": ("gpus", GPUS_LINE)}
     i = 0
     while i < len(lines):
         line = lines[i]
-        if line.startswith("config {"):
-            found = _config_at(lines, i)
-            if found is not None:
-                config, i = found
-                summary = None  # a summary belongs to the segment it follows
-                continue
-        if config is None:  # the trainer's source and anything else before the first config block
-            i += 1
+        if line.startswith("config {") and (block := _config_at(lines, i)) is not None:
+            found["config"], i = block
+            found["summary"] = None
             continue
-        if line.startswith("step:"):
-            m = STEP_LINE.match(line)
-            if m:
-                step, time_ms = int(m.group(1)), int(m.group(5))
-                last_step, last_time_ms = step, time_ms
-                if m.group(3) == "val_loss":
-                    val[step] = (float(m.group(4)), time_ms / 1000)
-        elif line.startswith("final val_loss:"):
-            m = SUMMARY_LINE.match(line)
-            if m:
-                summary = m
-        elif line.startswith("resumed from "):
-            resumed += 1
-        elif line.startswith("run "):
-            m = RUN_LINE.match(line)
-            if m:
-                run_line = m
-        elif line.startswith("gpus "):
-            m = GPUS_LINE.match(line)
-            if m:
-                gpus = m
-        elif line.startswith("cpu threads "):
-            m = CPU_LINE.match(line)
-            if m:
-                cpu_threads = int(m.group(1))
         i += 1
-    if config is None:
-        raise NotARunLog(f"{path}: no config block, not a train_gpt.py run log")
+        if found["config"] is None:  # the trainer's source and anything else before the first config block
+            continue
+        if line.startswith("step:") and (m := STEP_LINE.match(line)):
+            step, time_ms = int(m.group(1)), int(m.group(5))
+            found["last_step"], found["last_time_ms"] = step, time_ms
+            if m.group(3) == "val_loss":
+                found["val"][step] = (float(m.group(4)), time_ms / 1000)
+        elif line.startswith("resumed from "):
+            found["resumed"] += 1
+        elif line.startswith("cpu threads ") and (m := CPU_LINE.match(line)):
+            found["cpu_threads"] = int(m.group(1))
+        else:
+            for prefix, (key, pattern) in matchers.items():
+                if line.startswith(prefix) and (m := pattern.match(line)):
+                    found[key] = m
+    return found
 
-    seqs, seq_len = int(config.get("seqs_per_step", 0)), int(config.get("train_seq_len", 0))
-    target = float(config.get("target_val_loss") or 0.0)
+
+def _hardware(found: dict) -> dict:
+    """processes, device, gpu_name and the hardware column, from the run line and the environment report."""
+    run_line, gpus, threads = found["run_line"], found["gpus"], found["cpu_threads"]
     processes = int(run_line.group(2)) if run_line else 1
     device = run_line.group(3) if run_line else ("cuda" if gpus else "cpu")
     gpu_name = _short_gpu_name(gpus.group(2)) if gpus and device == "cuda" else None
     if device == "cuda":
         hardware = f"{processes}x {gpu_name or 'GPU'}"
     else:
-        hardware = f"{processes}x {device}" + (f" ({cpu_threads} threads)" if cpu_threads else "")
+        hardware = f"{processes}x {device}" + (f" ({threads} threads)" if threads else "")
+    return {"processes": processes, "device": device, "gpu_name": gpu_name, "hardware": hardware}
 
-    curve = [(s, v, t) for s, (v, t) in sorted(val.items())]
-    finished = summary is not None
-    if finished:
-        final_val = float(summary.group(1))
-        steps = int(summary.group(3))
-        train_time_s = float(summary.group(2))
-        # the summary has 0.1 s resolution; the last val line has ms and agrees unless a final checkpoint was timed
-        if curve and curve[-1][0] == steps and abs(curve[-1][2] - train_time_s) <= 0.05 + 1e-9:
-            train_time_s = curve[-1][2]
-        val_step = curve[-1][0] if curve else steps
-    else:
-        final_val = curve[-1][1] if curve else math.nan
-        val_step = curve[-1][0] if curve else None
-        steps = last_step
-        train_time_s = last_time_ms / 1000
-    tokens_per_s = steps * seqs * seq_len / train_time_s if train_time_s > 0 else math.nan
-    val_files = str(config.get("val_files", ""))
-    val_tokens = int(config.get("val_tokens") or TRACK_VAL_TOKENS)
-    comparable = target_comparable(target, val_files, val_tokens)
-    reached = bool(final_val <= target) if comparable and not math.isnan(final_val) else None
-    return {
-        "run_id": path.stem, "path": str(path), "config": config, "preset": config.get("preset", "?"),
-        "num_iterations": int(config["num_iterations"]), "seqs_per_step": seqs, "train_seq_len": seq_len,
-        "global_batch_tokens": seqs * seq_len, "target_val_loss": target,
-        "processes": processes, "device": device, "gpus": int(gpus.group(1)) if gpus else None,
-        "gpu_name": gpu_name, "cpu_threads": cpu_threads, "hardware": hardware,
-        "steps": steps, "finished": finished, "resumed": resumed, "final_val_loss": final_val, "val_step": val_step,
-        "train_time_s": train_time_s, "tokens_per_s": tokens_per_s, "reached_target": reached,
-        "target_comparable": comparable, "val_curve": curve,
-    }
+
+def _outcome(found: dict, curve: list) -> dict:
+    """steps, finished, final_val_loss, val_step and train_time_s: the summary's where the run finished, else the
+    last lines'."""
+    summary = found["summary"]
+    if summary is None:
+        return {"steps": found["last_step"], "finished": False, "final_val_loss": curve[-1][1] if curve else math.nan,
+                "val_step": curve[-1][0] if curve else None, "train_time_s": found["last_time_ms"] / 1000}
+    steps, train_time_s = int(summary.group(3)), float(summary.group(2))
+    # the summary has 0.1 s resolution; the last val line has ms and agrees unless a final checkpoint was timed
+    if curve and curve[-1][0] == steps and abs(curve[-1][2] - train_time_s) <= 0.05 + 1e-9:
+        train_time_s = curve[-1][2]
+    return {"steps": steps, "finished": True, "final_val_loss": float(summary.group(1)),
+            "val_step": curve[-1][0] if curve else steps, "train_time_s": train_time_s}
 
 
 COLUMNS = ["run", "preset", "hardware", "steps", "val loss", "time (s)", "tokens/s", "target", "status"]
