@@ -195,7 +195,7 @@ def validation_memory(trainer, hp: tg.Hyperparameters, device: torch.device, win
     return out
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny", choices=list(all_presets()))
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default: 50 on GPU, 5 on CPU)")
@@ -211,10 +211,12 @@ def main(argv=None) -> int:
                     help="after timing, profile N steps and print where the GPU time goes (CUDA)")
     ap.add_argument("--validate", action="store_true",
                     help="also run one validation forward (val_seq_len tokens) and report its peak memory")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    hp = tg.preset_hyperparameters(args.preset, all_presets())
-    over = {}
+
+def settings(args: argparse.Namespace) -> tuple[tg.Hyperparameters, torch.device]:
+    """The preset with the benchmark's overrides, checked, and the device it runs on."""
+    over = {"device": args.device}
     if args.no_compile:
         over["compile"] = False
     if args.no_fp8:
@@ -223,17 +225,60 @@ def main(argv=None) -> int:
         over["data_dir"] = args.data_dir
     if args.train_files:
         over["train_files"] = args.train_files
-    hp = dataclasses.replace(hp, device=args.device, **over)
+    hp = dataclasses.replace(tg.preset_hyperparameters(args.preset, all_presets()), **over)
     device = kit.resolve_device(hp.device, 0)
-    hp = dataclasses.replace(hp, attention="flex" if device.type == "cuda" else "dense")
+    hp = dataclasses.replace(hp, attention=tg.attention_impl(device))
     tg.check_hyperparameters(hp, 1)
-    steps = args.steps if args.steps is not None else (50 if device.type == "cuda" else 5)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    return hp, device
 
+
+def warm_up(trainer, batches, device: torch.device, steps: int) -> tuple[float, dict]:
+    """The untimed first steps (compile happens here): their time and, on GPUs, their peak memory."""
+    if os.environ.get("BENCH_STACKS"):  # diagnose a slow warm-up: every N seconds, where is Python?
+        import faulthandler
+        faulthandler.dump_traceback_later(float(os.environ["BENCH_STACKS"]), repeat=True)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        t = time.perf_counter()
+        trainer.train_step(batches.next_batch(device))
+        kit.synchronize(device)
+        print(f"warm-up step {i + 1}: {time.perf_counter() - t:.1f}s", flush=True)
+    warmup_s = time.perf_counter() - t0
+    if os.environ.get("BENCH_STACKS"):
+        faulthandler.cancel_dump_traceback_later()
+    memory = {}
+    if device.type == "cuda":
+        memory = {"warmup_peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+                  "warmup_peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2)}
+        torch.cuda.reset_peak_memory_stats(device)
+    return warmup_s, memory
+
+
+def time_steps(trainer, batches, device: torch.device, steps: int) -> tuple[list[float], float, list]:
+    """Step times at the end-of-training window (the most expensive attention), the last loss and batch; losses
+    are not synced inside the loop."""
+    last_step = trainer.hp.num_iterations - 1
+    times, batch, loss = [], None, None
+    for _ in range(steps):
+        trainer.step = last_step
+        batch = batches.next_batch(device)
+        kit.synchronize(device)
+        t = time.perf_counter()
+        loss = trainer.train_step(batch)
+        kit.synchronize(device)
+        times.append(time.perf_counter() - t)
+    trainer.step = last_step
+    return times, loss.item(), batch
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    hp, device = settings(args)
+    steps = args.steps if args.steps is not None else (50 if device.type == "cuda" else 5)
     if args.data_dir:
-        files = tg.find_shards(hp.data_dir, hp.train_files, "train")
-        trainer = tg.Trainer(hp, device, train_files=files)
+        trainer = tg.Trainer(hp, device, train_files=tg.find_shards(hp.data_dir, hp.train_files, "train"))
         batches = trainer.loader
     else:
         trainer = tg.Trainer(hp, device)
@@ -243,38 +288,25 @@ def main(argv=None) -> int:
           f"({trainer.grad_accum} micro-steps of {hp.train_seq_len}) on {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}; attention "
           f"{model.attn_impl}, lm_head {model.head_precision}, compile {hp.compile}", flush=True)
-
-    if os.environ.get("BENCH_STACKS"):  # diagnose a slow warm-up: every N seconds, where is Python?
-        import faulthandler
-        faulthandler.dump_traceback_later(float(os.environ["BENCH_STACKS"]), repeat=True)
-    t0 = time.perf_counter()
-    for i in range(args.warmup_steps):
-        t = time.perf_counter()
-        trainer.train_step(batches.next_batch(device))
-        kit.synchronize(device)
-        print(f"warm-up step {i + 1}: {time.perf_counter() - t:.1f}s", flush=True)
-    warmup_s = time.perf_counter() - t0
-    if os.environ.get("BENCH_STACKS"):
-        faulthandler.cancel_dump_traceback_later()
-    warmup_memory = {}
-    if device.type == "cuda":
-        warmup_memory = {"warmup_peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
-                         "warmup_peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2)}
-        torch.cuda.reset_peak_memory_stats(device)
-
-    # time at the end-of-training window (the most expensive attention); losses are not synced inside the loop
-    trainer.step = hp.num_iterations - 1
+    warmup_s, warmup_memory = warm_up(trainer, batches, device, args.warmup_steps)
+    times, loss, last_batch = time_steps(trainer, batches, device, steps)
     window = tg.window_blocks(trainer.step, hp)
-    times, last_batch = [], None
-    for _ in range(steps):
-        batch = batches.next_batch(device)
-        kit.synchronize(device)
-        t = time.perf_counter()
-        loss = trainer.train_step(batch)
-        kit.synchronize(device)
-        times.append(time.perf_counter() - t)
-        trainer.step = hp.num_iterations - 1
-        last_batch = batch
+    result = summarise(args, hp, trainer, device, times, loss, last_batch, window, warmup_s, warmup_memory)
+    if args.validate:
+        result.update(validation_memory(trainer, hp, device, window))
+    if args.profile and device.type == "cuda":
+        result["profile"] = profile_steps(trainer, batches, device, args.profile)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(args.json + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(tmp, args.json)
+    return 0
+
+
+def summarise(args, hp, trainer, device, times, loss, last_batch, window, warmup_s, warmup_memory) -> dict:
+    """The figures of the run (printed as they are known) and the JSON result."""
+    model = trainer.model
     tokens_np = np.concatenate([x.cpu().numpy() for x, _ in last_batch])
     fpt = flops_per_token(model, tokens_np, window)
     step_s = statistics.median(times)
@@ -286,12 +318,12 @@ def main(argv=None) -> int:
         "preset": hp.preset, "device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
         "date": time.strftime("%Y-%m-%d"), "compile": hp.compile, "lm_head": model.head_precision,
         "attention": model.attn_impl, "global_batch_tokens": hp.global_batch_tokens,
-        "grad_accum": trainer.grad_accum, "timed_steps": steps, "warmup_steps": args.warmup_steps,
+        "grad_accum": trainer.grad_accum, "timed_steps": len(times), "warmup_steps": args.warmup_steps,
         "warmup_s": round(warmup_s, 2), "step_ms_median": round(1000 * step_s, 2),
         "step_ms_mean": round(1000 * statistics.mean(times), 2), "tokens_per_s": round(tok_s),
         "model_flops_per_token": round(fpt), "achieved_tflops": round(achieved / 1e12, 3),
         "peak_tflops": peak, "mfu": round(achieved / (peak * 1e12), 4) if peak else None,
-        "peak_memory": kit.peak_memory(device), "final_loss": round(loss.item(), 4), "window_blocks": window,
+        "peak_memory": kit.peak_memory(device), "final_loss": round(loss, 4), "window_blocks": window,
         "driver": None,
     }
     if device.type == "cuda":
@@ -303,20 +335,11 @@ def main(argv=None) -> int:
               f"(timed steps); warm-up and compile: allocated {warmup_memory['warmup_peak_allocated_gib']} GiB, "
               f"reserved {warmup_memory['warmup_peak_reserved_gib']} GiB", flush=True)
     print(f"warm-up {args.warmup_steps} steps (compile included): {warmup_s:.1f}s")
-    print(f"step {1000 * step_s:.1f} ms (median of {steps}), {tok_s:,.0f} tokens/s, "
+    print(f"step {1000 * step_s:.1f} ms (median of {len(times)}), {tok_s:,.0f} tokens/s, "
           f"{fpt / 1e9:.3f} GFLOP/token, {achieved / 1e12:.3f} TFLOP/s achieved, "
           f"MFU {'%.1f%%' % (100 * result['mfu']) if peak else 'n/a (no peak known; pass --peak-tflops)'}")
     print(f"peak memory: {result['peak_memory']}", flush=True)
-    if args.validate:
-        result.update(validation_memory(trainer, hp, device, window))
-    if args.profile and device.type == "cuda":
-        result["profile"] = profile_steps(trainer, batches, device, args.profile)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.json + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, args.json)
-    return 0
+    return result
 
 
 if __name__ == "__main__":
