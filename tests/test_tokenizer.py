@@ -9,7 +9,7 @@ import pytest
 
 import train_gpt as tg
 from conftest import ROOT
-from data import builtin, tokenizer
+from data import builtin, shards, tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -21,23 +21,26 @@ def fresh_tokenizer_cache():
 
 def test_known_gpt2_ids():
     enc, _ = tokenizer.gpt2_tokenizer()
-    assert tokenizer.encode("Hello world") == [15496, 995]
+    assert enc.encode_ordinary("Hello world") == [15496, 995]
     assert enc.encode("<|endoftext|>", allowed_special="all") == [tokenizer.EOT_ID] == [50256]
     assert enc.n_vocab == 50257
 
 
 def test_special_text_is_plain_text():
-    ids = tokenizer.encode("a<|endoftext|>b")
+    """encode_ordinary, which prepare.py and the built-in corpus use: the special token's text is plain text."""
+    enc, _ = tokenizer.gpt2_tokenizer()
+    ids = enc.encode_ordinary("a<|endoftext|>b")
     assert tokenizer.EOT_ID not in ids
-    assert tokenizer.decode(ids) == "a<|endoftext|>b"
+    assert enc.decode(ids) == "a<|endoftext|>b"
 
 
 @pytest.mark.parametrize("text", ["déjà vu — naïve café", "日本語のテキスト", "emoji 🚀🧪 and tabs\t\n\n  spaces",
                                   "def f(x):\n    return x ** 2  # ünïcode\n"])
 def test_round_trip_on_unicode(text):
-    ids = tokenizer.encode(text)
+    enc, _ = tokenizer.gpt2_tokenizer()
+    ids = enc.encode_ordinary(text)
     assert all(0 <= i < 50256 for i in ids)
-    assert tokenizer.decode(ids) == text
+    assert enc.decode(ids) == text
 
 
 def test_ranks_file_from_environment_wins(monkeypatch):
@@ -92,7 +95,7 @@ def test_no_source_names_both_remedies(monkeypatch):
     with pytest.raises(tokenizer.TokenizerUnavailable) as exc:
         tokenizer.gpt2_tokenizer()
     msg = str(exc.value)
-    assert tokenizer.RANKS_ENV in msg and "pip install --no-deps openai-whisper" in msg and "network" in msg
+    assert tokenizer.RANKS_ENV in msg and "pip install --no-deps -r requirements-vocab.txt" in msg and "network" in msg
 
 
 def test_tiktoken_cache_is_recognised_without_network(monkeypatch, tmp_path):
@@ -123,7 +126,7 @@ def test_builtin_corpus_layout(small_corpus):
     names = [f.name for f in files]
     assert names == ["builtin_val_000000.bin", "builtin_train_000001.bin", "builtin_train_000002.bin",
                      "builtin_train_000003.bin", "builtin_train_000004.bin"][:len(names)]
-    sizes = [tg.read_shard_header(f) for f in files]
+    sizes = [shards.read_shard_header(f) for f in files]
     assert sizes[0] == 10_000 and sum(sizes) == 60_000 and all(s <= 20_000 for s in sizes[1:])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["shards"] == names and manifest["tokens"] == 60_000
@@ -132,11 +135,11 @@ def test_builtin_corpus_layout(small_corpus):
 
 def test_builtin_corpus_is_python_source(small_corpus):
     out, files = small_corpus
-    tokens = np.concatenate([np.asarray(tg.load_shard(f)) for f in files])
+    tokens = np.concatenate([shards.read_shard(f) for f in files])
     assert tokens[0] == tokenizer.EOT_ID
     docs = np.split(tokens, np.flatnonzero(tokens == tokenizer.EOT_ID)[1:])
     assert len(docs) >= 2
-    first = tokenizer.decode(docs[0][1:].tolist())
+    first = tokenizer.gpt2_tokenizer()[0].decode(docs[0][1:].tolist())
     compile(first, "<first document>", "exec")  # a whole standard-library module: valid Python
     expected = builtin.stdlib_sources()[0].read_text(encoding="utf-8")
     assert first == expected
