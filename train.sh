@@ -9,10 +9,12 @@ KIT_PROG=train.sh
 
 usage() {
   cat <<'TXT'
-Usage: ./train.sh [FLAGS] [-- TRAIN_GPT_FLAGS...]
+Usage: ./train.sh [FLAGS] [TRAIN_GPT_FLAGS...] [-- TRAIN_GPT_FLAGS...]
 
 Runs train_gpt.py in the Docker image built by ./build.sh (or with --local in a virtualenv), under torchrun on
-the chosen GPUs, after downloading the FineWeb shards the run needs.
+the chosen GPUs, after downloading the FineWeb shards the run needs. The flags below are train.sh's own; every other
+word goes to train_gpt.py as it is, which checks it (./train.sh -- --help, or python train_gpt.py --help, lists
+its flags and --set fields: --preset, --num-iterations N, --run-name NAME, --set model_dim=64, ...).
 
 Hardware and runtime:
   --cpu                           train on the CPU (train_gpt.py --device cpu; Docker: no GPUs, no NVIDIA runtime)
@@ -28,31 +30,19 @@ Hardware and runtime:
   --image IMAGE                   Docker image (default nanogpt-speedrun:latest, or $KIT_IMAGE)
   --no-memlock                    no --ulimit memlock=-1 on a Docker GPU run (for daemons that cannot raise it:
                                   rootless Docker, some sandboxes)
-  --dry-run                       print the commands instead of running them
+  --dry-run                       print the commands instead of running them (the settings are still read from
+                                  train_gpt.py --print-config=shell, which only reads)
+  --medium                        run train_gpt_medium.py (track 2) instead of train_gpt.py
   -h, --help                      this text
 
-Training (passed to train_gpt.py):
-  --preset {speedrun,a10,tiny}    starting values for every setting (default speedrun)
-  --medium                        run train_gpt_medium.py (track 2) instead of train_gpt.py
-  --data-dir DIR                  shard directory (default data/fineweb10B; tiny: the built-in corpus)
-  --train-seq-len N               tokens per training sequence
-  --val-seq-len N                 tokens per validation forward
-  --max-batch-span-multiplier X   BOS look-ahead of a step, in batches
-  --num-iterations N              optimiser steps
-  --adam-lr X                     Adam lr of the embeddings
-  --muon-lr X                     Muon lr
-  --train-loss-every N            steps between train-loss lines
-  --val-loss-every N              steps between validations
-  --save-every N                  steps between checkpoints
-  --save-every-minutes X          minutes between rolling checkpoints, each replacing the last (default 30; 0: off)
-  --run-name NAME                 run id: logs/NAME.txt, checkpoints/NAME/
-  --resume [PATH]                 continue from a checkpoint file or run directory (default: the newest)
-  --wandb                         log to Weights & Biases (WANDB_API_KEY is passed on by name when set)
-  --no-torch-compile              skip torch.compile (train_gpt.py --no-compile)
-  -- FLAGS...                     everything after -- goes to train_gpt.py unchanged
-
 Data:
-  --shards N                      FineWeb train shards to download (default: what the run reads, plus 10%)
+  --shards N                      FineWeb train shards to download (default: what train_gpt.py --print-config
+                                  says the run reads, fineweb_shards)
+
+Paths for train_gpt.py (translated for the runtime; a path outside the repository is mounted into Docker):
+  --data-dir DIR                  shard directory
+  --resume [PATH]                 continue from a checkpoint file or run directory (default: the newest)
+  -- FLAGS...                     everything after -- goes to train_gpt.py unchanged, paths included
 
 Environment:
   KIT_COMPILE_CACHE               torch.compile cache kept between runs
@@ -62,12 +52,12 @@ Examples:
   ./train.sh                                  # the speedrun on every GPU of this machine
   ./train.sh --gpus 0,1 --preset a10          # two GPUs
   ./train.sh --cpu --preset tiny              # CPU in Docker, built-in corpus
-  ./train.sh --local --preset tiny            # CPU, built-in corpus, no Docker
+  ./train.sh --local --preset tiny --set model_dim=64 --no-compile   # CPU, no Docker, a smaller model
   ./train.sh --nnodes 2 --node-rank 0 --master-addr 10.0.0.1   # on each node, with its own rank
 TXT
 }
 
-# settings (the wrapper's own) and the flags for train_gpt.py
+# settings (the wrapper's own) and the words for train_gpt.py
 CPU=0
 NUM_GPUS=""
 GPU_LIST=""
@@ -76,20 +66,20 @@ NODE_RANK=0
 MASTER_ADDR=""
 MASTER_PORT=29500
 NCCL_P2P_OFF=0
-PRESET=speedrun
-PRESET_GIVEN=0
 SCRIPT=train_gpt.py
-DATA_DIR=""
-NUM_ITERATIONS=""
-TRAIN_SEQ_LEN=""
-RUN_NAME=""
-RESUME=0
-RESUME_PATH=""
-DATA_DIR_MAPPED=""
-DOWNLOAD_DIR=""
 SHARDS=""
-TRAIN_ARGS=()
-PASSTHROUGH=()
+DATA_DIR=""     # the run's data_dir, as the runtime reads it (from CONFIG)
+DOWNLOAD_DIR="" # the same directory on this host
+PASSTHROUGH=()  # train_gpt.py's words, in the order given
+PATH_ARGS=()    # INDEX FLAG VALUE triples: the words of PASSTHROUGH that hold a path, translated before the run
+TRAINER_HELP=0
+CONFIG=""       # train_gpt.py --print-config=shell: the run's settings as NAME=VALUE lines
+
+# path_arg FLAG VALUE: FLAG=VALUE for train_gpt.py, its VALUE translated for the runtime once that is known
+path_arg() {
+  PATH_ARGS+=("${#PASSTHROUGH[@]}" "$1" "$2")
+  PASSTHROUGH+=("$1=$2")
+}
 
 parse_args() {
   while (($#)); do
@@ -107,37 +97,39 @@ parse_args() {
       --image) need_value "$1" "$#" "${2-}"; KIT_IMAGE=$2; shift ;;
       --no-memlock) KIT_MEMLOCK=0 ;;
       --dry-run) KIT_DRY_RUN=1 ;;
-      --preset)
-        need_value "$1" "$#" "${2-}"
-        case "$2" in
-          speedrun | a10 | tiny) PRESET=$2; PRESET_GIVEN=1 ;;
-          *) die_usage "--preset must be speedrun, a10 or tiny, got '$2'" ;;
-        esac
-        shift ;;
       --medium) SCRIPT=train_gpt_medium.py ;;
-      --data-dir) need_value "$1" "$#" "${2-}"; DATA_DIR=$2; shift ;;
-      --train-seq-len | --val-seq-len | --train-loss-every | --val-loss-every | --save-every)
-        need_value "$1" "$#" "${2-}"; check_int "$1" "$2"; TRAIN_ARGS+=("$1=$2")
-        [[ "$1" != --train-seq-len ]] || TRAIN_SEQ_LEN=$((10#$2))
-        shift ;;
-      --num-iterations)
-        need_value "$1" "$#" "${2-}"; check_int "$1" "$2" 1; NUM_ITERATIONS=$((10#$2)); TRAIN_ARGS+=("$1=$2"); shift ;;
-      --max-batch-span-multiplier | --adam-lr | --muon-lr | --save-every-minutes)
-        need_value "$1" "$#" "${2-}"; check_float "$1" "$2"; TRAIN_ARGS+=("$1=$2"); shift ;;
-      --run-name) need_value "$1" "$#" "${2-}"; RUN_NAME=$2; TRAIN_ARGS+=("$1=$2"); shift ;;
-      --resume)
-        RESUME=1
-        if (($# > 1)) && [[ "$2" != -* ]]; then
-          RESUME_PATH=$2
-          shift
-        fi ;;
-      --wandb) TRAIN_ARGS+=(--wandb) ;;
-      --no-torch-compile) TRAIN_ARGS+=(--no-compile) ;;
       --shards) need_value "$1" "$#" "${2-}"; check_int "$1" "$2" 1; SHARDS=$((10#$2)); shift ;;
-      --) shift; PASSTHROUGH=("$@"); break ;;
-      *) unknown_flag "$1" ;;
+      --data-dir) need_value "$1" "$#" "${2-}"; path_arg "$1" "$2"; shift ;;
+      --data-dir=*) path_arg --data-dir "${1#*=}" ;;
+      --resume)
+        if (($# > 1)) && [[ "$2" != -* ]]; then
+          path_arg "$1" "$2"
+          shift
+        else
+          PASSTHROUGH+=("$1")
+        fi ;;
+      --resume=*) path_arg --resume "${1#*=}" ;;
+      --) shift; PASSTHROUGH+=("$@"); break ;;
+      *) PASSTHROUGH+=("$1") ;;
     esac
     shift
+  done
+  local word
+  for word in "${PASSTHROUGH[@]+"${PASSTHROUGH[@]}"}"; do
+    [[ "$word" != -h && "$word" != --help ]] || TRAINER_HELP=1
+  done
+}
+
+# map_paths: the path words of PASSTHROUGH as the runtime reads them (kit_map_path; a missing --data-dir is created)
+map_paths() {
+  local i
+  for ((i = 0; i < ${#PATH_ARGS[@]}; i += 3)); do
+    if [[ "${PATH_ARGS[i + 1]}" == --data-dir ]]; then
+      kit_map_path "${PATH_ARGS[i + 2]}" --data-dir create
+    else
+      kit_map_path "${PATH_ARGS[i + 2]}" "${PATH_ARGS[i + 1]}"
+    fi
+    PASSTHROUGH[PATH_ARGS[i]]="${PATH_ARGS[i + 1]}=$KIT_MAPPED"
   done
 }
 
@@ -235,19 +227,19 @@ gpu_processes() {
 }
 
 # resolve_gpus: sets NPROC and KIT_GPU_SPEC from --num-gpus / --gpus and the GPUs there are. The run is on the CPU
-# with --cpu (or its long form -- --device cpu), or locally on a machine without GPUs (no nvidia-smi, or it lists
+# with --cpu (or its long form --device cpu), or locally on a machine without GPUs (no nvidia-smi, or it lists
 # none) and no --gpus; there --num-gpus N starts N processes. Any other run is on GPUs.
 resolve_gpus() {
   local device
   device=$(passthrough_value --device)
   if ((CPU)) && [[ -n "$device" && "$device" != cpu ]]; then
-    die_usage "--cpu trains on the CPU, but -- --device $device asks for another device; drop one of them"
+    die_usage "--cpu trains on the CPU, but --device $device asks for another device; drop one of them"
   fi
   count_gpus
   if ((CPU)); then
     cpu_processes --cpu
   elif [[ "$device" == cpu ]]; then
-    cpu_processes "-- --device cpu"
+    cpu_processes "--device cpu"
   elif [[ "$KIT_RUNTIME" == local && -z "$GPU_LIST" && "${VISIBLE:-0}" == 0 ]]; then
     cpu_processes "a machine without GPUs"
   else
@@ -264,75 +256,74 @@ resolve_gpus() {
   fi
 }
 
-# global_batch_tokens: tokens per optimiser step of the preset, with --train-seq-len / --seqs-per-step applied
-global_batch_tokens() {
-  local seqs seq_len value
-  # the presets' batches (train_gpt.py PRESETS, train_gpt_medium.py MEDIUM); tests/test_wrappers.py checks them
-  if [[ "$SCRIPT" == train_gpt_medium.py ]]; then
-    seqs=8; seq_len=65536
+# run_config: CONFIG, the run's resolved settings and what follows from them, from the trainer itself: SCRIPT's
+# --print-config=shell with the words the training gets, run in the same runtime (with --dry-run too: it only
+# reads). A flag the trainer refuses ends the wrapper here, with the trainer's own line and exit status. With
+# --dry-run and the runtime not ready (no image, no virtualenv yet) the command is printed instead, CONFIG empty.
+run_config() {
+  local saved_gpus=$KIT_GPU_SPEC saved_env=("${KIT_ENV[@]+"${KIT_ENV[@]}"}")
+  KIT_GPU_SPEC=none
+  KIT_ENV=()
+  if ((KIT_DRY_RUN && !KIT_RUNTIME_READY)); then
+    in_runtime python "$SCRIPT" "$@" --print-config=shell
   else
-    case "$PRESET" in
-      a10) seqs=32; seq_len=12288 ;;
-      *) seqs=8; seq_len=49152 ;;
-    esac
+    capture_in_runtime python "$SCRIPT" "$@" --print-config=shell || exit
+    CONFIG=$KIT_CAPTURED
+    check_config
   fi
-  [[ -z "$TRAIN_SEQ_LEN" ]] || seq_len=$TRAIN_SEQ_LEN
-  value=$(passthrough_value --seqs-per-step)
-  [[ -z "$value" ]] || seqs=$value
-  value=$(passthrough_value --train-seq-len)
-  [[ -z "$value" ]] || seq_len=$value
-  printf '%s\n' "$((seqs * seq_len))"
+  KIT_GPU_SPEC=$saved_gpus
+  KIT_ENV=("${saved_env[@]+"${saved_env[@]}"}")
 }
 
-# shards_for_run: train shards the run reads (data/fineweb.py's shards_needed), or --shards
-shards_for_run() {
-  if [[ -n "$SHARDS" ]]; then
-    printf '%s\n' "$SHARDS"
+# check_config: every line of CONFIG is NAME=VALUE with VALUE as Python's shlex.quote writes it (a word of safe
+# characters, or single-quoted), so that config_value can eval it
+check_config() {
+  local line re="^[a-z_][a-z0-9_]*=([A-Za-z0-9_@%+=:,./-]*|'([^']|'\"'\"')*')$"
+  [[ -n "$CONFIG" ]] || die "$SCRIPT --print-config=shell printed nothing"
+  while IFS= read -r line; do
+    [[ "$line" =~ $re ]] || die "$SCRIPT --print-config=shell printed '$line', which is not NAME=VALUE"
+  done <<<"$CONFIG"
+}
+
+# config_value NAME: NAME's value in CONFIG (empty when CONFIG is, or NAME is not in it)
+config_value() {
+  [[ -n "$CONFIG" ]] || return 0
+  (eval "$CONFIG" && printf '%s\n' "${!1-}")
+}
+
+# plan_data: where the shards come from (DATA_SOURCE) and whether some must be downloaded first (DOWNLOAD_SHARDS,
+# into DATA_DIR, the runtime's path): the run's data_dir and fineweb_shards (0: its files are not FineWeb's, e.g.
+# the built-in corpus, which train_gpt.py builds itself), or --shards. A directory other than the kit's FineWeb
+# one that already holds shards is used as it is.
+plan_data() {
+  local dir n i missing=0 default_real="" dir_real=""
+  DOWNLOAD_SHARDS=""
+  if [[ -z "$CONFIG" ]]; then
+    DATA_SOURCE="read from $SCRIPT --print-config=shell when run without --dry-run"
     return 0
   fi
-  local default_steps=1695 steps batch py
-  [[ "$SCRIPT" != train_gpt_medium.py ]] || default_steps=5960
-  steps=${NUM_ITERATIONS:-$default_steps}
-  batch=$(global_batch_tokens)
-  py=$(command -v python3 || true)
-  if [[ "$KIT_RUNTIME" == local && -x "${KIT_PY:-}" ]]; then py=$KIT_PY; fi
-  if [[ -n "$py" ]]; then
-    (cd "$KIT_ROOT" && "$py" -c 'import sys; from data.fineweb import shards_needed as n; print(min(103, n(int(sys.argv[1]), int(sys.argv[2]))))' "$steps" "$batch")
-  else  # the same formula: ceil(steps x batch x 1.1 / 1e8)
-    local n=$(((steps * batch * 11 + 999999999) / 1000000000))
-    ((n <= 103)) || n=103
-    printf '%s\n' "$n"
+  DATA_DIR=$(config_value data_dir)
+  n=$(config_value fineweb_shards)
+  if [[ ! "$n" =~ ^[0-9]+$ ]]; then
+    die "$SCRIPT --print-config=shell gave no fineweb_shards (got '$n'): is $SCRIPT older than train.sh?"
   fi
-}
-
-# plan_data: where the shards come from (DATA_SOURCE) and whether some must be downloaded first (DOWNLOAD_SHARDS)
-plan_data() {
-  local dir n i missing=0
-  DOWNLOAD_SHARDS=""
-  if [[ -z "$DATA_DIR" ]]; then
-    if [[ "$PRESET" == tiny ]]; then
-      DATA_SOURCE="built-in corpus (data/builtin)"
-      return 0
-    fi
-    dir=$KIT_ROOT/data/fineweb10B
-  else
-    if [[ "$DATA_DIR" == /* ]]; then dir=$DATA_DIR; else dir=$PWD/$DATA_DIR; fi
-    local default_real="" dir_real=""
-    default_real=$(cd "$KIT_ROOT/data" 2>/dev/null && pwd -P)/fineweb10B
-    [[ ! -d "$dir" ]] || dir_real=$(cd "$dir" && pwd -P)
-    if [[ "$dir_real" != "$default_real" ]]; then
-      if compgen -G "$dir/*.bin" >/dev/null || [[ " ${PASSTHROUGH[*]-} " == *" --train-files"* ]]; then
-        DATA_SOURCE="$DATA_DIR (existing files)"
-        return 0
-      fi
-    fi
+  if ((n == 0)); then
+    DATA_SOURCE="$DATA_DIR ($(config_value train_files); nothing to download)"
+    return 0
   fi
-  n=$(shards_for_run)
+  if [[ "$DATA_DIR" == /* ]]; then dir=$DATA_DIR; else dir=$KIT_ROOT/$DATA_DIR; fi
+  default_real=$(cd "$KIT_ROOT/data" 2>/dev/null && pwd -P)/fineweb10B
+  [[ ! -d "$dir" ]] || dir_real=$(cd "$dir" && pwd -P)
+  if [[ "$dir_real" != "$default_real" ]] && compgen -G "$dir/*.bin" >/dev/null; then
+    DATA_SOURCE="$DATA_DIR (existing files)"
+    return 0
+  fi
+  [[ -z "$SHARDS" ]] || n=$SHARDS
   [[ -f "$dir/fineweb_val_000000.bin" ]] || missing=1
   for ((i = 1; i <= n; i++)); do
     [[ -f "$(printf '%s/fineweb_train_%06d.bin' "$dir" "$i")" ]] || missing=1
   done
-  DATA_SOURCE="${DATA_DIR:-data/fineweb10B} (FineWeb 10B, $n train shards"
+  DATA_SOURCE="$DATA_DIR (FineWeb 10B, $n train shards"
   if ((missing)); then
     DOWNLOAD_SHARDS=$n
     DOWNLOAD_DIR=$dir
@@ -345,14 +336,14 @@ plan_data() {
 # download_data: fetches the validation shard and DOWNLOAD_SHARDS train shards (present ones are skipped)
 download_data() {
   [[ -n "$DOWNLOAD_SHARDS" ]] || return 0
-  say "downloading the FineWeb validation shard and $DOWNLOAD_SHARDS train shards into ${DATA_DIR:-data/fineweb10B}"
+  say "downloading the FineWeb validation shard and $DOWNLOAD_SHARDS train shards into $DATA_DIR"
   local saved_gpus=$KIT_GPU_SPEC saved_env=("${KIT_ENV[@]+"${KIT_ENV[@]}"}")
   KIT_GPU_SPEC=none
   KIT_ENV=()
   if ((!KIT_DRY_RUN)); then
     mkdir -p "$DOWNLOAD_DIR"   # before Docker would create it, owned by root
   fi
-  in_runtime python data/cached_fineweb10B.py "$DOWNLOAD_SHARDS" "--data-dir=${DATA_DIR_MAPPED:-data/fineweb10B}"
+  in_runtime python data/cached_fineweb10B.py "$DOWNLOAD_SHARDS" "--data-dir=$DATA_DIR"
   KIT_GPU_SPEC=$saved_gpus
   KIT_ENV=("${saved_env[@]+"${saved_env[@]}"}")
 }
@@ -371,16 +362,33 @@ launcher() {
 }
 
 print_settings() {
-  local where
+  local where preset run_name
   if [[ "$KIT_RUNTIME" == docker ]]; then where="docker image $KIT_IMAGE"; else where="local virtualenv $(venv_dir)"; fi
-  say "preset:    $PRESET$([[ "$SCRIPT" == train_gpt.py ]] || printf ' (%s)' "$SCRIPT")"
+  preset=$(config_value preset)
+  run_name=$(config_value run_name)
+  if [[ -z "$CONFIG" ]]; then
+    run_name="(settings not read in this --dry-run)"
+  elif [[ -z "$run_name" ]]; then
+    if [[ -n "$(config_value resume)" ]]; then run_name="from the checkpoint"; else run_name="generated by $SCRIPT"; fi
+  fi
+  say "preset:    ${preset:-(not read)}$([[ "$SCRIPT" == train_gpt.py ]] || printf ' (%s)' "$SCRIPT")"
   say "GPUs:      $NPROC process(es) per node, devices: ${KIT_GPU_SPEC/#none/none (CPU)}"
   say "nodes:     $NNODES (this is rank $NODE_RANK$([[ -z "$MASTER_ADDR" ]] || printf ', master %s:%s' "$MASTER_ADDR" "$MASTER_PORT"))"
   say "runtime:   $where"
   say "data:      $DATA_SOURCE"
-  say "run name:  ${RUN_NAME:-$([[ $RESUME == 1 ]] && printf 'from the checkpoint' || printf 'generated by %s' "$SCRIPT")}"
+  say "run name:  $run_name"
   say "compile cache: $(compile_cache_summary)"
   if ((NCCL_P2P_OFF)); then say "NCCL_P2P_DISABLE=1"; fi
+}
+
+# prepare_runtime: the image (and, for a GPU run, a docker that can give containers GPUs) or the virtualenv
+prepare_runtime() {
+  if [[ "$KIT_RUNTIME" == docker ]]; then
+    check_image
+    check_gpu_runtime
+  else
+    ensure_venv
+  fi
 }
 
 main() {
@@ -389,38 +397,26 @@ main() {
   if [[ ! -f "$KIT_ROOT/$SCRIPT" ]]; then
     die "$SCRIPT is not in this checkout"
   fi
+  if ((TRAINER_HELP)); then  # the trainer's flags and --set fields, from the trainer
+    KIT_GPU_SPEC=none
+    prepare_runtime
+    exec_in_runtime python "$SCRIPT" --help
+  fi
   resolve_gpus
-  if [[ "$KIT_RUNTIME" == docker ]]; then
-    check_image
-    check_gpu_runtime
-  else
-    ensure_venv
-  fi
+  prepare_runtime
   local args=()
-  if ((PRESET_GIVEN)); then args+=("--preset=$PRESET"); fi
   if ((CPU)); then args+=(--device=cpu); fi
-  if [[ -n "$DATA_DIR" ]]; then
-    kit_map_path "$DATA_DIR" --data-dir create
-    DATA_DIR_MAPPED=$KIT_MAPPED
-    args+=("--data-dir=$DATA_DIR_MAPPED")
-  fi
-  if ((RESUME)); then
-    if [[ -n "$RESUME_PATH" ]]; then
-      kit_map_path "$RESUME_PATH" --resume
-      args+=("--resume=$KIT_MAPPED")
-    else
-      args+=(--resume)
-    fi
-  fi
+  map_paths
   if [[ "$KIT_RUNTIME" == docker ]]; then
     check_docker_mounts
   fi
+  args+=("${PASSTHROUGH[@]+"${PASSTHROUGH[@]}"}")
+  run_config "${args[@]+"${args[@]}"}"
   plan_data
   launcher
   print_settings
   download_data
-  exec_in_runtime "${LAUNCH[@]}" "${args[@]+"${args[@]}"}" "${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}" \
-    "${PASSTHROUGH[@]+"${PASSTHROUGH[@]}"}"
+  exec_in_runtime "${LAUNCH[@]}" "${args[@]+"${args[@]}"}"
 }
 
 main "$@"

@@ -1566,11 +1566,11 @@ def _set_epilog(defaults: Hyperparameters, default_preset: str, helps: dict[str,
 
 def build_arg_parser(presets: dict[str, dict] | None = None, default_preset: str = "speedrun",
                      prog: str = "train_gpt.py") -> argparse.ArgumentParser:
+    import textwrap
+
     presets = PRESETS if presets is None else presets
     helps = _field_help()
     defaults = preset_hyperparameters(default_preset, presets)
-    import textwrap
-
     parser = _ArgumentParser(
         prog=prog, description=textwrap.fill(f"Train a GPT on FineWeb shards (NanoGPT speedrun, preset "
                                              f"{default_preset} by default). Flags and --set values override the "
@@ -1655,6 +1655,9 @@ def format_config(hp: Hyperparameters, form: str = "json") -> str:
         return json.dumps({"settings": asdict(hp), "derived": derived}, indent=2)
     import shlex
     words = {k: "" if v is None else _shell_word(v) for k, v in {**asdict(hp), **derived}.items()}
+    for k, v in words.items():
+        if "\n" in v:  # one line per setting is what a reader of the lines may rely on
+            raise ConfigError(f"--print-config=shell: {k} holds a newline, which a NAME=VALUE line cannot")
     return "\n".join(f"{k}={shlex.quote(v)}" for k, v in words.items())
 
 

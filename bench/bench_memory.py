@@ -4,7 +4,7 @@
     python bench/bench_memory.py --steps 50 --json records/memory.json
     python bench/bench_memory.py --compare-glibc                  # also with glibc's default malloc settings
     python bench/bench_memory.py --trainer /tmp/old_train_gpt.py  # another copy of the trainer (before / after)
-    python bench/bench_memory.py --steps 4 -- --model-dim 64 --num-layers 2   # extra train_gpt.py flags
+    python bench/bench_memory.py --steps 4 -- --set model_dim=64 --set num_layers=2   # extra train_gpt.py flags
 
 Peak memory is the trainer process's maximum resident set (its rusage, which covers the CPU malloc re-exec; the
 trainer's own "peak memory" line reads the same counter), validation at the end included. A step's time is what
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compare-glibc", action="store_true",
                     help="run again with glibc's default malloc settings (no CPU re-exec) and print both")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
-    ap.add_argument("extra", nargs="*", help="train_gpt.py flags after --, e.g. -- --model-dim 64")
+    ap.add_argument("extra", nargs="*", help="train_gpt.py flags after --, e.g. -- --set model_dim=64")
     args = ap.parse_args(argv)
 
     env = dict(os.environ)

@@ -21,6 +21,9 @@ KIT_ENV=()                       # NAME=VALUE pairs for the training process
 KIT_MOUNTS=()                    # host paths outside the repository to bind-mount at the same path
 KIT_MAPPED=""                    # kit_map_path's result
 KIT_STDIN=0                      # 1: the command reads piped stdin, so docker gets -i even without a terminal
+KIT_CAPTURE=0                    # 1: capture_in_runtime is running the command: no terminal, only existing mounts
+KIT_CAPTURED=""                  # capture_in_runtime's result
+KIT_RUNTIME_READY=0              # 1: check_image found the image, or ensure_venv found the virtualenv complete
 
 # --- messages and exits ----------------------------------------------------------------------------------------------
 
@@ -93,8 +96,8 @@ check_gpu_list() {  # check_gpu_list FLAG VALUE: comma-separated device indices,
   done
 }
 
-# passthrough_value FLAG: the last value given to FLAG in PASSTHROUGH (the words after --), as `FLAG V` or `FLAG=V`
-# (empty when absent)
+# passthrough_value FLAG: the last value given to FLAG in PASSTHROUGH (the words the wrapper passes on to its
+# program), as `FLAG V` or `FLAG=V` (empty when absent)
 passthrough_value() {
   local flag=$1 value="" i
   for ((i = 0; i < ${#PASSTHROUGH[@]}; i++)); do
@@ -146,6 +149,7 @@ run_cmd() {
 
 check_image() {  # the image must exist locally; with --dry-run a missing one is only a warning
   if docker image inspect "$KIT_IMAGE" >/dev/null 2>&1; then
+    KIT_RUNTIME_READY=1
     return 0
   fi
   if ((KIT_DRY_RUN)); then
@@ -302,7 +306,9 @@ check_gpu_runtime() {
 # docker_run_args: fills DOCKER_RUN with `docker run ... IMAGE` (the command to run inside follows it)
 docker_run_args() {
   DOCKER_RUN=(docker run --rm)
-  if [ -t 0 ]; then
+  if ((KIT_CAPTURE)); then
+    :  # no terminal: it would mix the program's stderr into the output read back
+  elif [ -t 0 ]; then
     DOCKER_RUN+=(-i -t)
   elif ((KIT_STDIN)); then
     DOCKER_RUN+=(-i)
@@ -332,6 +338,8 @@ docker_run_args() {
   docker_mounts
   for ((i = 0; i < ${#MOUNTS[@]}; i += 3)); do
     check_mount_source "${MOUNTS[i]}" "${MOUNTS[i + 2]}"
+    # a capture with --dry-run creates nothing, and a missing source has nothing to read
+    if ((KIT_CAPTURE)) && [[ ! -e "${MOUNTS[i]}" ]]; then continue; fi
     DOCKER_RUN+=(--mount "type=bind,source=${MOUNTS[i]},target=${MOUNTS[i + 1]}")
   done
   DOCKER_RUN+=(-w "$KIT_WORKDIR" -e "HF_HOME=$KIT_HF_CACHE_IN")
@@ -386,6 +394,7 @@ ensure_venv() {
     say "creating virtualenv $venv"
     run_cmd python3 -m venv "$venv"
   elif venv_ready "$KIT_PY"; then
+    KIT_RUNTIME_READY=1
     return 0
   fi
   say "installing requirements.txt into $venv"
@@ -395,6 +404,7 @@ ensure_venv() {
   fi
   # the offline GPT-2 vocabulary (whisper/assets/gpt2.tiktoken); its own dependencies are not needed
   run_cmd "$KIT_PY" -m pip install --quiet --no-deps -r "$KIT_ROOT/requirements-vocab.txt"
+  ((KIT_DRY_RUN)) || KIT_RUNTIME_READY=1
 }
 
 # local_cmd CMD...: fills LOCAL_CMD with CMD, prefixed with `env NAME=VALUE...` for KIT_ENV and for the compile
@@ -433,6 +443,17 @@ runtime_cmd() {
 in_runtime() {
   runtime_cmd "$@"
   (cd "$KIT_ROOT" && run_cmd "${RUNTIME_CMD[@]}")
+}
+
+# capture_in_runtime CMD...: runs CMD in the chosen runtime from the repository root, with --dry-run too (for
+# commands that only read), and puts its standard output in KIT_CAPTURED; its status is CMD's, its stderr the user's
+capture_in_runtime() {
+  local rc=0
+  KIT_CAPTURE=1
+  runtime_cmd "$@"
+  KIT_CAPTURE=0
+  KIT_CAPTURED=$(cd "$KIT_ROOT" && "${RUNTIME_CMD[@]}" </dev/null) || rc=$?
+  return "$rc"
 }
 
 # exec_in_runtime CMD...: the script's last command: CMD replaces the script's process (exec), so a signal sent to the

@@ -143,8 +143,10 @@ def tiny_flags(data_dir, work_dir, **overrides) -> list[str]:
         elif k == "wandb":
             if v:
                 flags.append("--wandb")
-        else:
+        elif k in train_gpt.FLAG_FIELDS:
             flags += ["--" + k.replace("_", "-"), str(v)]
+        else:  # the fields without a flag of their own
+            flags += ["--set", f"{k}={v}"]
     return flags
 
 

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+import train_gpt as tg
 from conftest import ROOT
 
 
@@ -130,8 +131,8 @@ def test_bench_memory_reports_peak_memory_and_step_time(shared_synthetic_data, t
     bench_memory = _load("bench_memory")
     out = tmp_path / "memory.json"
     flags = ["--data-dir", str(shared_synthetic_data), "--train-files", "syn_train_*.bin", "--val-files",
-             "syn_val_*.bin", "--model-dim", "64", "--num-layers", "2", "--num-heads", "2", "--head-dim", "32",
-             "--train-seq-len", "256", "--val-seq-len", "512", "--val-tokens", "512"]
+             "syn_val_*.bin", "--set", "model_dim=64", "--set", "num_layers=2", "--set", "num_heads=2", "--set",
+             "head_dim=32", "--train-seq-len", "256", "--val-seq-len", "512", "--val-tokens", "512"]
     assert bench_memory.main(["--steps", "4", "--threads", "1", "--json", str(out), "--", *flags]) == 0
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
@@ -147,3 +148,20 @@ def test_bench_memory_reports_peak_memory_and_step_time(shared_synthetic_data, t
     assert f"peak resident {run['peak_rss_gib']:.2f} GiB" in printed
     with pytest.raises(SystemExit):
         bench_memory.main(["--env", "MALLOC_MMAP_MAX_"])  # not KEY=VALUE
+
+
+@pytest.mark.slow
+def test_bench_train_on_cpu_reports_step_time_and_flops(tmp_path, capsys):
+    """One timed step of the tiny preset on the CPU, at the end-of-training window: the printed line and the JSON
+    agree, and the figures are consistent with each other (tokens/s is the global batch over the step time)."""
+    out = tmp_path / "train.json"
+    assert bench_train.main(["--device", "cpu", "--steps", "1", "--warmup-steps", "0", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    hp = tg.preset_hyperparameters("tiny")
+    assert result["timed_steps"] == 1 and result["global_batch_tokens"] == hp.global_batch_tokens
+    assert result["window_blocks"] == tg.window_blocks(hp.num_iterations - 1, hp)
+    assert result["tokens_per_s"] == pytest.approx(hp.global_batch_tokens / (result["step_ms_median"] / 1000), rel=1e-3)
+    assert result["model_flops_per_token"] > 6 * sum(p.numel() for p in tg.GPT(tg.GPTConfig.from_hyperparameters(hp))
+                                                     .blocks.parameters())
+    assert 0 < result["final_loss"] < 12 and result["mfu"] is None  # no known peak for a CPU
+    assert f"step {result['step_ms_median']:.1f} ms (median of 1)" in capsys.readouterr().out

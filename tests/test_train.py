@@ -55,9 +55,12 @@ def test_help_lists_every_hyperparameter():
     for name in names:
         if name == "preset":
             continue
-        assert re.search(re.escape(flag_of(name)) + r"\b", out), f"{flag_of(name)} missing from --help"
+        if name in tg.FLAG_FIELDS:
+            assert re.search(re.escape(flag_of(name)) + r"\b", out), f"{flag_of(name)} missing from --help"
+        else:  # the --set table: name, default, meaning
+            assert re.search(rf"^  {name} +\S+ +\S", out, re.M), f"--set {name} missing from --help"
     assert re.search(r"--preset \{speedrun,a10,tiny\}", out)
-    assert re.search(r"--attention \{auto,flex,dense\}", out)
+    assert "--set FIELD=VALUE" in out and "--print-config" in out
     assert "usage: train_gpt.py" in out
 
 
@@ -67,14 +70,14 @@ def test_parse_args_preset_then_flags():
     assert tiny == dataclasses.replace(tg.Hyperparameters(), preset="tiny", **tg.PRESETS["tiny"])
     assert tiny.model_dim == 128 and tiny.compile is False and tiny.train_seq_len == 1024
 
-    hp = tg.parse_args(["--preset", "tiny", "--model-dim", "96", "--cooldown-frac", "0.3", "--run-name", "x",
-                        "--no-fp8", "--wandb", "--data-dir", "/d", "--val-tokens", "8192", "--attention", "dense"])
+    hp = tg.parse_args(["--preset", "tiny", "--set", "model_dim=96", "--set", "cooldown_frac=0.3", "--run-name", "x",
+                        "--no-fp8", "--wandb", "--data-dir", "/d", "--val-tokens", "8192", "--set", "attention=dense"])
     assert (hp.model_dim, hp.cooldown_frac, hp.run_name, hp.fp8, hp.wandb, hp.data_dir, hp.val_tokens,
             hp.attention) == (96, 0.3, "x", False, True, "/d", 8192, "dense")
     assert isinstance(hp.val_tokens, int) and isinstance(hp.cooldown_frac, float)
     assert hp.num_layers == 6 and hp.train_seq_len == 1024 and hp.preset == "tiny"  # the rest from the preset
     # the order of flags does not matter: a flag before --preset still wins
-    assert tg.parse_args(["--num-layers", "3", "--preset", "a10"]).num_layers == 3
+    assert tg.parse_args(["--set", "num_layers=3", "--preset", "a10"]).num_layers == 3
     a10 = tg.parse_args(["--preset", "a10", "--no-compile", "--no-save-final"])
     assert a10.train_seq_len == 12 * 1024 and a10.seqs_per_step == 32 and not a10.compile and not a10.save_final
     assert a10.num_layers == tg.Hyperparameters().num_layers
@@ -85,9 +88,9 @@ def test_parse_args_preset_then_flags():
 @pytest.mark.parametrize("argv,words", [
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--num-iterations", "many"], "--num-iterations"),
-    (["--cooldown-frac", "x"], "--cooldown-frac"),
+    (["--save-every-minutes", "x"], "--save-every-minutes"),
     (["--preset", "huge"], "--preset"),
-    (["--attention", "sparse"], "--attention"),
+    (["--model-dim", "64"], "--model-dim is --set model_dim=VALUE"),
 ])
 def test_parse_args_errors_exit_2(argv, words, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -119,15 +122,15 @@ def test_config_error_exits_2_without_traceback(tmp_path, shared_synthetic_data,
     (["--muon-lr", "nan"], "--muon-lr must be a finite number, got nan"),
     (["--adam-lr", "inf"], "--adam-lr must be a finite number, got inf"),
     (["--adam-lr", "1e39"], "--adam-lr must be below 3.403e+38, the largest float32, got 1e+39"),
-    (["--max-batch-span-multiplier", "nan"], "--max-batch-span-multiplier must be a finite number"),
-    (["--max-batch-span-multiplier", "inf"], "--max-batch-span-multiplier must be a finite number"),
+    (["--set", "max_batch_span_multiplier=nan"], "--max-batch-span-multiplier must be a finite number"),
+    (["--set", "max_batch_span_multiplier=inf"], "--max-batch-span-multiplier must be a finite number"),
     (["--save-every-minutes", "nan"], "--save-every-minutes must be a finite number"),
     (["--adam-lr", "-1"], "--adam-lr must not be negative, got -1.0"),
-    (["--head-lr", "-0.1"], "--head-lr must not be negative"),
-    (["--adam-eps", "-1"], "--adam-eps must be positive, got -1.0"),
-    (["--adam-eps", "0"], "--adam-eps must be positive"),
-    (["--adam-beta2", "1"], "--adam-beta2 must be in [0, 1), got 1.0"),
-    (["--muon-momentum", "-0.5"], "--muon-momentum must be in [0, 1)"),
+    (["--set", "head_lr=-0.1"], "--head-lr must not be negative"),
+    (["--set", "adam_eps=-1"], "--adam-eps must be positive, got -1.0"),
+    (["--set", "adam_eps=0"], "--adam-eps must be positive"),
+    (["--set", "adam_beta2=1"], "--adam-beta2 must be in [0, 1), got 1.0"),
+    (["--set", "muon_momentum=-0.5"], "--muon-momentum must be in [0, 1)"),
     (["--val-loss-every", "-5"], "--val-loss-every must not be negative"),
     (["--run-name", "../../x"], "--run-name '../../x' must be one file name"),
     (["--run-name", "a/b"], "--run-name 'a/b' must be one file name"),
@@ -224,7 +227,7 @@ def test_divergence_stops_the_run_and_saves_nothing_non_finite(tmp_path, shared_
     capsys.readouterr()
     wild = tiny_flags(shared_synthetic_data, tmp_path, run_name="healthy", num_iterations=8, val_loss_every=0,
                       save_every=1, train_loss_every=0)
-    lrs = ["--muon-lr", "1e30", "--adam-lr", "1e30", "--head-lr", "1e30", "--scalar-lr", "1e30"]
+    lrs = ["--muon-lr", "1e30", "--adam-lr", "1e30", "--set", "head_lr=1e30", "--set", "scalar_lr=1e30"]
     assert tg.main(wild + lrs + ["--resume", str(start)]) == 3
     err = capsys.readouterr().err
     assert err.startswith("train_gpt.py: error: training diverged: ") and err.count("\n") == 1, err

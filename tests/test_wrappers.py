@@ -6,15 +6,19 @@ to $FAKE_DOCKER_LOG and its process id, DOCKER_BUILDKIT and a Dockerfile read fr
 answers `image inspect` with success for the images in $FAKE_DOCKER_IMAGES, `info` with the runtimes in
 $FAKE_DOCKER_RUNTIMES, `version` with client $FAKE_DOCKER_CLIENT and `buildx version` as installed unless
 $FAKE_DOCKER_BUILDX=0, fails `build` with $FAKE_DOCKER_BUILD_RC, a GPU `run` as a daemon without the NVIDIA runtime
-does when $FAKE_DOCKER_NO_GPU_DRIVER=1, and otherwise exits 0; the fake nvidia-smi lists $FAKE_GPUS GPUs
-(Kit.hide_nvidia_smi takes any nvidia-smi off PATH, the fake and a real one). The wrappers run with stdin not a
-terminal (except in the pty test), and the tests check what reached docker, torchrun and train_gpt.py, and how
-generate.py's and train_gpt.py's own parsers read it.
+does when $FAKE_DOCKER_NO_GPU_DRIVER=1, a `run` of `--print-config=shell` (train.sh asks the trainer for the run's
+settings) by running that command in the directory mounted at /workspace (for this repository: as its main() in the
+test process, which has torch imported already; $FAKE_DOCKER_PRINT_CONFIG, when set, is printed instead), and
+otherwise exits 0; the fake nvidia-smi lists
+$FAKE_GPUS GPUs (Kit.hide_nvidia_smi takes any nvidia-smi off PATH, the fake and a real one). The wrappers run with
+stdin not a terminal (except in the pty test), and the tests check what reached docker, torchrun and train_gpt.py,
+and how generate.py's and train_gpt.py's own parsers read it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -22,8 +26,10 @@ import pty
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -39,7 +45,7 @@ BUILD_SH = ROOT / "build.sh"
 VENV_BIN = Path(sys.executable).parent
 
 FAKE_DOCKER = """#!{python}
-import json, os, sys
+import json, os, socket, subprocess, sys
 args, env = sys.argv[1:], os.environ
 meta = {{"pid": os.getpid(), "DOCKER_BUILDKIT": env.get("DOCKER_BUILDKIT")}}
 if args[:1] == ["build"] and "-" in args and args[args.index("-") - 1] == "-f":
@@ -64,6 +70,27 @@ if args[:1] == ["run"] and "--gpus" in args and env.get("FAKE_DOCKER_NO_GPU_DRIV
 if args[:1] == ["build"] and env.get("FAKE_DOCKER_BUILD_RC", "0") != "0":
     print("ERROR: failed to solve: fake build failure", file=sys.stderr)
     sys.exit(int(env["FAKE_DOCKER_BUILD_RC"]))
+if args[:1] == ["run"] and "--print-config=shell" in args:
+    if "FAKE_DOCKER_PRINT_CONFIG" in env:
+        print(env["FAKE_DOCKER_PRINT_CONFIG"])
+        sys.exit(0)
+    inner = args[args.index("{image}") + 1:]
+    mounts = dict(reversed(spec.split(",")[1:3]) for flag, spec in zip(args, args[1:]) if flag == "--mount")
+    workspace = mounts["target=/workspace"].removeprefix("source=")
+    assert inner[0] == "python", inner
+    if env.get("FAKE_DOCKER_CONFIG_SOCKET") and os.path.realpath(workspace) == {root!r}:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(120)
+            s.connect(env["FAKE_DOCKER_CONFIG_SOCKET"])
+            s.sendall(json.dumps(inner[1:]).encode())
+            s.shutdown(socket.SHUT_WR)
+            p = json.loads(b"".join(iter(lambda: s.recv(65536), b"")))
+    else:
+        run = subprocess.run([sys.executable, *inner[1:]], cwd=workspace, capture_output=True, text=True)
+        p = dict(rc=run.returncode, out=run.stdout, err=run.stderr)
+    sys.stdout.write(p["out"])
+    sys.stderr.write(p["err"])
+    sys.exit(p["rc"])
 sys.exit(0)
 """
 
@@ -79,12 +106,13 @@ done
 class Kit:
     """Runs the wrappers with the fakes on PATH and reads back what the fake docker was called with."""
 
-    def __init__(self, tmp_path: Path):
+    def __init__(self, tmp_path: Path, config_socket: Path | None = None):
         self.tmp = tmp_path
         self.bin = tmp_path / "fakebin"
         self.bin.mkdir()
         self.log = tmp_path / "docker.log"
-        (self.bin / "docker").write_text(FAKE_DOCKER.format(python=sys.executable), encoding="utf-8")
+        fake = FAKE_DOCKER.format(python=sys.executable, image=IMAGE, root=os.path.realpath(ROOT))
+        (self.bin / "docker").write_text(fake, encoding="utf-8")
         (self.bin / "nvidia-smi").write_text(FAKE_NVIDIA_SMI, encoding="utf-8")
         for exe in self.bin.iterdir():
             exe.chmod(0o755)
@@ -95,6 +123,8 @@ class Kit:
         self.env.update(PATH=f"{self.bin}{os.pathsep}{os.environ['PATH']}", HOME=str(self.home),
                         FAKE_DOCKER_LOG=str(self.log), FAKE_DOCKER_IMAGES=IMAGE, FAKE_GPUS="8",
                         KIT_VENV=sys.prefix)
+        if config_socket:
+            self.env["FAKE_DOCKER_CONFIG_SOCKET"] = str(config_socket)
 
     def hide_nvidia_smi(self) -> None:
         """A machine without nvidia-smi: the fake goes, and each PATH directory that holds a real one is replaced by a
@@ -127,7 +157,11 @@ class Kit:
         return [json.loads(line) for line in self.log.read_text(encoding="utf-8").splitlines()]
 
     def runs(self) -> list[list[str]]:
-        return [c for c in self.calls() if c[:1] == ["run"]]
+        """The docker runs, but for train.sh's question to the trainer (config_runs)."""
+        return [c for c in self.calls() if c[:1] == ["run"] and not is_config_run(c)]
+
+    def config_runs(self) -> list[list[str]]:
+        return [c for c in self.calls() if c[:1] == ["run"] and is_config_run(c)]
 
     def metas(self) -> list[dict]:
         """For each call of calls(): the fake's process id, DOCKER_BUILDKIT and a Dockerfile it read from stdin."""
@@ -140,6 +174,10 @@ class Kit:
         assert p.returncode == 0, p.stderr
         opts, inner = split_run(self.runs()[-1])
         return opts, inner, p
+
+
+def is_config_run(call: list[str]) -> bool:
+    return call[-1:] == ["--print-config=shell"]
 
 
 def split_run(call: list[str]) -> tuple[list[str], list[str]]:
@@ -197,9 +235,51 @@ def dry_run_commands(stdout: str) -> list[list[str]]:
     return [shlex.split(line) for line in stdout.splitlines() if line and not re.match(r"^\w+\.sh: ", line)]
 
 
+def run_trainer_main(argv: list[str]) -> dict:
+    """`python SCRIPT WORDS...` for this repository's trainers, as their main() in this process: status and output."""
+    import train_gpt_medium
+
+    script, *words = argv
+    entry = {"train_gpt.py": train_gpt.main, "train_gpt_medium.py": train_gpt_medium.main}[script]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = entry(words)
+        except SystemExit as e:  # argparse's exits
+            rc = e.code if isinstance(e.code, int) else 1
+        except Exception:  # reported as the program would
+            import traceback
+            traceback.print_exc()
+            rc = 1
+    return dict(rc=rc, out=out.getvalue(), err=err.getvalue())
+
+
+@pytest.fixture(scope="session")
+def config_socket(tmp_path_factory):
+    """Where the fake docker asks for --print-config=shell answers (a subprocess would import torch: 2 s a run)."""
+    path = tmp_path_factory.mktemp("print-config") / "socket"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen()
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:  # closed at the end of the session
+                return
+            with conn:
+                argv = json.loads(b"".join(iter(lambda: conn.recv(65536), b"")))
+                conn.sendall(json.dumps(run_trainer_main(argv)).encode())
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield path
+    server.close()
+
+
 @pytest.fixture
-def kit(tmp_path) -> Kit:
-    return Kit(tmp_path)
+def kit(tmp_path, config_socket) -> Kit:
+    return Kit(tmp_path, config_socket)
 
 
 @pytest.fixture
@@ -213,23 +293,22 @@ def bin_dir(tmp_path) -> Path:
 
 # --- train.sh in Docker ----------------------------------------------------------------------------------------------
 
+# train.sh's own flags aside, the words go to train_gpt.py as given; only the paths are translated (to --flag=PATH)
 FLAG_CASES = [
     (["--wandb"], ["--wandb"]),
-    (["--train-seq-len", "1024"], ["--train-seq-len=1024"]),
-    (["--val-seq-len", "2048"], ["--val-seq-len=2048"]),
-    (["--max-batch-span-multiplier", "1.5"], ["--max-batch-span-multiplier=1.5"]),
-    (["--train-loss-every", "5"], ["--train-loss-every=5"]),
-    (["--val-loss-every", "7"], ["--val-loss-every=7"]),
-    (["--no-torch-compile"], ["--no-compile"]),
-    (["--num-iterations", "3"], ["--num-iterations=3"]),
-    (["--adam-lr", "0.3"], ["--adam-lr=0.3"]),
-    (["--muon-lr", "2e-2"], ["--muon-lr=2e-2"]),
-    (["--preset", "tiny"], ["--preset=tiny"]),
-    (["--save-every", "10"], ["--save-every=10"]),
-    (["--save-every-minutes", "7.5"], ["--save-every-minutes=7.5"]),
-    (["--run-name", "my run"], ["--run-name=my run"]),
+    (["--train-seq-len", "1024"], ["--train-seq-len", "1024"]),
+    (["--val-seq-len=2048"], ["--val-seq-len=2048"]),
+    (["--set", "max_batch_span_multiplier=1.5"], ["--set", "max_batch_span_multiplier=1.5"]),
+    (["--set", "model_dim=64", "--set", "num_layers=2"], ["--set", "model_dim=64", "--set", "num_layers=2"]),
+    (["--no-compile"], ["--no-compile"]),
+    (["--num-iterations", "3"], ["--num-iterations", "3"]),
+    (["--muon-lr", "2e-2"], ["--muon-lr", "2e-2"]),
+    (["--preset", "tiny"], ["--preset", "tiny"]),
+    (["--save-every-minutes", "7.5"], ["--save-every-minutes", "7.5"]),
+    (["--run-name", "my-run"], ["--run-name", "my-run"]),
     (["--resume"], ["--resume"]),
     (["--resume", "checkpoints/old-run"], ["--resume=checkpoints/old-run"]),
+    (["--resume=checkpoints/old-run"], ["--resume=checkpoints/old-run"]),
     (["--", "--seed", "5", "--no-fp8"], ["--seed", "5", "--no-fp8"]),
 ]
 
@@ -242,12 +321,14 @@ def contains(seq: list[str], sub: list[str]) -> bool:
 def test_train_flag_reaches_train_gpt(kit, flags, expected):
     # --preset tiny: the built-in corpus, so no download call; --resume PATH is given relative to the repository
     preset = [] if flags[:1] == ["--preset"] else ["--preset", "tiny"]
-    kit.tmp = ROOT if flags[:1] == ["--resume"] else kit.tmp
+    kit.tmp = ROOT if flags[0].startswith("--resume") else kit.tmp
     _, inner, _ = kit.train(*preset, *flags)
     script = inner.index("train_gpt.py")
     assert contains(inner[script + 1:], expected), inner
     if flags == ["--resume"]:
         assert inner[-1] == "--resume"
+    (config,) = kit.config_runs()  # the trainer read the same words first
+    assert split_run(config)[1] == ["python", *inner[script:], "--print-config=shell"]
 
 
 def test_train_docker_run_options(kit):
@@ -272,6 +353,12 @@ def test_train_docker_run_options(kit):
     assert "WANDB_API_KEY" not in json.dumps(kit.calls())
     for key in ("preset:", "GPUs:", "nodes:", "runtime:", "data:", "run name:"):
         assert key in p.stdout
+    # first the trainer's settings, read the same way: same image and mounts, no GPU, no terminal
+    (config,) = kit.config_runs()
+    config_opts, config_inner = split_run(config)
+    assert config_inner == ["python", "train_gpt.py", "--preset", "tiny", "--print-config=shell"]
+    assert "--gpus" not in config_opts and ("--ulimit", "memlock=-1") not in pairs(config_opts)
+    assert bind_mounts(config_opts) == mounts and "--init" in config_opts
 
 
 def test_train_hf_home_is_mounted(kit, tmp_path):
@@ -320,6 +407,8 @@ def test_train_tty_adds_t_and_i(kit):
     assert p.returncode == 0, p.stderr
     opts, _ = split_run(kit.runs()[-1])
     assert "-t" in opts and "-i" in opts
+    config_opts, _ = split_run(kit.config_runs()[0])  # its output is read back: a terminal would mix stderr in
+    assert "-t" not in config_opts and "-i" not in config_opts
 
 
 def test_wandb_key_passed_by_name_only(kit):
@@ -396,7 +485,8 @@ def test_repository_and_its_symlinked_dirs_with_colons_are_bind_mounted(kit, tmp
     logs = tmp_path / "logs:elsewhere"
     logs.mkdir()
     (root / "logs").symlink_to(logs)
-    p = kit.run(root / "train.sh", "--preset", "tiny")
+    # the copy's trainer is an empty file: the settings come from the real one's answer
+    p = kit.run(root / "train.sh", "--preset", "tiny", FAKE_DOCKER_PRINT_CONFIG=shell_config("--preset", "tiny"))
     assert p.returncode == 0, p.stderr
     mounts = bind_mounts(split_run(kit.runs()[-1])[0])
     assert mounts["/workspace"] == str(root) and mounts["/workspace/logs"] == str(logs)
@@ -450,7 +540,13 @@ def test_readme_interactive_example_mounts_like_the_wrapper(kit):
     assert " --gpus all" in command and " --ulimit memlock=-1" in command and command.rstrip().endswith(" bash")
 
 
-def test_download_computed_from_shards_needed(kit, tmp_path):
+def shell_config(*argv: str, presets=None, default_preset="speedrun") -> str:
+    """What train_gpt.py ARGV --print-config=shell prints (in this process: no torch import of its own)."""
+    hp = train_gpt.parse_args(list(argv), presets, default_preset)
+    return train_gpt.format_config(hp, "shell")
+
+
+def test_download_computed_by_the_trainer(kit, tmp_path):
     empty = tmp_path / "fw"
     _, inner, p = kit.train("--data-dir", str(empty))
     download, train = kit.runs()
@@ -461,10 +557,55 @@ def test_download_computed_from_shards_needed(kit, tmp_path):
     assert empty.is_dir()  # created before docker runs: a bind mount needs its source, and it is not root's
     assert bind_mounts(split_run(download)[0])[str(empty)] == str(empty)
     assert bind_mounts(split_run(train)[0])[str(empty)] == str(empty)
-    kit.log.unlink()
-    kit.train("--data-dir", str(empty), "--num-iterations", "100")
+    assert "8 train shards, downloading the missing ones first" in p.stdout
+
+
+@pytest.mark.parametrize("flags", [["--num-iterations", "100"], ["--preset", "a10", "--set", "seqs_per_step=64"],
+                                   ["--num-iterations", "1000", "--set", "seqs_per_step=64"],
+                                   ["--train-seq-len", "1024", "--", "--num-iterations=20000"], ["--medium"]])
+def test_download_count_is_the_trainers(kit, tmp_path, flags):
+    """The shard count is train_gpt.py's fineweb_shards for the same words (train.sh knows no preset's numbers)."""
+    import train_gpt_medium
+
+    kit.train(*flags, "--data-dir", str(tmp_path / "fw"))
     _, dl_inner = split_run(kit.runs()[0])
-    assert dl_inner[2] == "1"
+    words = [f for f in flags if f not in ("--medium", "--")]
+    if "--medium" in flags:
+        hp = train_gpt.parse_args(words, train_gpt_medium.PRESETS, "medium")
+        assert "train_gpt_medium.py" in split_run(kit.config_runs()[0])[1]
+    else:
+        hp = train_gpt.parse_args(words)
+    assert int(dl_inner[2]) == train_gpt.derived_settings(hp)["fineweb_shards"]
+    assert int(dl_inner[2]) != train_gpt.derived_settings(train_gpt.Hyperparameters())["fineweb_shards"]
+
+
+def test_download_count_comes_from_print_config_alone(kit, tmp_path):
+    # an answer no preset gives: the wrapper downloads what the trainer says, computing nothing itself
+    answer = shell_config().replace("fineweb_shards=8", "fineweb_shards=5")
+    assert answer != shell_config()
+    kit.train("--data-dir", str(tmp_path / "fw"), FAKE_DOCKER_PRINT_CONFIG=answer)
+    _, dl_inner = split_run(kit.runs()[0])
+    assert dl_inner[:3] == ["python", "data/cached_fineweb10B.py", "5"]
+    kit.log.unlink()
+    kit.train("--data-dir", str(tmp_path / "fw"), FAKE_DOCKER_PRINT_CONFIG=answer.replace("=5", "=0"))
+    assert len(kit.runs()) == 1  # 0: not FineWeb's files, nothing to download
+
+
+def test_resume_plans_with_the_checkpoints_settings(kit, tmp_path):
+    # without --preset a resumed run has the checkpoint's settings: the trainer reads them, train.sh plans with them
+    import torch
+
+    hp = dataclasses.replace(train_gpt.Hyperparameters(), num_iterations=100, run_name="old")
+    ckpt = tmp_path / "runs" / "old" / "step_000050.pt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"format": train_gpt.CHECKPOINT_FORMAT, "version": train_gpt.CHECKPOINT_VERSION,
+                "hyperparameters": dataclasses.asdict(hp)}, ckpt)
+    p = kit.run(TRAIN_SH, "--dry-run", "--resume", str(ckpt), "--data-dir", str(tmp_path / "fw"))
+    assert p.returncode == 0, p.stderr
+    download, train = dry_run_commands(p.stdout)
+    assert download[download.index("data/cached_fineweb10B.py") + 1] == "1"  # its 100 steps, not the preset's 1695
+    assert "run name:  old" in p.stdout and f"--resume={ckpt}" in train
+    assert bind_mounts(split_run(kit.config_runs()[0])[0])[str(ckpt.parent)] == str(ckpt.parent)  # it read it
 
 
 def test_download_shards_flag(kit, tmp_path):
@@ -473,48 +614,66 @@ def test_download_shards_flag(kit, tmp_path):
     assert dl_inner[:3] == ["python", "data/cached_fineweb10B.py", "3"]
 
 
-@pytest.mark.parametrize("flags", [[], ["--preset", "a10"], ["--medium"]])
-def test_download_count_follows_the_python_presets(kit, tmp_path, flags):
-    """train.sh keeps the presets' batch sizes as numbers (the host may have no torch): they must match."""
-    import train_gpt
-    import train_gpt_medium
-    from data.fineweb import shards_needed
-
-    if flags == ["--medium"]:
-        hp = train_gpt.preset_hyperparameters("medium", train_gpt_medium.PRESETS)
-    else:
-        hp = train_gpt.preset_hyperparameters(flags[1] if flags else "speedrun")
-    kit.train(*flags, "--data-dir", str(tmp_path / "fw"))
-    _, dl_inner = split_run(kit.runs()[0])
-    assert int(dl_inner[2]) == min(103, shards_needed(hp.num_iterations, hp.global_batch_tokens))
-
-
 def test_no_download_for_tiny(kit):
-    kit.train("--preset", "tiny")
+    _, _, p = kit.train("--preset", "tiny")
     assert len(kit.runs()) == 1
+    assert "data:      data/builtin (builtin_train_*.bin; nothing to download)" in p.stdout
 
 
 def test_medium(kit):
-    p = kit.run(TRAIN_SH, "--medium", "--preset", "tiny")
+    p = kit.run(TRAIN_SH, "--medium", "--shards", "1")
     if (ROOT / "train_gpt_medium.py").exists():
         assert p.returncode == 0, p.stderr
-        assert "train_gpt_medium.py" in kit.runs()[-1]
+        assert "train_gpt_medium.py" in kit.runs()[-1] and "preset:    medium (train_gpt_medium.py)" in p.stdout
     else:
         assert p.returncode != 0
         assert "train_gpt_medium.py is not in this checkout" in p.stderr
         assert not kit.runs()
 
 
+@pytest.mark.parametrize("flags,words", [
+    (["--num-iterations", "abc"], "argument --num-iterations: invalid int value: 'abc'"),
+    (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
+    (["--set", "model_dim=wide"], "--set model_dim=wide: model_dim takes a whole number, got 'wide'"),
+    (["--no-torch-compile"], "unrecognized arguments: --no-torch-compile"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--", "--val-tokens", "1000"], "--val-tokens 1000 must be a multiple of --val-seq-len"),
+])
+@pytest.mark.parametrize("runtime", ["docker", "local"])
+def test_trainer_flag_error_is_the_trainers_one_line(kit, runtime, flags, words):
+    # train.sh checks none of them: train_gpt.py does, before anything runs, and its line is all the user sees
+    local = ["--local"] if runtime == "local" else []
+    p = kit.run(TRAIN_SH, *local, "--preset", "tiny", *flags)
+    line = one_error_line(p, "train_gpt.py")
+    assert words in line
+    assert not kit.runs() and len(kit.config_runs()) == (runtime == "docker")
+    assert "train.sh: preset:" not in p.stdout  # it stopped before planning the run
+
+
+def test_trainer_help_comes_from_the_trainer(kit):
+    # train.sh's own help lists only its flags; -- --help (or -h) is the trainer's, from the trainer, on no GPU
+    kit.hide_nvidia_smi()
+    p = kit.run(TRAIN_SH, "--preset", "tiny", "--", "-h")
+    assert p.returncode == 0, p.stderr
+    (run,) = kit.runs()
+    opts, inner = split_run(run)
+    assert inner == ["python", "train_gpt.py", "--help"] and "--gpus" not in opts
+    p = kit.run(TRAIN_SH, "--local", "--", "--help")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("usage: train_gpt.py") and "--set FIELD=VALUE" in p.stdout
+
+
 @pytest.mark.parametrize("runtime", ["docker", "local"])
 def test_train_values_that_look_like_flags_stay_values(kit, bin_dir, runtime):
-    # each value goes as --flag=VALUE: argparse would read `--run-name -x` or `--adam-lr -1e-3` as two flags
+    # the paths train.sh translates go as --flag=PATH (argparse would read `--data-dir -x` as two flags); the other
+    # words go as given, so they stay what train_gpt.py makes of them: --run-name=-x, --seed -5
     local = ["--local"] if runtime == "local" else []
-    p = kit.run(TRAIN_SH, "--dry-run", *local, "--data-dir", str(bin_dir), "--run-name", "-x", "--adam-lr", "-1e-3",
-                "--muon-lr", "-2e-2", "--resume", str(bin_dir))
+    p = kit.run(TRAIN_SH, "--dry-run", *local, "--preset", "tiny", "--data-dir", str(bin_dir), "--run-name=-x",
+                "--seed", "-5", "--set", "no_attn_layer=-1", "--resume", str(bin_dir))
     assert p.returncode == 0, p.stderr
     cmd = dry_run_commands(p.stdout)[-1]
     ns = parse_forwarded(train_gpt.build_arg_parser(), cmd[cmd.index("train_gpt.py") + 1:])
-    assert (ns.run_name, ns.adam_lr, ns.muon_lr) == ("-x", -1e-3, -2e-2)
+    assert (ns.run_name, ns.seed, ns.set) == ("-x", -5, ["no_attn_layer=-1"])
     assert ns.data_dir == str(bin_dir) and ns.resume == str(bin_dir)
 
 
@@ -541,7 +700,7 @@ def test_local_single_process_is_plain_python(kit):
     (cmd,) = dry_run_commands(p.stdout)
     python = cmd.index(str(Path(sys.prefix) / "bin" / "python"))
     assert cmd[0] == "env" and all("=" in pair for pair in cmd[1:python])  # only the compile cache's variables
-    assert cmd[python + 1:] == ["train_gpt.py", "--preset=tiny", "--num-iterations=3"]
+    assert cmd[python + 1:] == ["train_gpt.py", "--preset", "tiny", "--num-iterations", "3"]
     assert "local virtualenv" in p.stdout
     assert not kit.calls()  # no docker at all
 
@@ -600,16 +759,15 @@ def test_local_cuda_visible_devices_are_the_visible_gpus(kit):
 # --- errors ----------------------------------------------------------------------------------------------------------
 
 def test_unknown_flag(kit):
-    for script in (TRAIN_SH, GENERATE_SH, BUILD_SH):
+    # train.sh hands the flags it does not know to train_gpt.py (test_trainer_flag_error_is_the_trainers_one_line)
+    for script in (GENERATE_SH, BUILD_SH):
         p = kit.run(script, "--bogus")
         assert p.returncode == 2
         assert "--bogus" in p.stderr and "Usage:" in p.stderr
     assert not kit.runs()
 
 
-TRAIN_NUMERIC = ["--num-gpus", "--nnodes", "--node-rank", "--master-port", "--train-seq-len", "--val-seq-len",
-                 "--train-loss-every", "--val-loss-every", "--save-every", "--num-iterations", "--shards",
-                 "--max-batch-span-multiplier", "--adam-lr", "--muon-lr", "--save-every-minutes"]
+TRAIN_NUMERIC = ["--num-gpus", "--nnodes", "--node-rank", "--master-port", "--shards"]
 GENERATE_NUMERIC = ["--max-tokens", "--top-k", "--seed", "--num-samples", "--temperature", "--top-p"]
 
 
@@ -654,14 +812,14 @@ def test_docker_run_with_no_gpu_is_refused(kit):
     assert not kit.runs()
 
 
-@pytest.mark.parametrize("device", [["--device", "cpu"], ["--device=cpu"]])
+@pytest.mark.parametrize("device", [["--", "--device", "cpu"], ["--", "--device=cpu"], ["--device", "cpu"]])
 def test_docker_cpu_run_needs_no_gpu(kit, device):
     kit.hide_nvidia_smi()
-    opts, inner, p = kit.train("--preset", "tiny", "--num-gpus", "2", "--", *device)
+    opts, inner, p = kit.train("--preset", "tiny", "--num-gpus", "2", *device)
     assert "--gpus" not in opts
     assert inner[:4] == ["python", "lib/torchrun.py", "--standalone", "--nproc_per_node=2"]
     assert "devices: none (CPU)" in p.stdout
-    p = kit.run(TRAIN_SH, "--preset", "tiny", "--gpus", "0", "--", *device, FAKE_GPUS="1")
+    p = kit.run(TRAIN_SH, "--preset", "tiny", "--gpus", "0", *device, FAKE_GPUS="1")
     assert p.returncode == 2 and "--gpus 0" in p.stderr and "--device cpu" in p.stderr
 
 
@@ -703,7 +861,8 @@ def test_train_cpu_flag(kit, num_gpus):
     ns = parse_forwarded(train_gpt.build_arg_parser(), inner[inner.index("train_gpt.py") + 1:])
     assert ns.device == "cpu"
     assert "devices: none (CPU)" in p.stdout
-    assert [c[:1] for c in kit.calls()] == [["image"], ["run"]]  # no `docker info`, no GPU probe
+    assert [c[:1] for c in kit.calls()] == [["image"], ["run"], ["run"]]  # no `docker info`, no GPU probe
+    assert is_config_run(kit.calls()[1])
 
 
 def test_train_cpu_flag_local(kit):
@@ -776,14 +935,17 @@ def test_gpu_run_through_the_toolkit_hook_goes_ahead(kit):
     probe, train = kit.runs()
     assert ("--entrypoint", "true") in pairs(probe) and ("--gpus", "all") in pairs(opts) and "train_gpt.py" in inner
     kit.log.unlink()
-    kit.train("--preset", "tiny")  # an nvidia runtime listed: no probe
-    assert [c[:2] for c in kit.calls()] == [["image", "inspect"], ["info", "--format"], ["run", "--rm"]]
+    kit.train("--preset", "tiny")  # an nvidia runtime listed: no probe (the runs: the settings, the training)
+    assert [c[:2] for c in kit.calls()] == [["image", "inspect"], ["info", "--format"], ["run", "--rm"],
+                                            ["run", "--rm"]]
 
 
 def test_dry_run_asks_docker_nothing_about_gpus(kit):
     p = kit.run(TRAIN_SH, "--dry-run", "--preset", "tiny", FAKE_DOCKER_RUNTIMES="runc", FAKE_DOCKER_NO_GPU_DRIVER="1")
     assert p.returncode == 0, p.stderr
-    assert [c[:1] for c in kit.calls()] == [["image"]]
+    # only the image and the trainer's settings (a run that only reads, on no GPU)
+    assert [c[:1] for c in kit.calls()] == [["image"], ["run"]] and kit.config_runs()
+    assert "--gpus" not in kit.config_runs()[0]
 
 
 @pytest.mark.parametrize("script", [TRAIN_SH, GENERATE_SH])
@@ -800,9 +962,11 @@ def test_docker_client_replaces_the_wrapper(kit, script):
 
 
 FAKE_VENV_PYTHON = """#!/bin/sh
-# a virtualenv that is ready (venv_ready reads a script from stdin) and logs the program's process id
+# a virtualenv that is ready (venv_ready reads a script from stdin) and logs the program's process id; it answers
+# --print-config=shell with the tiny preset's settings
 [ "$1" = - ] && exit 0
 echo "$$ $*" >>"$FAKE_PYTHON_LOG"
+case "$*" in *--print-config=shell) cat "$FAKE_CONFIG" ;; esac
 """
 
 
@@ -814,9 +978,11 @@ def test_local_program_replaces_the_wrapper(kit, tmp_path, script):
     (venv / "bin" / "python").chmod(0o755)
     log = tmp_path / "python.log"
     args = ["--local", "--cpu"] + (["--preset", "tiny"] if script == TRAIN_SH else [])
+    config = tmp_path / "config.sh"
+    config.write_text(shell_config("--preset", "tiny") + "\n", encoding="utf-8")
     p = subprocess.Popen([str(script), *args], cwd=kit.tmp, env={**kit.env, "KIT_VENV": str(venv),
-                         "FAKE_PYTHON_LOG": str(log)}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         "FAKE_PYTHON_LOG": str(log), "FAKE_CONFIG": str(config)}, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
     pid, program = log.read_text(encoding="utf-8").splitlines()[-1].split()[:2]
@@ -1222,11 +1388,10 @@ def test_local_end_to_end(kit, synthetic_data, tmp_path):
     work = tmp_path / "work"
     p = kit.run(TRAIN_SH, "--local", "--preset", "tiny", "--num-iterations", "3", "--data-dir", str(synthetic_data),
                 "--train-seq-len", "256", "--val-seq-len", "512", "--val-loss-every", "0", "--run-name", "e2e",
-                "--no-torch-compile", "--",
-                "--val-tokens", "4096", "--device", "cpu", "--train-files", "syn_train_*.bin",
-                "--val-files", "syn_val_*.bin", "--model-dim", "64", "--num-layers", "4", "--num-heads", "2",
-                "--head-dim", "32", "--attention", "dense", "--log-dir", str(work / "logs"),
-                "--checkpoint-dir", str(work / "checkpoints"), OMP_NUM_THREADS="2")
+                "--no-compile", "--val-tokens", "4096", "--device", "cpu", "--train-files", "syn_train_*.bin",
+                "--val-files", "syn_val_*.bin", "--set", "model_dim=64", "--set", "num_layers=4", "--set",
+                "num_heads=2", "--set", "head_dim=32", "--set", "attention=dense", "--",
+                "--log-dir", str(work / "logs"), "--checkpoint-dir", str(work / "checkpoints"), OMP_NUM_THREADS="2")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert not kit.calls()
     assert "step:3/3 val_loss:" in (work / "logs" / "e2e.txt").read_text(encoding="utf-8")

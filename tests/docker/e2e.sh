@@ -366,7 +366,9 @@ stage_generate() {
 wait_container() {
   local i id
   for ((i = 0; i < 120; i++)); do
-    id=$(docker ps -q --filter "ancestor=$IMAGE" | head -n 1)
+    # not train.sh's short first container, which only reads the settings (train_gpt.py --print-config=shell)
+    id=$(docker ps --no-trunc --filter "ancestor=$IMAGE" --format '{{.ID}} {{.Command}}' |
+      awk '!/--print-config/ { print $1; exit }')
     if [[ -n "$id" ]]; then printf '%s\n' "$id"; return 0; fi
     sleep 0.5
   done
