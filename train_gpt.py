@@ -195,56 +195,64 @@ def preset_hyperparameters(name: str, presets: dict[str, dict] | None = None) ->
     return dataclasses.replace(Hyperparameters(), preset=name, **presets[name])
 
 
+def spelled(field: str) -> str:
+    """How a setting is given on the command line: its flag, or --set FIELD."""
+    return f"--{field.replace('_', '-')}" if field in FLAG_FIELDS else f"--set {field}"
+
+
 def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     problems = []
     for f in fields(Hyperparameters):
         value = getattr(hp, f.name)
         if isinstance(value, float) and not math.isfinite(value):
-            problems.append(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+            problems.append(f"{spelled(f.name)} must be a finite number, got {value}")
     for name in ("muon_lr", "adam_lr", "head_lr", "scalar_lr", "muon_momentum_warmup_steps", "warmup_steps",
                  "val_loss_every", "train_loss_every"):
         if getattr(hp, name) < (-1 if name == "warmup_steps" else 0):
-            problems.append(f"--{name.replace('_', '-')} must not be negative, got {getattr(hp, name)}")
+            problems.append(f"{spelled(name)} must not be negative, got {getattr(hp, name)}")
     for name in ("muon_lr", "adam_lr", "head_lr", "scalar_lr", "adam_eps"):  # they multiply fp32 tensors
         if abs(getattr(hp, name)) >= torch.finfo(torch.float32).max:
-            problems.append(f"--{name.replace('_', '-')} must be below {torch.finfo(torch.float32).max:.4g}, the "
+            problems.append(f"{spelled(name)} must be below {torch.finfo(torch.float32).max:.4g}, the "
                             f"largest float32, got {getattr(hp, name)}")
     if not hp.adam_eps > 0:
-        problems.append(f"--adam-eps must be positive, got {hp.adam_eps}")
+        problems.append(f"{spelled('adam_eps')} must be positive, got {hp.adam_eps}")
     for name in ("adam_beta1", "adam_beta2", "muon_momentum", "muon_momentum_start"):
         if not 0.0 <= getattr(hp, name) < 1.0:
-            problems.append(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(hp, name)}")
+            problems.append(f"{spelled(name)} must be in [0, 1), got {getattr(hp, name)}")
     if hp.run_name is not None and not valid_run_name(hp.run_name):
         problems.append(f"--run-name {hp.run_name!r} must be one file name (letters, digits, '.', '_', '-'; not "
                         "starting with '.'): it names logs/<run>.txt and checkpoints/<run>/")
     if hp.seqs_per_step % world_size:
-        problems.append(f"--seqs-per-step {hp.seqs_per_step} must be a multiple of the number of processes "
+        problems.append(f"{spelled('seqs_per_step')} {hp.seqs_per_step} must be a multiple of the number of "
+                        "processes "
                         f"({world_size}) so every process accumulates the same number of sequences")
     for name in ("train_seq_len", "val_seq_len", "val_tokens", "num_iterations", "seqs_per_step",
                  "num_layers", "model_dim", "num_heads", "head_dim", "window_tokens", "loss_sum_tokens"):
         if getattr(hp, name) <= 0:
-            problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(hp, name)}")
+            problems.append(f"{spelled(name)} must be positive, got {getattr(hp, name)}")
     if hp.val_tokens % hp.val_seq_len:
         problems.append(f"--val-tokens {hp.val_tokens} must be a multiple of --val-seq-len {hp.val_seq_len}")
     if hp.save_every < 0 or hp.save_every_minutes < 0:
         problems.append("--save-every and --save-every-minutes must not be negative")
     if not 0.0 <= hp.cooldown_frac <= 1.0:
-        problems.append(f"--cooldown-frac must be in [0, 1], got {hp.cooldown_frac}")
+        problems.append(f"{spelled('cooldown_frac')} must be in [0, 1], got {hp.cooldown_frac}")
     if hp.max_batch_span_multiplier < 1.0:
-        problems.append(f"--max-batch-span-multiplier must be >= 1, got {hp.max_batch_span_multiplier}")
+        problems.append(f"{spelled('max_batch_span_multiplier')} must be >= 1, got {hp.max_batch_span_multiplier}")
     if hp.vocab_size <= BOS_ID:
-        problems.append(f"--vocab-size must exceed the BOS id {BOS_ID}, got {hp.vocab_size}")
+        problems.append(f"{spelled('vocab_size')} must exceed the BOS id {BOS_ID}, got {hp.vocab_size}")
     if not hp.window_pattern or set(hp.window_pattern) - {"L", "S"}:
-        problems.append(f"--window-pattern must be a string of L (long) and S (short), got {hp.window_pattern!r}")
+        problems.append(f"{spelled('window_pattern')} must be a string of L (long) and S (short), got "
+                        f"{hp.window_pattern!r}")
     if hp.head_dim % 4:
-        problems.append(f"--head-dim must be a multiple of 4 (rotary: head_dim/4 frequencies and head_dim/4 "
+        problems.append(f"{spelled('head_dim')} must be a multiple of 4 (rotary: head_dim/4 frequencies and "
+                        "head_dim/4 "
                         f"unrotated pairs), got {hp.head_dim}")
     if hp.attention not in ("auto", "flex", "dense"):
-        problems.append(f"--attention must be auto, flex or dense, got {hp.attention!r}")
+        problems.append(f"{spelled('attention')} must be auto, flex or dense, got {hp.attention!r}")
     if hp.attention == "flex":
         for name in ("train_seq_len", "val_seq_len"):
             if getattr(hp, name) % FLEX_BLOCK_SIZE:
-                problems.append(f"--{name.replace('_', '-')} must be a multiple of {FLEX_BLOCK_SIZE} for FlexAttention")
+                problems.append(f"{spelled(name)} must be a multiple of {FLEX_BLOCK_SIZE} for FlexAttention")
     if problems:
         raise ConfigError("; ".join(problems))
 

@@ -490,15 +490,15 @@ def test_check_hyperparameters_accepts_the_presets():
 
 
 @pytest.mark.parametrize("changes,world,words", [
-    (dict(seqs_per_step=3), 2, "--seqs-per-step 3"),
-    (dict(seqs_per_step=8), 3, "--seqs-per-step 8"),
+    (dict(seqs_per_step=3), 2, "--set seqs_per_step 3"),
+    (dict(seqs_per_step=8), 3, "--set seqs_per_step 8"),
     (dict(val_tokens=1000, val_seq_len=300), 1, "--val-tokens 1000"),
     (dict(attention="flex", train_seq_len=1000), 1, "--train-seq-len"),
     (dict(attention="flex", val_seq_len=4100, val_tokens=4100), 1, "--val-seq-len"),
-    (dict(attention="bogus"), 1, "--attention"),
+    (dict(attention="bogus"), 1, "--set attention"),
     (dict(num_iterations=0), 1, "--num-iterations"),
-    (dict(vocab_size=50000), 1, "--vocab-size"),
-    (dict(cooldown_frac=1.5), 1, "--cooldown-frac"),
+    (dict(vocab_size=50000), 1, "--set vocab_size"),
+    (dict(cooldown_frac=1.5), 1, "--set cooldown_frac"),
 ])
 def test_check_hyperparameters_rejects(changes, world, words):
     hp = dataclasses.replace(tg.preset_hyperparameters("tiny"), **changes)

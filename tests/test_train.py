@@ -122,15 +122,15 @@ def test_config_error_exits_2_without_traceback(tmp_path, shared_synthetic_data,
     (["--muon-lr", "nan"], "--muon-lr must be a finite number, got nan"),
     (["--adam-lr", "inf"], "--adam-lr must be a finite number, got inf"),
     (["--adam-lr", "1e39"], "--adam-lr must be below 3.403e+38, the largest float32, got 1e+39"),
-    (["--set", "max_batch_span_multiplier=nan"], "--max-batch-span-multiplier must be a finite number"),
-    (["--set", "max_batch_span_multiplier=inf"], "--max-batch-span-multiplier must be a finite number"),
+    (["--set", "max_batch_span_multiplier=nan"], "--set max_batch_span_multiplier must be a finite number"),
+    (["--set", "max_batch_span_multiplier=inf"], "--set max_batch_span_multiplier must be a finite number"),
     (["--save-every-minutes", "nan"], "--save-every-minutes must be a finite number"),
     (["--adam-lr", "-1"], "--adam-lr must not be negative, got -1.0"),
-    (["--set", "head_lr=-0.1"], "--head-lr must not be negative"),
-    (["--set", "adam_eps=-1"], "--adam-eps must be positive, got -1.0"),
-    (["--set", "adam_eps=0"], "--adam-eps must be positive"),
-    (["--set", "adam_beta2=1"], "--adam-beta2 must be in [0, 1), got 1.0"),
-    (["--set", "muon_momentum=-0.5"], "--muon-momentum must be in [0, 1)"),
+    (["--set", "head_lr=-0.1"], "--set head_lr must not be negative"),
+    (["--set", "adam_eps=-1"], "--set adam_eps must be positive, got -1.0"),
+    (["--set", "adam_eps=0"], "--set adam_eps must be positive"),
+    (["--set", "adam_beta2=1"], "--set adam_beta2 must be in [0, 1), got 1.0"),
+    (["--set", "muon_momentum=-0.5"], "--set muon_momentum must be in [0, 1)"),
     (["--val-loss-every", "-5"], "--val-loss-every must not be negative"),
     (["--run-name", "../../x"], "--run-name '../../x' must be one file name"),
     (["--run-name", "a/b"], "--run-name 'a/b' must be one file name"),
@@ -444,7 +444,7 @@ def test_a_two_process_config_error_is_one_line(shared_synthetic_data, tmp_path)
                           str(ROOT / "train_gpt.py"), *flags], cwd=ROOT, env=subprocess_env(**FAST_ENV),
                          capture_output=True, text=True, timeout=240)
     assert res.returncode == 2
-    assert res.stderr == ("train_gpt.py: error: --seqs-per-step 3 must be a multiple of the number of processes (2) "
+    assert res.stderr == ("train_gpt.py: error: --set seqs_per_step 3 must be a multiple of the number of processes (2) "
                           "so every process accumulates the same number of sequences\n"), res.stderr
 
 
