@@ -11,9 +11,9 @@ embeddings, attention gates, U-net skips, x0 mixing and soft-capped logits taken
 Token 50256 (<|endoftext|>) starts a document and attention never crosses documents, so the prompt is preceded by
 it, as every training document is.
 
-The decode path (KVDecoder) runs the blocks of the train_gpt.GPT instance itself on the new positions only, with a
-preallocated cache of keys, values and document ids of the positions so far. Importing this module has no side
-effects; main(argv) does the work.
+The decode path (KVDecoder) runs the forward of the train_gpt.GPT instance itself on the new positions only, with a
+train_gpt.KVCache: preallocated keys, values and document ids of the positions so far. Importing this module has no
+side effects; main(argv) does the work.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 import kit
@@ -91,45 +90,35 @@ def load_model(spec: str, device: torch.device, checkpoint_dir: str = "checkpoin
 
 
 class KVDecoder:
-    """Runs a train_gpt.GPT on new tokens of `batch` parallel sequences, keeping keys, values and document ids of all
-    positions so far in tensors preallocated for max_len positions.
+    """Runs a train_gpt.GPT on new tokens of `batch` parallel sequences through the model's own forward, with a
+    train_gpt.KVCache of max_len positions holding the keys, values and document ids of all positions so far.
 
-    Each call to step() appends the given tokens (the same number for every sequence) and returns their logits. The
-    mask of a layer is what the training forward uses: causal, within the same document, and at most the layer's
-    window (long or short, as GPT.window_kinds says) minus one 128-token blocks back; document ids continue from the
-    cached positions. Rotary angles come from one table for all max_len positions.
-
-    static=False (eager): attention reads only the keys inside the window, fastest on CPU. static=True: every step
+    Each call to step() appends the given tokens (the same number for every sequence) and returns their logits.
+    static=False (eager): attention reads only the keys inside each window, fastest on CPU. static=True: every step
     reads the whole cache under a mask, so a one-token step always has the same shapes and can be compiled.
     """
 
     def __init__(self, model: tg.GPT, window_blocks: int, batch: int, max_len: int, static: bool = False):
-        cfg = model.cfg
-        self.model, self.batch, self.max_len, self.static = model, batch, max_len, static
-        # blocks each layer's queries may look back, their own included (a window of 0 blocks still sees its own)
-        self.windows = [max(1, window_blocks if kind == "L" else window_blocks // 2) for kind in model.window_kinds()]
-        device = model.embed.weight.device
-        dtype = model.act_dtype
-        self.k = [torch.zeros(batch, cfg.num_heads, max_len, cfg.head_dim, device=device, dtype=dtype)
-                  if b.attn is not None else None for b in model.blocks]
-        self.v = [torch.zeros_like(k) if k is not None else None for k in self.k]
-        self.docs = torch.zeros(batch, max_len, dtype=torch.int64, device=device)
-        self.cur_doc = torch.zeros(batch, dtype=torch.int64, device=device)  # document id of the last position
-        self.cos, self.sin = tg.rotary_tables(max_len, cfg.head_dim, device)
-        self.ve_layers = model.value_embed_layers()
-        self.length = 0
+        self.model, self.window_blocks = model, int(window_blocks)
+        self.cache = tg.KVCache(model, batch, max_len, static=static)
         self._compiled = None
+
+    batch = property(lambda self: self.cache.batch)
+    max_len = property(lambda self: self.cache.max_len)
+    static = property(lambda self: self.cache.static)
 
     def reset(self) -> None:
         """Forget every position (the buffers are reused: stale entries are masked out as future positions)."""
-        self.length = 0
-        self.cur_doc.zero_()
+        self.cache.reset()
 
     def compile(self) -> None:
         """Compile the one-token step; needs static=True so that its shapes never change."""
         if not self.static:
             raise ValueError("compile needs a static cache")
-        self._compiled = torch.compile(self._forward, dynamic=False)
+        self._compiled = torch.compile(self._hidden, dynamic=False)
+
+    def _hidden(self, tokens: Tensor) -> Tensor:
+        return self.model.hidden(tokens, self.window_blocks, self.cache)
 
     @torch.no_grad()
     def step(self, tokens: Tensor, all_logits: bool = False) -> Tensor:
@@ -137,70 +126,10 @@ class KVDecoder:
         B, T = tokens.shape
         if B != self.batch:
             raise ValueError(f"the cache holds {self.batch} sequences, got {B}")
-        if self.length + T > self.max_len:
-            raise ValueError(f"{self.length + T} positions exceed the cache's {self.max_len}")
-        pos = torch.arange(self.length, self.length + T, device=tokens.device)
-        fn = self._compiled if (self._compiled is not None and T == 1) else self._forward
-        x = fn(tokens, pos, 0 if self.static else self.length)  # a constant start: no recompiles
-        self.length += T
+        self.cache.advance(T)  # on the host, outside a compiled step
+        fn = self._compiled if (self._compiled is not None and T == 1) else self._hidden
+        x = fn(tokens)
         return self.model.head_logits(x if all_logits else x[:, -1])
-
-    def _key_range(self, layer: int, start: int, T: int) -> tuple[int, int]:
-        """Cache slice a layer's attention reads: all of it when static, else the window of the new queries."""
-        if self.static:
-            return 0, self.max_len
-        first_block = start // tg.FLEX_BLOCK_SIZE - (self.windows[layer] - 1)
-        return max(0, first_block * tg.FLEX_BLOCK_SIZE), start + T
-
-    def _forward(self, tokens: Tensor, pos: Tensor, start: int) -> Tensor:
-        """Final normalised hidden state (batch, T, model_dim) of the new tokens; writes them into the cache.
-
-        Mirrors GPT.hidden, Block.forward and CausalSelfAttention.forward with the model's own weights.
-        """
-        model, cfg = self.model, self.model.cfg
-        B, T = tokens.shape
-        dt = model.act_dtype
-        docs_new = self.cur_doc[:, None] + (tokens == EOT_ID).long().cumsum(1)
-        self.docs.index_copy_(1, pos, docs_new)
-        self.cur_doc.copy_(docs_new[:, -1])
-        cos, sin = self.cos[pos], self.sin[pos]
-
-        x = x0 = tg.norm(model.embed(tokens).to(dt))
-        ve_tables = [e(tokens).to(dt) for e in model.value_embeds]
-        skips, n_enc = [], model.num_encoder
-        for i, block in enumerate(model.blocks):
-            j = i - (cfg.num_layers - n_enc)
-            if 0 <= j < n_enc:
-                x = x + model.skip_weights[j] * skips[n_enc - 1 - j]
-            x = block.lambdas[0] * x + block.lambdas[1] * x0
-            if block.attn is not None:
-                t = self.ve_layers[i]
-                ve = ve_tables[t] if t is not None else None
-                x = x + self._attention(i, block.attn, tg.norm(x), ve, cos, sin, pos, docs_new, start)
-            x = x + block.mlp(tg.norm(x))
-            if i < n_enc:
-                skips.append(x)
-        return tg.norm(x)
-
-    def _attention(self, i: int, attn: tg.CausalSelfAttention, x: Tensor, ve: Tensor | None, cos: Tensor,
-                   sin: Tensor, pos: Tensor, docs_new: Tensor, start: int) -> Tensor:
-        B, T = x.shape[:2]
-        H, D = attn.num_heads, attn.head_dim
-        qkv = F.linear(x, attn.qkv_w.flatten(end_dim=1).to(x.dtype)).view(B, T, 3 * H, D)
-        q, k, v = qkv.chunk(3, dim=-2)
-        q, k = tg.rotary(tg.norm(q), cos, sin), tg.rotary(tg.norm(k), cos, sin)
-        v = attn.lambdas[0] * v + (attn.lambdas[1] * ve.view_as(v) if ve is not None else 0)
-        self.k[i].index_copy_(2, pos, k.transpose(1, 2).to(self.k[i].dtype))
-        self.v[i].index_copy_(2, pos, v.transpose(1, 2).to(self.v[i].dtype))
-        lo, hi = self._key_range(i, start, T)
-        key_pos = torch.arange(lo, hi, device=x.device)
-        blocks_back = pos[:, None] // tg.FLEX_BLOCK_SIZE - key_pos[None, :] // tg.FLEX_BLOCK_SIZE  # (T, keys)
-        near = (pos[:, None] >= key_pos[None, :]) & (blocks_back < self.windows[i])
-        mask = near[None] & (docs_new[:, :, None] == self.docs[:, None, lo:hi])
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), self.k[i][:, :, lo:hi], self.v[i][:, :, lo:hi],
-                                           attn_mask=mask[:, None], scale=self.model.cfg.attn_scale).transpose(1, 2)
-        y = y * torch.sigmoid(attn.gate(x[..., :attn.gate.in_features]))[..., None]
-        return attn.c_proj(y.reshape(B, T, -1))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -159,6 +159,75 @@ def test_a_reused_decoder_gives_what_a_fresh_one_gives(loaded, static):
         g.generate(model, window, long_prompt, dataclasses.replace(sc, max_tokens=50), decoder=decoder)
 
 
+def test_decoding_runs_the_models_own_modules(loaded, monkeypatch):
+    """Every step calls each Block and attention of the GPT with the decoder's cache, once: generate.py holds no copy
+    of the model's arithmetic that a model change could miss."""
+    model, window = loaded.model, loaded.window_blocks
+    calls = []
+
+    def spy(cls):
+        real = cls.forward
+
+        def forward(self, *args, **kw):
+            calls.append((cls.__name__, self, args[-1] if args else None))
+            return real(self, *args, **kw)
+        monkeypatch.setattr(cls, "forward", forward)
+
+    spy(tg.Block)
+    spy(tg.CausalSelfAttention)
+    decoder = g.KVDecoder(model, window, batch=2, max_len=40)
+    seqs = torch.stack([documents(40, seed=s, bos_at=(0, 30)) for s in (7, 8)])
+    decoder.step(seqs[:, :37])
+    for t in range(37, 40):
+        calls.clear()
+        decoder.step(seqs[:, t:t + 1])
+        blocks = [s for name, s, cache in calls if name == "Block" and cache is decoder.cache]
+        attns = [s for name, s, cache in calls if name == "CausalSelfAttention" and cache is decoder.cache]
+        assert blocks == list(model.blocks) and len(calls) == len(blocks) + len(attns)
+        assert attns == [b.attn for b in model.blocks if b.attn is not None] and len(attns) < len(blocks)
+
+
+def test_a_sequence_fed_in_uneven_chunks_through_the_forward(loaded):
+    """GPT.forward with a cache, in chunks that start and end inside 128-token blocks, across documents, where the
+    short window binds: the logits of the training forward."""
+    model, window = loaded.model, loaded.window_blocks
+    seq = documents(700, seed=9, bos_at=(0, 200, 555, 556))
+    ref = model(seq, window_blocks=window)
+    cache = tg.KVCache(model, batch=1, max_len=seq.numel())
+    got, start = [], 0
+    with torch.no_grad():
+        for n in (1, 130, 255, 7, 300, 7):
+            cache.advance(n)
+            got.append(model(seq[None, start:start + n], window_blocks=window, cache=cache)[0])
+            start += n
+    torch.testing.assert_close(torch.cat(got), ref, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="exceed the cache's 700"):
+        cache.advance(1)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_equals_the_eager_one(loaded):
+    """The compiled one-token step (--compile, one sample) on the CPU's inductor, across a block boundary: one graph,
+    compiled once, the eager logits. (A 400-position cache of one sequence is where torch 2.13's CPU inductor got
+    positions // 128 wrong.)"""
+    from torch._dynamo.utils import counters
+
+    model, window = loaded.model, loaded.window_blocks
+    seq = documents(400, seed=10, bos_at=(0, 100, 260))[None]
+    eager = g.KVDecoder(model, window, 1, seq.size(1), static=True)
+    compiled = g.KVDecoder(model, window, 1, seq.size(1), static=True)
+    compiled.compile()
+    torch._dynamo.reset()
+    counters.clear()
+    a, b = eager.step(seq[:, :370]), compiled.step(seq[:, :370])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for t in range(370, 400):
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+            a, b = eager.step(seq[:, t:t + 1]), compiled.step(seq[:, t:t + 1])
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Sampling
 
