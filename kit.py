@@ -5,14 +5,21 @@ Importing this module has no side effects."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import datetime
+import difflib
+import inspect
 import json
 import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
+import sys
+import textwrap
 import time
 import uuid
 from dataclasses import asdict
@@ -24,7 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from data.shards import atomic_write
+from data.shards import DataError, DiskFullError, atomic_write
 
 try:
     import fcntl  # run locks (POSIX); elsewhere runs are not locked
@@ -575,3 +582,175 @@ class RunReport:
                             "final/tokens_per_s": summary["tokens_per_s"]}, step=steps)
             self.wandb.finish(self.log.path)
         return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A settings dataclass on the command line
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # one line: argparse's usage of some 25 flags would bury the message
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def help_width() -> int:
+    return shutil.get_terminal_size().columns - 2  # argparse's own rule
+
+
+def shell_word(value) -> str:
+    """A value as --set reads it back: true/false, none for no value."""
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+class SettingsCLI:
+    """The fields of a settings dataclass as command-line words. The fields in `flags` have a flag of their own
+    (--field-name; the `switches`, booleans, a flag that turns their default around), every other one is set with
+    --set FIELD=VALUE, so that each field has one spelling. Help texts are the fields' trailing comments."""
+
+    KIND_WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text",
+                  "str | None": "text, or none"}
+
+    def __init__(self, cls, flags: tuple[str, ...], switches: dict[str, str]):
+        self.cls, self.flags, self.switches = cls, flags, switches
+
+    def field_help(self) -> dict[str, str]:
+        helps = {}
+        try:
+            src = inspect.getsource(self.cls)
+        except (OSError, TypeError):
+            return helps
+        for line in src.splitlines():
+            m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+            if m:
+                helps[m.group(1)] = m.group(2)
+        return helps
+
+    def kind(self, name: str) -> str:
+        """A field's type as the dataclass spells it: int, float, bool, str or str | None."""
+        t = next(f for f in dataclasses.fields(self.cls) if f.name == name).type
+        return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+    def set_fields(self) -> list[str]:
+        """The fields --set takes: those without a flag of their own."""
+        return [f.name for f in dataclasses.fields(self.cls) if f.name not in self.flags]
+
+    def field_flag(self, name: str) -> str:
+        """How the command line sets a field: its flag, or --set NAME=VALUE."""
+        if name in self.flags:
+            return self.switches.get(name, "--" + name.replace("_", "-"))
+        return f"--set {name}=VALUE"
+
+    def spelled(self, name: str) -> str:
+        """A setting as messages name it: --flag-name, or --set name."""
+        return f"--{name.replace('_', '-')}" if name in self.flags else f"--set {name}"
+
+    def parse_value(self, name: str, text: str):
+        """TEXT as a value of the field NAME: int, float, str, bool (true/false) or optional str (none: no value)."""
+        kind = self.kind(name)
+        try:
+            if kind == "int":
+                return int(text)
+            if kind == "float":
+                return float(text)
+            if kind == "bool":
+                return {"true": True, "false": False}[text.lower()]
+            if kind == "str | None":
+                return None if text.lower() == "none" else text
+            if kind == "str":
+                return text
+        except (ValueError, KeyError):
+            raise ConfigError(f"--set {name}={text}: {name} takes {self.KIND_WORDS[kind]}, got {text!r}") from None
+        raise ConfigError(f"--set {name}: a field of type {kind} cannot be set from the command line")
+
+    def set_values(self, pairs: list[str]) -> dict:
+        """The --set FIELD=VALUE pairs as field values (a field given twice: the last one)."""
+        settable, values = self.set_fields(), {}
+        for pair in pairs:
+            name, sep, text = pair.partition("=")
+            if not sep:
+                raise ConfigError(f"--set {pair}: expected FIELD=VALUE, e.g. --set model_dim=64")
+            if name in self.flags:
+                raise ConfigError(f"--set {pair}: {name} has a flag of its own, {self.field_flag(name)}")
+            if name not in settable:
+                close = difflib.get_close_matches(name.replace("-", "_"), settable, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ConfigError(f"--set {pair}: no field {name!r}{hint}; --set takes {', '.join(settable)}")
+            values[name] = self.parse_value(name, text)
+        return values
+
+    def epilog(self, defaults, default_preset: str, helps: dict[str, str]) -> str:
+        """--help's table of the --set fields: name, default, meaning (wrapped like argparse's own help)."""
+        names = self.set_fields()
+        words = {name: shell_word(getattr(defaults, name)) for name in names}
+        w1, w2 = max(map(len, names)), max(map(len, words.values()))
+        width = max(help_width(), w1 + w2 + 40)
+        lines = [textwrap.fill(f"--set FIELD=VALUE (repeatable) sets a field without a flag of its own (VALUE: a "
+                               f"number, text, true/false, or none). The fields, their {default_preset} defaults "
+                               "and meanings:", width)]
+        for name in names:
+            lines.append(textwrap.fill(helps.get(name, ""), width,
+                                       initial_indent=f"  {name:<{w1}}  {words[name]:<{w2}}  ",
+                                       subsequent_indent=" " * (w1 + w2 + 6)))
+        return "\n".join(lines)
+
+    def add_flags(self, parser: argparse.ArgumentParser, defaults, default_preset: str, helps: dict[str, str],
+                  skip: tuple[str, ...] = ()) -> None:
+        """One flag per field in `flags` (but `skip`), typed by the field, its help the field's comment."""
+        for f in dataclasses.fields(self.cls):
+            if f.name not in self.flags or f.name in skip:
+                continue
+            if f.name in self.switches:  # each turns its field's usual default around
+                on = getattr(self.cls(), f.name) is False
+                parser.add_argument(self.switches[f.name], dest=f.name, action="store_true" if on else "store_false",
+                                    help=helps.get(f.name, "") if on else f"do not {helps.get(f.name, '')}")
+                continue
+            kind = {"int": int, "float": float, "str": str, "str | None": str}[self.kind(f.name)]
+            parser.add_argument(self.field_flag(f.name), type=kind, metavar=f.name.upper(),
+                                help=f"{helps.get(f.name, '')} ({default_preset} default: {getattr(defaults, f.name)})")
+
+    def unknown(self, parser: argparse.ArgumentParser, extra: list[str]) -> None:
+        """Words no flag took: one line, saying which --set replaces a field's removed flag."""
+        moved = [a for a in extra if a.startswith("--") and a[2:].split("=")[0].replace("-", "_") in self.set_fields()]
+        hints = "".join(f"; {a.split('=')[0]} is --set {a[2:].split('=')[0].replace('-', '_')}=VALUE" for a in moved)
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{hints}")
+
+    @staticmethod
+    def format(settings: dict, derived: dict, form: str = "json") -> str:
+        """--print-config's text: JSON ({"settings": ..., "derived": ...}), or for a shell NAME=VALUE lines, each
+        value quoted for eval (true/false for switches, empty for none)."""
+        if form == "json":
+            return json.dumps({"settings": settings, "derived": derived}, indent=2)
+        words = {k: "" if v is None else shell_word(v) for k, v in {**settings, **derived}.items()}
+        for k, v in words.items():
+            if "\n" in v:  # one line per setting is what a reader of the lines may rely on
+                raise ConfigError(f"--print-config=shell: {k} holds a newline, which a NAME=VALUE line cannot")
+        return "\n".join(f"{k}={shlex.quote(v)}" for k, v in words.items())
+
+
+def run_processes(train, hp, source: str | None, prog: str) -> int:
+    """train(hp, source) in this process, inside a process group when torchrun started it; the errors a user can
+    act on become one line (exit 2; a diverged run: 3), said once unless a process's own device is the cause."""
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    try:
+        if distributed:
+            backend = "nccl" if torch.cuda.is_available() and hp.device != "cpu" else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            # torch.distributed.nn.functional binds group.WORLD as a default argument when first imported (the
+            # optimisers' lazy torch._dynamo import pulls it in). Imported after init_process_group, it would keep
+            # the default group alive past destroy_process_group, and a gloo run could abort at exit.
+            import torch.distributed.nn as _  # noqa: F401
+            dist.init_process_group(backend=backend)
+        train(hp, source)
+        if distributed:
+            dist.barrier()  # no rank tears its connections down while another still finishes (not after an error)
+    except (ConfigError, DataError, CheckpointError, DiskFullError, DivergedError) as e:
+        # every process meets these together, from the same settings, files and (collective) checks
+        if int(os.environ.get("RANK", 0)) == 0 or isinstance(e, DeviceError):
+            print(f"{prog}: error: {e.strerror if isinstance(e, DiskFullError) else e}", file=sys.stderr)
+        return 3 if isinstance(e, DivergedError) else 2
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

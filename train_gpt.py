@@ -49,9 +49,8 @@ import argparse
 import dataclasses
 import math
 import os
-import re
-import shutil
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -65,6 +64,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from data.shards import (  # noqa: F401  (atomic_write, load_shard, write_shard: for kit and the tests)
+    shard_glob,
     DataError,
     DiskFullError,
     atomic_write,
@@ -76,11 +76,14 @@ from data.shards import (  # noqa: F401  (atomic_write, load_shard, write_shard:
     write_shard,
 )
 from kit import (
+    OneLineParser,
+    SettingsCLI,
+    help_width,
+    run_processes,
     TRACK1_TARGET,
     Checkpointer,
     RunReport,
     ConfigError,
-    DeviceError,
     CheckpointError,
     DivergedError,
     has_bf16,
@@ -195,9 +198,15 @@ def preset_hyperparameters(name: str, presets: dict[str, dict] | None = None) ->
     return dataclasses.replace(Hyperparameters(), preset=name, **presets[name])
 
 
-def spelled(field: str) -> str:
-    """How a setting is given on the command line: its flag, or --set FIELD."""
-    return f"--{field.replace('_', '-')}" if field in FLAG_FIELDS else f"--set {field}"
+# The settings a speedrun user turns have flags of their own; every other field is set with --set FIELD=VALUE, so
+# that each field has one spelling (and the wrappers find paths and the device under their flags only).
+FLAG_FIELDS = ("preset", "data_dir", "train_files", "val_files", "val_tokens", "train_seq_len", "val_seq_len",
+               "num_iterations", "muon_lr", "adam_lr", "val_loss_every", "train_loss_every", "save_every",
+               "save_every_minutes", "save_final", "log_dir", "checkpoint_dir", "run_name", "resume", "wandb",
+               "device", "compile", "fp8", "seed")
+CLI = SettingsCLI(Hyperparameters, FLAG_FIELDS, {"compile": "--no-compile", "fp8": "--no-fp8",
+                                                 "save_final": "--no-save-final", "wandb": "--wandb"})
+spelled = CLI.spelled
 
 
 def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
@@ -1568,147 +1577,21 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
-# The settings a speedrun user turns have flags of their own; every other field is set with --set FIELD=VALUE, so
-# that each field has one spelling (and the wrappers find paths and the device under their flags only).
-FLAG_FIELDS = ("preset", "data_dir", "train_files", "val_files", "val_tokens", "train_seq_len", "val_seq_len",
-               "num_iterations", "muon_lr", "adam_lr", "val_loss_every", "train_loss_every", "save_every",
-               "save_every_minutes", "save_final", "log_dir", "checkpoint_dir", "run_name", "resume", "wandb",
-               "device", "compile", "fp8", "seed")
-_SWITCHES = {"compile": "--no-compile", "fp8": "--no-fp8", "save_final": "--no-save-final", "wandb": "--wandb"}
-_KIND_WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text",
-               "str | None": "text, or none"}
-
-
-def _field_help() -> dict[str, str]:
-    """The trailing comment of each Hyperparameters field, so --help and the dataclass never disagree."""
-    helps = {}
-    try:
-        import inspect
-        src = inspect.getsource(Hyperparameters)
-    except (OSError, TypeError):
-        return helps
-    for line in src.splitlines():
-        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
-        if m:
-            helps[m.group(1)] = m.group(2)
-    return helps
-
-
-def _field_kind(f: dataclasses.Field) -> str:
-    """A field's type as the dataclass spells it: int, float, bool, str or str | None."""
-    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-
-
-def set_fields() -> list[str]:
-    """The fields --set takes: those without a flag of their own."""
-    return [f.name for f in fields(Hyperparameters) if f.name not in FLAG_FIELDS]
-
-
-def field_flag(name: str) -> str:
-    """How the command line sets a field: its flag, or --set NAME=VALUE."""
-    if name in FLAG_FIELDS:
-        return _SWITCHES.get(name, "--" + name.replace("_", "-"))
-    return f"--set {name}=VALUE"
-
-
-def parse_field_value(name: str, text: str):
-    """TEXT as a value of the field NAME: int, float, str, bool (true/false) or optional str (none: no value)."""
-    kind = _field_kind(next(f for f in fields(Hyperparameters) if f.name == name))
-    try:
-        if kind == "int":
-            return int(text)
-        if kind == "float":
-            return float(text)
-        if kind == "bool":
-            return {"true": True, "false": False}[text.lower()]
-        if kind == "str | None":
-            return None if text.lower() == "none" else text
-        if kind == "str":
-            return text
-    except (ValueError, KeyError):
-        raise ConfigError(f"--set {name}={text}: {name} takes {_KIND_WORDS[kind]}, got {text!r}") from None
-    raise ConfigError(f"--set {name}: a field of type {kind} cannot be set from the command line")
-
-
-def _set_values(pairs: list[str]) -> dict:
-    """The --set FIELD=VALUE pairs as field values (a field given twice: the last one)."""
-    import difflib
-
-    settable = set_fields()
-    values = {}
-    for pair in pairs:
-        name, sep, text = pair.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {pair}: expected FIELD=VALUE, e.g. --set model_dim=64")
-        if name in FLAG_FIELDS:
-            raise ConfigError(f"--set {pair}: {name} has a flag of its own, {field_flag(name)}")
-        if name not in settable:
-            close = difflib.get_close_matches(name.replace("-", "_"), settable, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(f"--set {pair}: no field {name!r}{hint}; --set takes {', '.join(settable)}")
-        values[name] = parse_field_value(name, text)
-    return values
-
-
-def _shell_word(value) -> str:
-    """A value as --set reads it back: true/false, none for no value."""
-    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        # one line: argparse's usage of some 25 flags would bury the message
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _help_width() -> int:
-    return shutil.get_terminal_size().columns - 2  # argparse's own rule
-
-
-def _set_epilog(defaults: Hyperparameters, default_preset: str, helps: dict[str, str]) -> str:
-    """--help's table of the --set fields: name, default, meaning (wrapped like argparse's own help)."""
-    import textwrap
-
-    names = set_fields()
-    words = {name: _shell_word(getattr(defaults, name)) for name in names}
-    w1, w2 = max(map(len, names)), max(map(len, words.values()))
-    width = max(_help_width(), w1 + w2 + 40)
-    lines = [textwrap.fill(f"--set FIELD=VALUE (repeatable) sets a field without a flag of its own (VALUE: a "
-                           f"number, text, true/false, or none). The fields, their {default_preset} defaults and "
-                           "meanings:", width)]
-    for name in names:
-        lines.append(textwrap.fill(helps.get(name, ""), width, initial_indent=f"  {name:<{w1}}  {words[name]:<{w2}}  ",
-                                   subsequent_indent=" " * (w1 + w2 + 6)))
-    return "\n".join(lines)
-
-
 def build_arg_parser(presets: dict[str, dict] | None = None, default_preset: str = "speedrun",
                      prog: str = "train_gpt.py") -> argparse.ArgumentParser:
-    import textwrap
-
     presets = PRESETS if presets is None else presets
-    helps = _field_help()
+    helps = CLI.field_help()
     defaults = preset_hyperparameters(default_preset, presets)
-    parser = _ArgumentParser(
+    parser = OneLineParser(
         prog=prog, description=textwrap.fill(f"Train a GPT on FineWeb shards (NanoGPT speedrun, preset "
                                              f"{default_preset} by default). Flags and --set values override the "
-                                             "preset's values.", _help_width()),
-        epilog=_set_epilog(defaults, default_preset, helps), formatter_class=argparse.RawDescriptionHelpFormatter,
+                                             "preset's values.", help_width()),
+        epilog=CLI.epilog(defaults, default_preset, helps), formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS)
     parser.add_argument("--preset", choices=list(presets),
                         help=f"starting values for every setting (default {default_preset}; resuming without it: "
                              "the checkpoint's settings)")
-    for f in fields(Hyperparameters):
-        if f.name not in FLAG_FIELDS or f.name in ("preset", "resume"):
-            continue
-        if f.name in _SWITCHES:  # each turns its field's usual default around: --wandb on, the others off
-            on = f.name == "wandb"
-            parser.add_argument(_SWITCHES[f.name], dest=f.name, action="store_true" if on else "store_false",
-                                help=helps.get(f.name, "") if on else f"do not {helps.get(f.name, '')}")
-            continue
-        kind = {"int": int, "float": float, "str": str, "str | None": str}[_field_kind(f)]
-        parser.add_argument(field_flag(f.name), type=kind, metavar=f.name.upper(),
-                            help=f"{helps.get(f.name, '')} ({default_preset} default: {getattr(defaults, f.name)})")
+    CLI.add_flags(parser, defaults, default_preset, helps, skip=("preset", "resume"))
     parser.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
                         help=f"continue from a {helps.get('resume', '')} (--resume alone: auto). Settings come "
                              "from the checkpoint unless given")
@@ -1727,12 +1610,10 @@ def _parse(argv: list[str] | None, presets: dict[str, dict] | None, default_pres
     parser = build_arg_parser(presets, default_preset, prog)
     ns, extra = parser.parse_known_args(argv)
     if extra:
-        moved = [a for a in extra if a.startswith("--") and a[2:].split("=")[0].replace("-", "_") in set_fields()]
-        hints = "".join(f"; {a.split('=')[0]} is --set {a[2:].split('=')[0].replace('-', '_')}=VALUE" for a in moved)
-        parser.error(f"unrecognized arguments: {' '.join(extra)}{hints}")
+        CLI.unknown(parser, extra)
     given = vars(ns)
     form = given.pop("print_config", None)
-    given.update(_set_values(given.pop("set", [])))
+    given.update(CLI.set_values(given.pop("set", [])))
     if "resume" in given and "preset" not in given:
         path = resolve_checkpoint(given["resume"], given.get("run_name"), given.get("checkpoint_dir", "checkpoints"))
         hp = dataclasses.replace(checkpoint_hyperparameters(load_checkpoint(path), path), resume=None)
@@ -1751,32 +1632,18 @@ def derived_settings(hp: Hyperparameters) -> dict[str, int]:
     """What follows from the settings, printed by --print-config so that no wrapper computes it again:
     global_batch_tokens, train_tokens (what the run reads) and fineweb_shards, the FineWeb 10B train shards that
     covers (data/fineweb.py's rule; 0 when the train files are not FineWeb's)."""
-    root = str(Path(__file__).resolve().parent)
-    if root not in sys.path:
-        sys.path.insert(0, root)
     from data.fineweb import DATASETS, shards_needed
 
     fineweb = DATASETS["fineweb10B"]
     shards = 0
-    if hp.train_files == f"{fineweb.prefix}train_*.bin":
+    if hp.train_files == shard_glob(fineweb.corpus, "train"):
         shards = min(fineweb.train_shards, shards_needed(hp.num_iterations, hp.global_batch_tokens))
     return {"global_batch_tokens": hp.global_batch_tokens,
             "train_tokens": hp.num_iterations * hp.global_batch_tokens, "fineweb_shards": shards}
 
 
 def format_config(hp: Hyperparameters, form: str = "json") -> str:
-    """--print-config's text: JSON ({"settings": ..., "derived": ...}), or for a shell NAME=VALUE lines, each value
-    quoted for eval (true/false for switches, empty for none)."""
-    derived = derived_settings(hp)
-    if form == "json":
-        import json
-        return json.dumps({"settings": asdict(hp), "derived": derived}, indent=2)
-    import shlex
-    words = {k: "" if v is None else _shell_word(v) for k, v in {**asdict(hp), **derived}.items()}
-    for k, v in words.items():
-        if "\n" in v:  # one line per setting is what a reader of the lines may rely on
-            raise ConfigError(f"--print-config=shell: {k} holds a newline, which a NAME=VALUE line cannot")
-    return "\n".join(f"{k}={shlex.quote(v)}" for k, v in words.items())
+    return CLI.format(asdict(hp), derived_settings(hp), form)
 
 
 def main(argv: list[str] | None = None, presets: dict[str, dict] | None = None, default_preset: str = "speedrun",
@@ -1791,32 +1658,7 @@ def main(argv: list[str] | None = None, presets: dict[str, dict] | None = None, 
     except (ConfigError, CheckpointError) as e:
         print(f"train_gpt.py: error: {e}", file=sys.stderr)
         return 2
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    try:
-        if distributed:
-            backend = "nccl" if torch.cuda.is_available() and hp.device != "cpu" else "gloo"
-            if backend == "nccl":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            # torch.distributed.nn.functional binds group.WORLD as a default argument when first imported (the
-            # optimisers' lazy torch._dynamo import pulls it in). Imported after init_process_group, it would keep
-            # the default group alive past destroy_process_group: its threads would then be torn down during
-            # interpreter shutdown, the likely cause of a gloo run aborting at exit ("terminate called without an
-            # active exception").
-            import torch.distributed.nn as _  # noqa: F401
-            dist.init_process_group(backend=backend)
-        train(hp, source)
-        if distributed:
-            dist.barrier()  # no rank tears its connections down while another still finishes (not after an error)
-    except (ConfigError, DataError, CheckpointError, DiskFullError, DivergedError) as e:
-        # every process meets these errors together, from the same settings, files and (collective) checks: one
-        # of them says it, unless it concerns a process's own device
-        if int(os.environ.get("RANK", 0)) == 0 or isinstance(e, DeviceError):
-            print(f"train_gpt.py: error: {e.strerror if isinstance(e, DiskFullError) else e}", file=sys.stderr)
-        return 3 if isinstance(e, DivergedError) else 2
-    finally:
-        if distributed and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return run_processes(train, hp, source, "train_gpt.py")
 
 
 def _reexec_with_cpu_malloc_settings() -> None:

@@ -42,11 +42,11 @@ def one_line_error(argv, capsys) -> str:
 def test_flags_and_set_fields_split_the_fields_between_them():
     names = [f.name for f in fields(tg.Hyperparameters)]
     assert set(tg.FLAG_FIELDS) <= set(names) and 20 <= len(tg.FLAG_FIELDS) <= 25
-    assert tg.set_fields() == [n for n in names if n not in tg.FLAG_FIELDS]
+    assert tg.CLI.set_fields() == [n for n in names if n not in tg.FLAG_FIELDS]
     options = {s for a in tg.build_arg_parser()._actions for s in a.option_strings}
     for name in names:
         if name in tg.FLAG_FIELDS:
-            assert tg.field_flag(name) in options, name
+            assert tg.CLI.field_flag(name) in options, name
         else:
             assert "--" + name.replace("_", "-") not in options, name  # one spelling per field
     assert {"--set", "--print-config", "--preset", "--resume"} <= options
@@ -60,10 +60,10 @@ def test_set_parses_each_type():
     assert type(hp.model_dim) is int and type(hp.cooldown_frac) is float
     assert hp.num_layers == 6 and hp.preset == "tiny"  # the rest from the preset
     # the types no --set field has today, through the same parser: switches and optional text
-    assert tg.parse_field_value("compile", "false") is False and tg.parse_field_value("fp8", "True") is True
-    assert tg.parse_field_value("run_name", "none") is None and tg.parse_field_value("run_name", "x") == "x"
+    assert tg.CLI.parse_value("compile", "false") is False and tg.CLI.parse_value("fp8", "True") is True
+    assert tg.CLI.parse_value("run_name", "none") is None and tg.CLI.parse_value("run_name", "x") == "x"
     with pytest.raises(kit.ConfigError, match="compile takes true or false, got 'no'"):
-        tg.parse_field_value("compile", "no")
+        tg.CLI.parse_value("compile", "no")
 
 
 def test_set_repeated_later_wins_and_order_against_flags_does_not_matter():
@@ -105,22 +105,22 @@ def test_bad_set_or_flag_is_one_line(argv, words, capsys):
 
 def test_unknown_field_lists_every_set_field(capsys):
     line = one_line_error(["--set", "bogus=1"], capsys)
-    assert line.endswith("--set takes " + ", ".join(tg.set_fields()))
+    assert line.endswith("--set takes " + ", ".join(tg.CLI.set_fields()))
     assert "did you mean" not in line
 
 
 def test_help_lists_the_flags_then_every_set_field_with_default_and_meaning():
     text = tg.build_arg_parser().format_help()
-    helps, defaults = tg._field_help(), tg.Hyperparameters()
+    helps, defaults = tg.CLI.field_help(), tg.Hyperparameters()
     table = text[text.index("--set FIELD=VALUE (repeatable)"):]
     rows = {line.split()[0]: line for line in table.splitlines() if line.startswith("  ") and not line[2] == " "}
-    assert list(rows) == tg.set_fields()
+    assert list(rows) == tg.CLI.set_fields()
     for name, row in rows.items():
         value = getattr(defaults, name)
         assert row.split()[1] == (str(value).lower() if isinstance(value, bool) else str(value)), row
         assert " ".join(helps[name].split()[:3]) in " ".join(row.split()), row  # the field's own comment
     for name in tg.FLAG_FIELDS:
-        assert tg.field_flag(name) in text[:text.index("--set FIELD=VALUE (repeatable)")], name
+        assert tg.CLI.field_flag(name) in text[:text.index("--set FIELD=VALUE (repeatable)")], name
     medium_help = tg.build_arg_parser(medium.PRESETS, "medium").format_help()
     assert "their medium defaults" in medium_help and "  num_layers                  16 " in medium_help
 
@@ -178,8 +178,8 @@ def test_print_config_values_read_back_through_set(capsys):
     # what --print-config=shell prints, --set takes back: the same settings
     base = ["--preset", "tiny", "--set", "model_dim=96", "--set", "cooldown_frac=0.25"]
     rc, out, _ = main_output([*base, "--print-config=shell"], capsys)
-    got = shell_values(out, tg.set_fields())
-    again = tg.parse_args(["--preset", "tiny", *[w for n in tg.set_fields() for w in ("--set", f"{n}={got[n]}")]])
+    got = shell_values(out, tg.CLI.set_fields())
+    again = tg.parse_args(["--preset", "tiny", *[w for n in tg.CLI.set_fields() for w in ("--set", f"{n}={got[n]}")]])
     assert again == tg.parse_args(base)
 
 

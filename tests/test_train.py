@@ -444,8 +444,8 @@ def test_a_two_process_config_error_is_one_line(shared_synthetic_data, tmp_path)
                           str(ROOT / "train_gpt.py"), *flags], cwd=ROOT, env=subprocess_env(**FAST_ENV),
                          capture_output=True, text=True, timeout=240)
     assert res.returncode == 2
-    assert res.stderr == ("train_gpt.py: error: --set seqs_per_step 3 must be a multiple of the number of processes (2) "
-                          "so every process accumulates the same number of sequences\n"), res.stderr
+    assert res.stderr == ("train_gpt.py: error: --set seqs_per_step 3 must be a multiple of the number of processes "
+                          "(2) so every process accumulates the same number of sequences\n"), res.stderr
 
 
 @pytest.mark.slow
