@@ -12,7 +12,7 @@ Token 50256 (<|endoftext|>) starts a document and attention never crosses docume
 it, as every training document is.
 
 The decode path (KVDecoder) runs the forward of the train_gpt.GPT instance itself on the new positions only, with a
-train_gpt.KVCache: preallocated keys, values and document ids of the positions so far. Importing this module has no
+KVCache: preallocated keys, values and document ids of the positions so far. Importing this module has no
 side effects; main(argv) does the work.
 """
 
@@ -27,6 +27,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 import kit
@@ -89,9 +90,102 @@ def load_model(spec: str, device: torch.device, checkpoint_dir: str = "checkpoin
 # Incremental decoding
 
 
+class KVCache:
+    """Keys, values and document ids of the positions seen so far of `batch` sequences, in buffers preallocated for
+    max_len positions, for decoding with GPT.hidden(tokens, window_blocks, cache).
+
+    Before each forward, advance(T) hands out the next T positions; the forward then writes every attention layer's
+    keys and values there (update) and attends over the cached prefix with the training forward's mask (begin):
+    causal, within the document, at most the layer's window minus one 128-token blocks back. Document ids continue
+    from the cached positions; rotary angles are those of the absolute positions.
+
+    static=False: attention reads only the keys inside each window (fastest eagerly). static=True: it reads the whole
+    buffer, stale or future entries masked out, and no changing Python number is read inside the forward, so that a
+    one-token forward always has the same shapes and can be compiled.
+    """
+
+    def __init__(self, model: tg.GPT, batch: int, max_len: int, static: bool = False):
+        cfg = model.cfg
+        device = model.embed.weight.device
+        self.batch, self.max_len, self.static, self.scale = batch, max_len, static, cfg.attn_scale
+        self.k = [torch.zeros(batch, cfg.num_heads, max_len, cfg.head_dim, device=device, dtype=model.act_dtype)
+                  if b.attn is not None else None for b in model.blocks]
+        self.v = [torch.zeros_like(k) if k is not None else None for k in self.k]
+        self.docs = torch.zeros(batch, max_len, dtype=torch.int64, device=device)
+        self.last_doc = torch.zeros(batch, dtype=torch.int64, device=device)  # document id of the last position
+        self.cos, self.sin = model.rotary(max_len, device)
+        # position and 128-token block tables: a compiled step then computes neither (torch 2.13's CPU inductor
+        # leaves garbage in the tail of a vectorised arange // 128)
+        self.positions = torch.arange(max_len, device=device)
+        self.blocks = self.positions // tg.FLEX_BLOCK_SIZE
+        self.length = 0  # positions handed out so far
+        self.start, self.pending = 0, 0  # first position and count of those the next forward writes
+        self.pos = self.positions[:0]
+
+    def reset(self) -> None:
+        """Forget every position (buffers are reused: stale entries are future positions to any query)."""
+        self.length = self.start = self.pending = 0
+        self.last_doc.zero_()
+
+    def advance(self, T: int) -> None:
+        """Hand out positions length..length+T-1 to the next forward. Done outside it: compiled, it would otherwise
+        read a Python number that changes at every step, and recompile."""
+        if self.length + T > self.max_len:
+            raise ValueError(f"{self.length + T} positions exceed the cache's {self.max_len}")
+        self.start, self.pending = self.length, T
+        self.pos = self.positions[self.length:self.length + T]
+        self.length += T
+
+    def _keys(self, window: int) -> tuple[int, int]:
+        """Buffer range [lo, hi) the new queries of a layer with this window (in blocks) attend over."""
+        if self.static:
+            return 0, self.max_len
+        first_block = self.start // tg.FLEX_BLOCK_SIZE - (window - 1)
+        return max(0, first_block * tg.FLEX_BLOCK_SIZE), self.start + self.pending
+
+    def begin(self, tokens: Tensor, window_blocks: int) -> tuple[tuple[Tensor, Tensor], CachedMasks]:
+        """Record the documents of the new tokens (batch, T); return their rotary tables and the forward's masks,
+        one per window: long window_blocks, short half of it, as AttentionMasks."""
+        if tokens.shape != (self.batch, self.pending):
+            raise ValueError(f"advance the cache by {tokens.size(-1)} for {self.batch} sequences before the forward")
+        pos = self.pos
+        docs = self.last_doc[:, None] + (tokens == tg.BOS_ID).cumsum(1)
+        self.docs.index_copy_(1, pos, docs)
+        self.last_doc.copy_(docs[:, -1])
+        masks = {}
+        for kind, window in (("L", int(window_blocks)), ("S", int(window_blocks) // 2)):
+            window = max(1, window)  # a window of 0 blocks still sees its own
+            lo, hi = self._keys(window)
+            near = ((pos[:, None] >= self.positions[None, lo:hi])
+                    & (self.blocks[pos][:, None] - self.blocks[None, lo:hi] < window))
+            masks[kind] = lo, (near[None] & (docs[:, :, None] == self.docs[:, None, lo:hi]))[:, None]
+        self.pending = 0
+        return (self.cos[pos], self.sin[pos]), CachedMasks(masks, self.scale)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write a layer's new keys and values (batch, heads, T, head_dim) at their positions; return the layer's
+        cached ones up to the last new position (the whole buffer when static)."""
+        hi = self.max_len if self.static else self.start + k.size(2)
+        self.k[layer].index_copy_(2, self.pos, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, self.pos, v.to(self.v[layer].dtype))
+        return self.k[layer][:, :, :hi], self.v[layer][:, :, :hi]
+
+
+class CachedMasks:
+    """AttentionMasks of a forward with a KVCache: per window kind, where its keys start in the cached ones given to
+    attend, and the (batch, 1, T, keys) mask over them. Dense attention: FlexAttention is not used for decoding."""
+
+    def __init__(self, masks: dict[str, tuple[int, Tensor]], scale: float):
+        self.masks, self.scale = masks, scale
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, kind: str) -> Tensor:
+        lo, mask = self.masks[kind]
+        return F.scaled_dot_product_attention(q, k[:, :, lo:], v[:, :, lo:], attn_mask=mask, scale=self.scale)
+
+
 class KVDecoder:
     """Runs a train_gpt.GPT on new tokens of `batch` parallel sequences through the model's own forward, with a
-    train_gpt.KVCache of max_len positions holding the keys, values and document ids of all positions so far.
+    KVCache of max_len positions holding the keys, values and document ids of all positions so far.
 
     Each call to step() appends the given tokens (the same number for every sequence) and returns their logits.
     static=False (eager): attention reads only the keys inside each window, fastest on CPU. static=True: every step
@@ -100,7 +194,7 @@ class KVDecoder:
 
     def __init__(self, model: tg.GPT, window_blocks: int, batch: int, max_len: int, static: bool = False):
         self.model, self.window_blocks = model, int(window_blocks)
-        self.cache = tg.KVCache(model, batch, max_len, static=static)
+        self.cache = KVCache(model, batch, max_len, static=static)
         self._compiled = None
 
     batch = property(lambda self: self.cache.batch)

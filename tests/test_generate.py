@@ -193,7 +193,7 @@ def test_a_sequence_fed_in_uneven_chunks_through_the_forward(loaded):
     model, window = loaded.model, loaded.window_blocks
     seq = documents(700, seed=9, bos_at=(0, 200, 555, 556))
     ref = model(seq, window_blocks=window)
-    cache = tg.KVCache(model, batch=1, max_len=seq.numel())
+    cache = g.KVCache(model, batch=1, max_len=seq.numel())
     got, start = [], 0
     with torch.no_grad():
         for n in (1, 130, 255, 7, 300, 7):
