@@ -648,8 +648,9 @@ class GPT(nn.Module):
     def hidden(self, input_seq: Tensor, window_blocks: Tensor | int, cache=None) -> Tensor:
         """Final normalised hidden state (1, T, model_dim) of one flat sequence of token ids.
 
-        With a cache (generate.KVCache): input_seq (batch, T) holds the tokens of the T positions cache.advance(T) handed out, which
-        attend over the cached ones; the result is (batch, T, model_dim) and window_blocks a Python int."""
+        With a cache (generate.KVCache): input_seq (batch, T) holds the tokens of the T positions cache.advance(T)
+        handed out, which attend over the cached ones; the result is (batch, T, model_dim) and window_blocks a
+        Python int."""
         cfg = self.cfg
         tokens = input_seq[None] if cache is None else input_seq
         x = x0 = norm(self.embed(tokens).to(self.act_dtype))

@@ -19,6 +19,7 @@ step is spending its time (compilation or running).
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import json
 import os
@@ -45,9 +46,15 @@ def all_presets() -> dict[str, dict]:
     return {**tg.PRESETS, **train_gpt_medium.PRESETS}
 
 
-# Where the time goes: every GPU kernel's time is put in the first category whose test matches its name. Inductor
-# names fused Triton kernels after the ops they contain, so "_to_copy" in such a name is a dtype cast, not a copy.
+# Where the time goes: every GPU kernel's time is put in the first category whose test matches its key: its name,
+# prefixed with "Optimizer.step#CLASS.step > " when it ran inside an optimiser's step (kernel_times), since Muon's
+# matmuls are named like the model's. Inductor names fused Triton kernels after the ops they contain, so "_to_copy"
+# in such a name is a dtype cast, not a copy.
+OPTIMIZER_RANGE = "Optimizer.step#"  # torch.optim's own range around every step(): Optimizer.step#Muon.step
 KERNEL_CATEGORIES = [
+    ("Muon (optimiser step)", lambda k: k.startswith(OPTIMIZER_RANGE + "Muon.")),
+    ("Adam (optimiser step)", lambda k: k.startswith(OPTIMIZER_RANGE) and "Adam." in k.split(" > ")[0]),
+    ("other optimiser steps", lambda k: k.startswith(OPTIMIZER_RANGE)),
     ("attention (flex, fwd + bwd)", lambda k: "flex_attention" in k),
     ("fp8 matmul (lm_head)", lambda k: "scaled_mm" in k and k.startswith(("nvjet", "sm90", "cutlass"))
         or k.startswith(("nvjet_sm90_qq", "nvjet_sm90_qr"))),
@@ -64,6 +71,39 @@ KERNEL_CATEGORIES = [
 RANGE_PREFIXES = ("## ", "Optimizer.", "Call CompiledFxGraph", "CompiledFunction", "Torch-Compiled")
 
 
+def kernel_category(key: str) -> str:
+    return next(name for name, test in KERNEL_CATEGORIES if test(key))
+
+
+def kernel_times(events) -> list[tuple[str, float]]:
+    """(key, microseconds) of every GPU activity of a profile's events (prof.events()). User ranges ("## step",
+    compiled graph calls) also appear on the GPU, spanning the kernels they launched: counted, they would count those
+    kernels twice, so they only serve to key the kernels inside an optimiser's step."""
+    spans, kernels = [], []
+    for e in events:
+        if "CUDA" not in str(getattr(e, "device_type", "")):
+            continue
+        start, end = e.time_range.start, e.time_range.end
+        if e.name.startswith(OPTIMIZER_RANGE):
+            spans.append((start, end, e.name))
+        elif not (e.name.startswith(RANGE_PREFIXES) or getattr(e, "is_user_annotation", False)):
+            kernels.append((e.name, start, end))
+    return keyed_kernel_times(kernels, spans)
+
+
+def keyed_kernel_times(kernels, spans) -> list[tuple[str, float]]:
+    """kernels (name, start, end) and optimiser spans (start, end, range name) on the GPU's clock: (key, duration) per
+    kernel, the key prefixed with "RANGE > " for a kernel that starts inside a span (one stream: they do not nest)."""
+    spans = sorted(spans)
+    starts = [s for s, _, _ in spans]
+    out = []
+    for name, start, end in kernels:
+        i = bisect.bisect_right(starts, start) - 1
+        inside = i >= 0 and start < spans[i][1]
+        out.append((f"{spans[i][2]} > {name}" if inside else name, end - start))
+    return out
+
+
 def profile_steps(trainer, batches, device, steps: int) -> dict:
     """GPU time per kernel category over a few steps, with CPU-side ranges for the optimiser and data."""
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -77,20 +117,11 @@ def profile_steps(trainer, batches, device, steps: int) -> dict:
         kit.synchronize(device)
     events = prof.key_averages()
     totals: dict[str, float] = {name: 0.0 for name, _ in KERNEL_CATEGORIES}
-    kernels = []
-    for e in events:
-        t = getattr(e, "self_device_time_total", None)
-        if t is None:
-            t = getattr(e, "self_cuda_time_total", 0.0)
-        # user ranges ("## step", "Optimizer.step#Muon.step", compiled graph calls) report the device time of the
-        # kernels inside them: counting them too would count those kernels twice
-        if not t or e.key.startswith(RANGE_PREFIXES):
-            continue
-        if getattr(e, "device_type", None) is not None and "CUDA" not in str(e.device_type):
-            continue
-        kernels.append((e.key, t))
-        cat = next(name for name, test in KERNEL_CATEGORIES if test(e.key))
-        totals[cat] += t
+    per_key: dict[str, float] = {}
+    for key, t in kernel_times(prof.events()):
+        per_key[key] = per_key.get(key, 0.0) + t
+        totals[kernel_category(key)] += t
+    kernels = list(per_key.items())
     gpu_total = sum(totals.values()) or 1.0
     ranges: dict[str, float] = {}
     for e in events:  # a user range is listed twice, its CPU side and its GPU annotation (CPU time 0): keep the CPU's
@@ -294,14 +325,20 @@ def main(argv=None) -> int:
     result = summarise(args, hp, trainer, device, times, loss, last_batch, window, warmup_s, warmup_memory)
     if args.validate:
         result.update(validation_memory(trainer, hp, device, window))
+    if args.json:  # before the profile too: a profile that fails or is cut off leaves the timing
+        write_json(args.json, result)
     if args.profile and device.type == "cuda":
         result["profile"] = profile_steps(trainer, batches, device, args.profile)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.json + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, args.json)
+        if args.json:
+            write_json(args.json, result)
     return 0
+
+
+def write_json(path: str, result: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def summarise(args, hp, trainer, device, times, loss, last_batch, window, warmup_s, warmup_memory) -> dict:

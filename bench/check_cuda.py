@@ -65,9 +65,9 @@ def check_attention(device: torch.device, backward: bool) -> dict:
         err = {impl: max(rel_err(a, r) for a, r in zip(results[impl], results["ref"])) for impl in ("dense", "flex")}
         passed = err["flex"] <= 2 * err["dense"] + 1e-3
         ok &= passed
-        cases.append({"T": T, "mean_doc_len": mean_doc, "window": window, "kind": kind,
+        blocks = window if kind == "L" else window // 2  # what the layer sees: a short window is half the long one
+        cases.append({"T": T, "mean_doc_len": mean_doc, "window": window, "kind": kind, "window_blocks": blocks,
                       "dense_bf16_rel_err": err["dense"], "flex_bf16_rel_err": err["flex"], "passed": passed})
-        blocks = window if kind == "L" else window // 2
         print(f"attention T={T:6d} docs~{mean_doc:6d} {kind} window {blocks:2d} blocks: rel. error vs fp32 "
               f"dense bf16 {err['dense']:.2e}, flex bf16 {err['flex']:.2e} {'ok' if passed else 'FAIL'}", flush=True)
     return {"passed": ok, "backward": backward, "cases": cases}

@@ -3,7 +3,6 @@ categories and the GPU suite's driver script (the GPU steps themselves need a GP
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,18 +10,11 @@ import sys
 import pytest
 
 import train_gpt as tg
-from conftest import ROOT
+from conftest import ROOT, load_bench
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-code_corpus = _load("code_corpus")
-bench_train = _load("bench_train")
+code_corpus = load_bench("code_corpus")
+bench_train = load_bench("bench_train")
 
 
 def _tree(root):
@@ -108,7 +100,7 @@ def test_gpu_suite_usage_and_unknown_step(tmp_path):
 def test_check_cuda_on_cpu_runs_the_forward_checks(tmp_path, capsys):
     """On a CPU the correctness script runs the attention forward comparison and says what it skipped; its JSON
     holds every case, the verdict and the time each check took."""
-    check_cuda = _load("check_cuda")
+    check_cuda = load_bench("check_cuda")
     out = tmp_path / "check.json"
     assert check_cuda.main(["--device", "cpu", "--checks", "attention,fp8,compile", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -128,7 +120,7 @@ def test_check_cuda_on_cpu_runs_the_forward_checks(tmp_path, capsys):
 def test_bench_memory_reports_peak_memory_and_step_time(shared_synthetic_data, tmp_path, capsys):
     """The memory benchmark runs the trainer in a subprocess (here a 2 x 64 model on 256-token sequences of the
     synthetic corpus) and reports its peak resident memory and step times, printed and in its JSON."""
-    bench_memory = _load("bench_memory")
+    bench_memory = load_bench("bench_memory")
     out = tmp_path / "memory.json"
     flags = ["--data-dir", str(shared_synthetic_data), "--train-files", "syn_train_*.bin", "--val-files",
              "syn_val_*.bin", "--set", "model_dim=64", "--set", "num_layers=2", "--set", "num_heads=2", "--set",

@@ -1369,7 +1369,7 @@ def tool(name: str) -> str:
 
 def test_shellcheck():
     scripts = ["build.sh", "train.sh", "generate.sh", "lib/common.sh", "lib/image_setup.sh", "test.sh", ".ci/run",
-               "tests/docker/e2e.sh", "bench/gpu_suite.sh"]
+               "tests/docker/e2e.sh", "bench/gpu_suite.sh", "bench/gpu_check.sh"]
     p = subprocess.run([tool("shellcheck"), "-x", "-S", "warning", *scripts], cwd=ROOT, capture_output=True,
                        text=True)
     assert p.returncode == 0, p.stdout + p.stderr
