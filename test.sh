@@ -9,7 +9,7 @@ Usage: ./test.sh [--fast] [PYTEST_ARGS...]
        ./test.sh --docker
 
 --fast leaves out the tests marked slow (real training runs, subprocesses, torchrun, compiles): the edit-test loop,
-about a minute and a half on 2 cores. Without it, the whole suite (what CI runs): about 5 minutes.
+under two minutes on 2 cores. Without it, the whole suite (what CI runs): about 6 to 7 minutes.
 
 --docker runs only tests/docker/e2e.sh, the Docker path against a real engine: as root it installs Debian's docker.io,
 starts its own dockerd, builds a base image without a registry, then ./build.sh, ./train.sh --cpu and

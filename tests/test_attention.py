@@ -256,6 +256,7 @@ FLEX_CASES = [
 ]
 
 
+@pytest.mark.slow  # compiles FlexAttention
 @pytest.mark.parametrize("T,pattern,window", FLEX_CASES)
 def test_compiled_flex_attention_matches_reference(T, pattern, window):
     """Compiled, as the trainer runs it on every device: eager flex on a CPU applies mask_mod alone and ignores the

@@ -78,6 +78,7 @@ def _resumed_log(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # trains three small runs
 def test_parsed_values_match_train_summaries(runs):
     for name in ("hit", "miss"):
         path, summary = runs[name]

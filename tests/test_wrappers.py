@@ -386,6 +386,7 @@ def test_compile_cache_location(kit, tmp_path):
     assert (kit.tmp / "rel" / "cache").is_dir()
 
 
+@pytest.mark.slow  # runs the local trainer's --print-config (a torch import)
 def test_local_compile_cache_unless_set(kit, tmp_path):
     host = kit.home / ".cache" / "nanogpt-speedrun" / "compile"
     p = kit.run(TRAIN_SH, "--local", "--dry-run", "--preset", "tiny")
@@ -639,7 +640,7 @@ def test_medium(kit):
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--", "--val-tokens", "1000"], "--val-tokens 1000 must be a multiple of --val-seq-len"),
 ])
-@pytest.mark.parametrize("runtime", ["docker", "local"])
+@pytest.mark.parametrize("runtime", ["docker", pytest.param("local", marks=pytest.mark.slow)])
 def test_trainer_flag_error_is_the_trainers_one_line(kit, runtime, flags, words):
     # train.sh checks none of them: train_gpt.py does, before anything runs, and its line is all the user sees
     local = ["--local"] if runtime == "local" else []
@@ -650,6 +651,7 @@ def test_trainer_flag_error_is_the_trainers_one_line(kit, runtime, flags, words)
     assert "train.sh: preset:" not in p.stdout  # it stopped before planning the run
 
 
+@pytest.mark.slow  # runs the local trainer's --print-config (a torch import)
 def test_trainer_help_comes_from_the_trainer(kit):
     # train.sh's own help lists only its flags; -- --help (or -h) is the trainer's, from the trainer, on no GPU
     kit.hide_nvidia_smi()
@@ -663,7 +665,7 @@ def test_trainer_help_comes_from_the_trainer(kit):
     assert p.stdout.startswith("usage: train_gpt.py") and "--set FIELD=VALUE" in p.stdout
 
 
-@pytest.mark.parametrize("runtime", ["docker", "local"])
+@pytest.mark.parametrize("runtime", ["docker", pytest.param("local", marks=pytest.mark.slow)])
 def test_train_values_that_look_like_flags_stay_values(kit, bin_dir, runtime):
     # the paths train.sh translates go as --flag=PATH (argparse would read `--data-dir -x` as two flags); the other
     # words go as given, so they stay what train_gpt.py makes of them: --run-name=-x, --seed -5
@@ -694,6 +696,7 @@ def test_train_data_dir_that_looks_like_a_flag_stays_a_value(kit):
 
 # --- train.sh --local (dry run) --------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # runs the local trainer's --print-config (a torch import)
 def test_local_single_process_is_plain_python(kit):
     p = kit.run(TRAIN_SH, "--local", "--dry-run", "--preset", "tiny", "--num-iterations", "3", FAKE_GPUS="0")
     assert p.returncode == 0, p.stderr
@@ -705,6 +708,7 @@ def test_local_single_process_is_plain_python(kit):
     assert not kit.calls()  # no docker at all
 
 
+@pytest.mark.slow  # runs the local trainer's --print-config (a torch import)
 def test_local_gpu_list_and_nccl(kit):
     p = kit.run(TRAIN_SH, "--local", "--dry-run", "--preset", "tiny", "--gpus", "0,2", "--nccl-p2p-disable")
     assert p.returncode == 0, p.stderr
@@ -714,6 +718,7 @@ def test_local_gpu_list_and_nccl(kit):
     assert cmd[python + 1:python + 5] == ["lib/torchrun.py", "--standalone", "--nproc_per_node=2", "train_gpt.py"]
 
 
+@pytest.mark.slow  # runs the local trainer's --print-config (a torch import)
 @pytest.mark.parametrize("gpus", ["no nvidia-smi", "nvidia-smi lists none"])
 def test_local_run_without_gpus_starts_cpu_processes(kit, gpus):
     # a CPU machine either way: --num-gpus N is N processes on the CPU (gloo), and the settings say so
@@ -734,6 +739,7 @@ def test_local_gpu_list_without_nvidia_smi_is_refused(kit):
     assert "--gpus 0,3 cannot be checked" in line and "nvidia-smi is not on PATH" in line
 
 
+@pytest.mark.slow  # runs the local trainer's --print-config (a torch import)
 def test_local_cuda_visible_devices_are_the_visible_gpus(kit):
     def local(*flags, cvd):
         return kit.run(TRAIN_SH, "--local", "--dry-run", "--preset", "tiny", *flags, CUDA_VISIBLE_DEVICES=cvd)
@@ -865,6 +871,7 @@ def test_train_cpu_flag(kit, num_gpus):
     assert is_config_run(kit.calls()[1])
 
 
+@pytest.mark.slow  # runs the local trainer's --print-config (a torch import)
 def test_train_cpu_flag_local(kit):
     p = kit.run(TRAIN_SH, "--local", "--dry-run", "--cpu", "--preset", "tiny")  # the fake lists 8 GPUs
     assert p.returncode == 0, p.stderr
