@@ -362,20 +362,11 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def pick_device(spec: str | None) -> torch.device:
-    if spec is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The sampling device: the trainer's rule (kit.resolve_device), any GPU allowed (older ones sample in fp32)."""
     try:
-        device = torch.device(spec)
-    except RuntimeError as e:
-        raise GenerateError(f"--device {spec!r} is not a device name (use cpu, cuda or cuda:N)") from e
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise GenerateError("--device cuda was asked for but no CUDA GPU is visible (use --device cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise GenerateError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) are visible")
-    elif device.type != "cpu":
-        raise GenerateError(f"--device {spec!r} is not supported (use cpu, cuda or cuda:N)")
-    return device
+        return kit.resolve_device(spec, train=False)
+    except kit.ConfigError as e:
+        raise GenerateError(str(e)) from None
 
 
 def read_prompt(args: argparse.Namespace) -> str:

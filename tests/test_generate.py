@@ -392,6 +392,7 @@ def test_truncated_checkpoint_from_the_command_line(tmp_path, random_ckpt):
     (["--max-tokens", "-1"], "--max-tokens"),
     (["--prompt-file", "/nonexistent/prompt.txt"], "--prompt-file"),
     (["--compile"], "--compile"),
+    (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),  # the trainer's device rule
 ])
 def test_bad_flags_exit_2(flags, words, random_ckpt, capsys):
     assert g.main(["--checkpoint", str(random_ckpt), "--device", "cpu", *flags]) == 2
