@@ -526,10 +526,11 @@ class RunReport:
     def write(self, text: str, console: bool = True) -> None:
         self.log.write(text, console)
 
-    def start(self, source: str, device: torch.device, resumed_from: str | None, removed: int) -> None:
+    def start(self, source, device: torch.device, resumed_from: str | None, removed: int) -> None:
+        """source: the trainer's code, or a callable that reads it (only a new log file gets it)."""
         rule = self.RULE
         if self.log.path is not None and not self.log.path.exists():
-            self.write(source, console=False)
+            self.write(source() if callable(source) else source, console=False)
         if resumed_from:
             self.write(f"{rule}\n{resumed_from}")
         if removed:

@@ -63,8 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from data.shards import (  # noqa: F401  (atomic_write, load_shard, write_shard: for kit and the tests)
-    shard_glob,
+from data.shards import (  # noqa: F401  (atomic_write, load_shard, read_shard, write_shard: train_gpt.X for callers)
     DataError,
     DiskFullError,
     atomic_write,
@@ -73,6 +72,7 @@ from data.shards import (  # noqa: F401  (atomic_write, load_shard, write_shard:
     read_shard,
     read_shard_header,
     read_tokens,
+    shard_glob,
     write_shard,
 )
 from kit import (
@@ -1463,7 +1463,7 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
     run_id, ckpt, ckpt_path = open_run(hp)
     lock = claim_run(Path(hp.checkpoint_dir) / run_id, Path(hp.log_dir), rank)
     report = RunReport(hp, run_id, rank, resumed=ckpt is not None)
-    report.start(source if source is not None else Path(__file__).read_text(encoding="utf-8"), device,
+    report.start(source if source is not None else lambda: Path(__file__).read_text(encoding="utf-8"), device,
                  f"resumed from {ckpt_path} at step {ckpt['step']}" if ckpt else None,
                  len(lock.removed) if lock is not None else 0)
     trainer = Trainer(hp, device, rank, world_size, train_files)
