@@ -56,11 +56,6 @@ class Dataset:
     train_shards: int  # train shards known to exist
     exact: bool  # whether train_shards is the exact count (else asking for more is left to the Hub's 404)
 
-    @property
-    def prefix(self) -> str:
-        """The start of every shard's name, <corpus>_ (train_gpt.py's --print-config matches its glob on it)."""
-        return f"{self.corpus}_"
-
     def val_name(self) -> str:
         return shard_name(self.corpus, "val", 0)
 
