@@ -245,6 +245,29 @@ def check_model_config(ckpt: dict, cfg: GPTConfig, path: Path) -> None:
                               "; resume with the same --preset and model sizes as the run that wrote it")
 
 
+def load_weights(model: nn.Module, ckpt: dict, path: Path) -> None:
+    try:
+        with torch.no_grad():
+            model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # torch lists the problems one per line after a heading: name the first
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise CheckpointError(f"{path}: its weights do not fit this model ({lines[min(1, len(lines) - 1)]})") from e
+
+
+def optimizer_state(ckpt: dict, name: str, opt, model: nn.Module, path: Path) -> dict:
+    """The saved full state of optimiser `name`, checked against the model's parameters and opt.STATE_KEYS."""
+    saved = ckpt["optimizers"].get(name)
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path} has no {name} optimiser state")
+    params = dict(model.named_parameters())
+    for pname, entry in saved.items():
+        p = params.get(pname)
+        if (p is None or not isinstance(entry, dict) or set(entry) != set(opt.STATE_KEYS)
+                or any(entry[key].shape != p.shape for key in opt.STATE_KEYS if key != "step")):
+            raise CheckpointError(f"{path}: its {name} state for {pname!r} does not fit this model")
+    return saved
+
+
 def model_state(model: nn.Module) -> dict[str, Tensor]:
     """Weights without torch.compile's _orig_mod prefix, on the CPU."""
     base = getattr(model, "_orig_mod", model)
@@ -258,10 +281,13 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def set_rng_state(state: dict, path: Path | None = None) -> None:
+    try:
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: its random-number state is unusable ({e})") from e
 
 
 ROLLING_CHECK_EVERY = 5  # steps between checks of the rolling checkpoint's clock (a broadcast when distributed)
@@ -710,6 +736,64 @@ class SettingsCLI:
             parser.add_argument(self.field_flag(f.name), type=kind, metavar=f.name.upper(),
                                 help=f"{helps.get(f.name, '')} ({default_preset} default: {getattr(defaults, f.name)})")
 
+    def preset(self, name: str, presets: dict[str, dict]):
+        """The settings a preset names: the dataclass's defaults with the preset's values."""
+        if name not in presets:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
+        return dataclasses.replace(self.cls(), preset=name, **presets[name])
+
+    def saved(self, ckpt: dict, path: Path):
+        """The settings a checkpoint was trained with (fields this version does not know are dropped)."""
+        saved = ckpt.get("hyperparameters")
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{path} holds no hyperparameters; it is not a complete checkpoint of this trainer")
+        known = {f.name for f in dataclasses.fields(self.cls)}
+        try:
+            return self.cls(**{k: v for k, v in saved.items() if k in known})
+        except TypeError as e:
+            raise CheckpointError(f"{path} holds unusable hyperparameters ({e})") from e
+
+    def parser(self, presets: dict[str, dict], default_preset: str, prog: str, description: str,
+               derived: str) -> argparse.ArgumentParser:
+        """--preset, a flag per flag field, --resume, --set and --print-config (which also prints `derived`)."""
+        helps = self.field_help()
+        defaults = self.preset(default_preset, presets)
+        parser = OneLineParser(prog=prog, description=textwrap.fill(description, help_width()),
+                               epilog=self.epilog(defaults, default_preset, helps),
+                               formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
+        parser.add_argument("--preset", choices=list(presets),
+                            help=f"starting values for every setting (default {default_preset}; resuming without it: "
+                                 "the checkpoint's settings)")
+        self.add_flags(parser, defaults, default_preset, helps, skip=("preset", "resume"))
+        parser.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
+                            help=f"continue from a {helps.get('resume', '')} (--resume alone: auto). Settings come "
+                                 "from the checkpoint unless given")
+        parser.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                            help="any other setting, by its field name (repeatable; the list follows)")
+        parser.add_argument("--print-config", nargs="?", const="json", choices=["json", "shell"],
+                            help=f"print the resolved settings and what follows from them ({derived}), then exit "
+                                 "without training: as JSON, or (shell) as NAME=VALUE lines quoted for eval, "
+                                 "true/false for switches, empty for none")
+        return parser
+
+    def parse(self, parser: argparse.ArgumentParser, argv: list[str] | None, presets: dict[str, dict],
+              default_preset: str):
+        """The settings, and --print-config's form (None: train). They start from the preset, or when resuming
+        without one from the checkpoint's settings; the flags and --set values given override them."""
+        ns, extra = parser.parse_known_args(argv)
+        if extra:
+            self.unknown(parser, extra)
+        given = vars(ns)
+        form = given.pop("print_config", None)
+        given.update(self.set_values(given.pop("set", [])))
+        if "resume" in given and "preset" not in given:
+            path = resolve_checkpoint(given["resume"], given.get("run_name"),
+                                      given.get("checkpoint_dir", "checkpoints"))
+            settings = dataclasses.replace(self.saved(load_checkpoint(path), path), resume=None)
+        else:
+            settings = self.preset(given.get("preset", default_preset), presets)
+        return dataclasses.replace(settings, **given), form
+
     def unknown(self, parser: argparse.ArgumentParser, extra: list[str]) -> None:
         """Words no flag took: one line, saying which --set replaces a field's removed flag."""
         moved = [a for a in extra if a.startswith("--") and a[2:].split("=")[0].replace("-", "_") in self.set_fields()]
@@ -727,6 +811,52 @@ class SettingsCLI:
             if "\n" in v:  # one line per setting is what a reader of the lines may rely on
                 raise ConfigError(f"--print-config=shell: {k} holds a newline, which a NAME=VALUE line cannot")
         return "\n".join(f"{k}={shlex.quote(v)}" for k, v in words.items())
+
+
+def check_fields(settings, rules, spelled) -> list[str]:
+    """What is wrong with a settings dataclass, one message each: floats that are not finite, then the values that
+    fail a rule, (fields, test, what they must be)."""
+    problems, finite = [], {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        finite[f.name] = not isinstance(value, float) or math.isfinite(value)
+        if not finite[f.name]:
+            problems.append(f"{spelled(f.name)} must be a finite number, got {value}")
+    for names, test, must in rules:
+        problems += [f"{spelled(n)} must be {must}, got {getattr(settings, n)}" for n in names
+                     if finite[n] and not test(getattr(settings, n))]
+    return problems
+
+
+class Clock:
+    """Training time in ms: runs during steps, stopped (after the device's queued work) for validations and saves."""
+
+    def __init__(self, device: torch.device, total_ms: float):
+        self.device, self.total_ms = device, total_ms
+        self.start()
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self.t0 = time.perf_counter()
+
+    def now_ms(self) -> float:
+        return self.total_ms + 1000 * (time.perf_counter() - self.t0)
+
+    def stop(self) -> float:
+        synchronize(self.device)
+        self.total_ms = self.now_ms()
+        return self.total_ms
+
+
+def reexec_with_cpu_malloc_settings() -> None:
+    """On CPU, glibc returns every large tensor's pages to the kernel and faults them in again on the next step,
+    which doubles the step time of the tiny preset. Keep freed memory in the heap instead (set before start-up).
+    Not for --print-config, which trains nothing and which the wrappers wait for."""
+    if any(a.split("=", 1)[0] == "--print-config" for a in sys.argv[1:]):
+        return
+    if os.environ.get("MALLOC_MMAP_MAX_") is None and not torch.cuda.is_available() and sys.platform == "linux":
+        env = dict(os.environ, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40))
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def run_processes(train, hp, source: str | None, prog: str) -> int:

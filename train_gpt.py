@@ -1,44 +1,34 @@
 """Single-file GPT trainer for the NanoGPT speedrun (track 1: GPT-2 small class, target val loss 3.28).
 
-    python train_gpt.py --preset tiny                          # CPU, built-in corpus, a couple of minutes
-    python train_gpt.py --preset a10                           # one 24 GB GPU, same global batch as 8xH100
-    torchrun --standalone --nproc_per_node=8 train_gpt.py      # the 8xH100 record settings (default preset)
-    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 --nproc_per_node=8 train_gpt.py
-    python train_gpt.py --help                                 # every hyper-parameter
+    python train_gpt.py --preset tiny                          # CPU, built-in corpus, a few minutes
+    python train_gpt.py --preset a10                           # one 24 GB GPU, the 8xH100 global batch
+    torchrun --standalone --nproc_per_node=8 train_gpt.py      # 8xH100: the record's settings (default preset)
+    python train_gpt.py --help                                 # every setting
 
-The default preset is track-1 record 28 of the public speedrun (2025-08-23, "SparseAttnGate": 1,695 steps, 2.81 min
-on 8xH100, final val loss 3.2772), whose log is records/track_1_short/2025-08-23_SparseAttnGate/
-020630eb-2191-4ba2-9ee4-4cdc94316943.txt in the modded-nanogpt repository. The model, the block-granular attention
-windows, the loss, the FP8 head, the optimisers' update rules and the order in which the loader reads the shards
-follow that log, so a run's val-loss lines can be set beside the record's, step by step.
-
-The global batch (seqs_per_step x train_seq_len tokens) does not depend on the number of processes: with 8 GPUs each
-takes one sequence per step, with 1 GPU it accumulates 8, and the update is the record's 8-GPU one either way. Each
-run writes logs/<run_id>.txt (this file's source, the config, the environment, one line per step) and
-checkpoints/<run_id>/step_NNNNNN.pt: at the end, every --save-every steps, and a rolling one every
---save-every-minutes (30) that the next save replaces, so a crash loses little.
+The default preset is track-1 record 28 of the public speedrun (2025-08-23, "SparseAttnGate" by @classiclarryd: 1,695
+steps, 2.81 min on 8xH100, final val loss 3.2772; log records/track_1_short/2025-08-23_SparseAttnGate/
+020630eb-2191-4ba2-9ee4-4cdc94316943.txt of modded-nanogpt). Model, attention windows, loss, FP8 head, update rules
+and the loader's order follow that log, so a run's val-loss lines sit beside the record's step by step. The global
+batch does not depend on the number of processes (8 GPUs take one sequence each per step, 1 GPU accumulates 8).
+Each run writes logs/<run_id>.txt (this source, the config, one line per step) and checkpoints/<run_id>/.
 
 Differences from the record, each deliberate:
-- Any number of processes and micro-steps, not only divisors of 8 on 8 GPUs. The training loss is the record's sum
-  over each sequence's tokens; every micro-step's loss is multiplied by world_size x loss_sum_tokens / global batch
-  (1 on 8 GPUs, 1/8 on one), so the averaged gradient, Adam's eps and the FP8 gradient's codes are the record's.
+- Any number of processes and micro-steps. Each micro-step's summed loss is scaled by world_size x loss_sum_tokens /
+  global batch (1 on 8 GPUs, 1/8 on one), so the averaged gradient, Adam's eps and the FP8 gradient codes match.
 - On a CPU (tests, the tiny preset): attention through scaled_dot_product_attention with the same mask written out
-  densely (FlexAttention has no CPU backward), weights and activations in fp32, the head in fp32, no compile.
-- The FP8 casts saturate at the format's largest value instead of overflowing. The record's fixed scales keep every
-  operand in range (the head's input is RMS-normalised, |x| <= sqrt(model_dim)), so this changes nothing unless a
-  head weight grows past 448 x 2^-9 = 0.875.
-- Muon orthogonalises with plain (compiled) matmuls instead of the record's Triton kernels for X @ X.T: the same
-  bf16 iteration. Parameters are separate tensors where the record packs them (qkv and the output projection in one
-  (4, d, d) tensor, every scalar in one vector): Muon works per matrix and Adam per element, so the updates agree.
-- The loader wraps around to the first shard after the last (the record stops there); reads a fresh shard too small
-  for the record's look-ahead with the look-ahead cut to the shard (the record skips it); and, where no document
-  starts close enough to align all of a step's sequences (the record fails an assertion), aligns those it can; the
-  log's last lines say how many steps did so (on FineWeb at its settings the record ran to the end, so none).
-- Compile warm-up: 3 steps on real batches and a validation forward (the record: 10 single-batch steps). Either way
-  the weights and optimisers are reset before the clock starts.
-- The a10 preset cuts the record's 49,152-token sequences into 12,288-token ones (four times the accumulation, the
-  same update rule): documents are cut at other places, so it reads slightly different tokens, and it validates in
-  65,536-token chunks (the record: 262,144), which changes the context of the few documents that cross a chunk edge.
+  (FlexAttention has no CPU backward), everything in fp32, the loss in chunks, no compile.
+- The FP8 casts saturate instead of overflowing; with the record's fixed scales that changes nothing unless a head
+  weight grows past 448 x 2^-9 = 0.875.
+- Muon orthogonalises with compiled matmuls instead of the record's Triton kernels for X @ X.T (the same bf16
+  iteration), and parameters are separate tensors where the record packs them (qkv and output projection, the
+  scalars): Muon works per matrix and Adam per element, so the updates agree.
+- The loader starts over after the last shard (the record stops), reads a fresh shard too small for the look-ahead
+  with the look-ahead cut to it (the record skips it), and aligns what it can where no document starts close
+  enough (the record fails an assertion); the log's last lines count those steps (none on FineWeb).
+- Compile warm-up: 3 steps on real batches and a validation forward (the record: 10 single-batch steps); either way
+  weights and optimisers are reset before the clock starts.
+- The a10 preset cuts the 49,152-token sequences into 12,288-token ones (four times the accumulation, the same
+  update): documents are cut elsewhere, and it validates in 65,536-token chunks (the record: 262,144).
 
 Importing this module has no side effects: no CUDA call, no argument parsing, no process group. main() does the work.
 """
@@ -50,9 +40,8 @@ import dataclasses
 import math
 import os
 import sys
-import textwrap
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -63,47 +52,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from data.shards import (  # noqa: F401  (atomic_write, load_shard, read_shard, write_shard: train_gpt.X for callers)
-    DataError,
-    DiskFullError,
-    atomic_write,
-    find_shards,
-    load_shard,
-    read_shard,
-    read_shard_header,
-    read_tokens,
-    shard_glob,
-    write_shard,
-)
-from kit import (
-    OneLineParser,
-    SettingsCLI,
-    help_width,
-    run_processes,
-    TRACK1_TARGET,
-    Checkpointer,
-    RunReport,
-    ConfigError,
-    CheckpointError,
-    DivergedError,
-    has_bf16,
-    resolve_device,
-    synchronize,
-    dist_info,
-    broadcast_object,
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_VERSION,
-    resolve_checkpoint,
-    load_checkpoint,
-    check_resumable,
-    check_model_config,
-    model_state,
-    rng_state,
-    set_rng_state,
-    valid_run_name,
-    new_run_id,
-    claim_run,
-)
+from data.shards import DataError, find_shards, read_shard, read_shard_header, read_tokens, shard_glob
+import kit
+from kit import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, TRACK1_TARGET, CheckpointError, Checkpointer, Clock,
+                 ConfigError, DivergedError, RunReport, SettingsCLI, broadcast_object, check_fields, check_model_config,
+                 check_resumable, claim_run, dist_info, has_bf16, load_checkpoint, load_weights, model_state,
+                 new_run_id, optimizer_state, resolve_checkpoint, resolve_device, rng_state, run_processes,
+                 set_rng_state, synchronize, valid_run_name)
 
 BOS_ID = 50256  # <|endoftext|>: precedes every document
 FLEX_BLOCK_SIZE = 128
@@ -192,10 +147,7 @@ PRESETS: dict[str, dict] = {
 
 
 def preset_hyperparameters(name: str, presets: dict[str, dict] | None = None) -> Hyperparameters:
-    presets = PRESETS if presets is None else presets
-    if name not in presets:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
-    return dataclasses.replace(Hyperparameters(), preset=name, **presets[name])
+    return CLI.preset(name, PRESETS if presets is None else presets)
 
 
 # The settings a speedrun user turns have flags of their own; every other field is set with --set FIELD=VALUE, so
@@ -208,66 +160,45 @@ CLI = SettingsCLI(Hyperparameters, FLAG_FIELDS, {"compile": "--no-compile", "fp8
                                                  "save_final": "--no-save-final", "wandb": "--wandb"})
 spelled = CLI.spelled
 
+LEARNING_RATES = ("muon_lr", "adam_lr", "head_lr", "scalar_lr")
+RANGES = (  # (fields, test, what their values must be)
+    (("train_seq_len", "val_seq_len", "val_tokens", "num_iterations", "seqs_per_step", "num_layers", "model_dim",
+      "num_heads", "head_dim", "window_tokens", "loss_sum_tokens", "adam_eps"), lambda v: v > 0, "positive"),
+    ((*LEARNING_RATES, "muon_momentum_warmup_steps", "val_loss_every", "train_loss_every", "save_every",
+      "save_every_minutes"), lambda v: v >= 0, "0 or more"),
+    (("warmup_steps",), lambda v: v >= -1, "-1 (automatic) or more"),
+    (("adam_beta1", "adam_beta2", "muon_momentum", "muon_momentum_start"), lambda v: 0 <= v < 1, "in [0, 1)"),
+    (("cooldown_frac",), lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (("max_batch_span_multiplier",), lambda v: v >= 1, "1 or more"),
+    (("vocab_size",), lambda v: v > BOS_ID, f"above the BOS id {BOS_ID}"),
+    (("head_dim",), lambda v: v % 4 == 0, "a multiple of 4 (rotary: head_dim/4 frequencies, head_dim/4 unrotated)"),
+    (("window_pattern",), lambda v: v and not set(v) - {"L", "S"}, "a string of L (long) and S (short) windows"),
+    (("attention",), lambda v: v in ("auto", "flex", "dense"), "auto, flex or dense"),
+)
+
 
 def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
-    problems = []
-    for f in fields(Hyperparameters):
-        value = getattr(hp, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            problems.append(f"{spelled(f.name)} must be a finite number, got {value}")
-    for name in ("muon_lr", "adam_lr", "head_lr", "scalar_lr", "muon_momentum_warmup_steps", "warmup_steps",
-                 "val_loss_every", "train_loss_every"):
-        if getattr(hp, name) < (-1 if name == "warmup_steps" else 0):
-            problems.append(f"{spelled(name)} must not be negative, got {getattr(hp, name)}")
-    for name in ("muon_lr", "adam_lr", "head_lr", "scalar_lr", "adam_eps"):  # they multiply fp32 tensors
-        if abs(getattr(hp, name)) >= torch.finfo(torch.float32).max:
-            problems.append(f"{spelled(name)} must be below {torch.finfo(torch.float32).max:.4g}, the "
-                            f"largest float32, got {getattr(hp, name)}")
-    if not hp.adam_eps > 0:
-        problems.append(f"{spelled('adam_eps')} must be positive, got {hp.adam_eps}")
-    for name in ("adam_beta1", "adam_beta2", "muon_momentum", "muon_momentum_start"):
-        if not 0.0 <= getattr(hp, name) < 1.0:
-            problems.append(f"{spelled(name)} must be in [0, 1), got {getattr(hp, name)}")
+    problems = check_fields(hp, RANGES, spelled)
+    fp32_max = torch.finfo(torch.float32).max  # the rates and eps multiply fp32 tensors
+    problems += [f"{spelled(n)} must be below {fp32_max:.4g}, the largest float32, got {getattr(hp, n)}"
+                 for n in (*LEARNING_RATES, "adam_eps") if math.isfinite(getattr(hp, n)) and getattr(hp, n) >= fp32_max]
     if hp.run_name is not None and not valid_run_name(hp.run_name):
         problems.append(f"--run-name {hp.run_name!r} must be one file name (letters, digits, '.', '_', '-'; not "
                         "starting with '.'): it names logs/<run>.txt and checkpoints/<run>/")
     if hp.seqs_per_step % world_size:
         problems.append(f"{spelled('seqs_per_step')} {hp.seqs_per_step} must be a multiple of the number of "
-                        "processes "
-                        f"({world_size}) so every process accumulates the same number of sequences")
-    for name in ("train_seq_len", "val_seq_len", "val_tokens", "num_iterations", "seqs_per_step",
-                 "num_layers", "model_dim", "num_heads", "head_dim", "window_tokens", "loss_sum_tokens"):
-        if getattr(hp, name) <= 0:
-            problems.append(f"{spelled(name)} must be positive, got {getattr(hp, name)}")
-    if hp.val_tokens % hp.val_seq_len:
+                        f"processes ({world_size}) so every process accumulates the same number of sequences")
+    if hp.val_seq_len > 0 and hp.val_tokens % hp.val_seq_len:
         problems.append(f"--val-tokens {hp.val_tokens} must be a multiple of --val-seq-len {hp.val_seq_len}")
-    if hp.save_every < 0 or hp.save_every_minutes < 0:
-        problems.append("--save-every and --save-every-minutes must not be negative")
-    if not 0.0 <= hp.cooldown_frac <= 1.0:
-        problems.append(f"{spelled('cooldown_frac')} must be in [0, 1], got {hp.cooldown_frac}")
-    if hp.max_batch_span_multiplier < 1.0:
-        problems.append(f"{spelled('max_batch_span_multiplier')} must be >= 1, got {hp.max_batch_span_multiplier}")
-    if hp.vocab_size <= BOS_ID:
-        problems.append(f"{spelled('vocab_size')} must exceed the BOS id {BOS_ID}, got {hp.vocab_size}")
-    if not hp.window_pattern or set(hp.window_pattern) - {"L", "S"}:
-        problems.append(f"{spelled('window_pattern')} must be a string of L (long) and S (short), got "
-                        f"{hp.window_pattern!r}")
-    if hp.head_dim % 4:
-        problems.append(f"{spelled('head_dim')} must be a multiple of 4 (rotary: head_dim/4 frequencies and "
-                        "head_dim/4 "
-                        f"unrotated pairs), got {hp.head_dim}")
-    if hp.attention not in ("auto", "flex", "dense"):
-        problems.append(f"{spelled('attention')} must be auto, flex or dense, got {hp.attention!r}")
     if hp.attention == "flex":
-        for name in ("train_seq_len", "val_seq_len"):
-            if getattr(hp, name) % FLEX_BLOCK_SIZE:
-                problems.append(f"{spelled(name)} must be a multiple of {FLEX_BLOCK_SIZE} for FlexAttention")
+        problems += [f"{spelled(n)} must be a multiple of {FLEX_BLOCK_SIZE} for FlexAttention"
+                     for n in ("train_seq_len", "val_seq_len") if getattr(hp, n) % FLEX_BLOCK_SIZE]
     if problems:
         raise ConfigError("; ".join(problems))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# FP8 matmul for lm_head (record 28: @YouJiacheng's): e4m3 operands forward, e5m2 gradient backward, fixed scales
+# FP8 head (@YouJiacheng, record 19): e4m3 operands forward, an e5m2 gradient backward, fixed scales
 
 FP8_E4M3_MAX = 448.0
 FP8_E5M2_MAX = 57344.0
@@ -286,12 +217,8 @@ def _to_fp8(x: Tensor, scale: float, dtype: torch.dtype, fmax: float) -> Tensor:
 
 
 class FP8Matmul(torch.autograd.Function):
-    """y = x @ w.T with both operands in float8_e4m3fn and the incoming gradient in float8_e5m2, each with the
-    record's fixed per-tensor scale: no pass over any tensor to find its range.
-
-    torch._scaled_mm wants its first operand row-major and its second column-major, hence the transposes. The
-    output is in x's dtype, the weight's gradient in fp32.
-    """
+    """y = x @ w.T in FP8 with fixed per-tensor scales: no pass over a tensor to find its range. torch._scaled_mm
+    wants its first operand row-major and its second column-major, hence the transposes."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float) -> Tensor:
@@ -336,9 +263,10 @@ def head_precision(device: torch.device, want_fp8: bool) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Attention masks (record 28, block masks by @YouJiacheng): windows counted in whole 128-token blocks. A query block
-# sees the key blocks at most window - 1 blocks back (its own block always) that share a document with it; inside
-# those blocks a query sees the keys that are not in its future and in its document.
+# Attention masks: FlexAttention with document masking (@KoszarskyB, record 12), windows of whole 128-token blocks
+# (@YouJiacheng, record 16), long and short windows by layer (@leloykun and @YouJiacheng, record 20). A query block
+# sees the key blocks up to window - 1 blocks back that share a document with it; inside them, the keys that are
+# neither in its future nor in another document.
 
 
 def document_ids(tokens: Tensor) -> Tensor:
@@ -355,13 +283,9 @@ def dense_attention_mask(docs: Tensor, window_blocks: Tensor | int, block_size: 
 
 
 def flex_block_mask(docs: Tensor, window_blocks: Tensor | int, block_size: int = FLEX_BLOCK_SIZE) -> BlockMask:
-    """The FlexAttention BlockMask of dense_attention_mask, built from each block's first and last document id.
-
-    Document ids never decrease along the sequence, so two blocks share a document when their id ranges overlap. A
-    visible key block is full (computed without mask_mod) when it lies strictly before the query block and both hold
-    one and the same document, and partial (mask_mod decides per position) otherwise. Each row lists its blocks
-    nearest first, as the record's masks do.
-    """
+    """dense_attention_mask as a BlockMask, from each block's first and last document id (ids never decrease, so
+    blocks share a document when their ranges overlap). A key block is full (no mask_mod) when it lies before the
+    query block and both hold one same document, else partial. Rows list blocks nearest first, as the record's do."""
     num_blocks = docs.numel() // block_size
     blocks = docs.view(num_blocks, block_size)
     first, last = blocks[:, 0], blocks[:, -1]
@@ -421,7 +345,13 @@ class AttentionMasks:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Model
+# Model. The record's ideas and their public authors (modded-nanogpt's record table): rotary embeddings (@kellerjordan0,
+# record 2); ReLU^2, QK-norm, zero-initialised projections, a vocabulary padded to 50304 (@Grad62304977, record 5);
+# untied head, the x0 mix into every block and the logit soft cap (@Grad62304977, @kellerjordan0, records 8-9); U-net
+# skips (@brendanh0gan, record 11); value embeddings (@KoszarskyB, record 14), in a U-net pattern and for the outer
+# blocks only, with block 7's attention dropped (@YouJiacheng, records 15-17); the cap as 30 sigmoid (@YouJiacheng,
+# record 19); merged qkv weights and the 0.12 attention scale (record 20); c_fc stored transposed (@byronxu99, record
+# 27); the sparse attention gate (@classiclarryd, record 28).
 
 
 @dataclass
@@ -482,10 +412,8 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def rotary_tables(seq_len: int, head_dim: int, device: torch.device, offset: int = 0) -> tuple[Tensor, Tensor]:
-    """cos, sin (seq_len, head_dim // 2) of the half-truncated rotary embedding (@YouJiacheng): head_dim / 4
-    frequencies (1/1024) ** linspace(0, 1), then head_dim / 4 zero frequencies, whose pairs are not rotated.
-
-    Computed on the CPU, as the record's tables are, then moved to the device."""
+    """cos, sin (seq_len, head_dim // 2) of half-truncated rotary (@YouJiacheng, record 17): head_dim / 4 frequencies
+    (1/1024) ** linspace(0, 1), then head_dim / 4 zeros. Computed on the CPU, as the record's are."""
     quarter = head_dim // 4
     freq = (1 / 1024) ** torch.linspace(0, 1, steps=quarter, dtype=torch.float32)
     freq = torch.cat([freq, freq.new_zeros(quarter)])
@@ -551,12 +479,9 @@ CPU_LOSS_CHUNK = 64  # positions per loss chunk on CPUs: (64, 50304) fp32 logits
 
 
 class ChunkedHeadLoss(torch.autograd.Function):
-    """The summed cross-entropy of head(x), and its gradients, one chunk of positions at a time: only one chunk's
-    logits and their gradients exist at once, instead of several (T, vocab) fp32 tensors (the tiny preset's peak
-    resident memory falls from 5 GB to 1.5; bench/bench_memory.py). Each chunk's backward runs in the forward with
-    a unit gradient; backward scales d loss / dx and d loss / d weight by the incoming one. These are autograd's
-    gradients of the unchunked loss up to fp32 summation order (the weight's is summed over the chunks); the scaling
-    is exact for a power-of-two loss scale, as every preset's is."""
+    """The summed cross-entropy of head(x) and its gradients, a chunk of positions at a time, so that one chunk's
+    logits exist at once instead of several (T, vocab) fp32 tensors (records/cpu-memory-2026-12-02.json). Each chunk's
+    backward runs in the forward; backward scales the sums by the incoming gradient (exact for a power of two)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, targets: Tensor, head, chunk: int) -> Tensor:
@@ -602,7 +527,7 @@ class GPT(nn.Module):
     def configure(self, device: torch.device, attention: str = "auto", fp8: bool = True) -> "GPT":
         """Attention implementation, head precision and activation dtype for the device. Where activations are bf16
         the embedding tables are stored in bf16 too, as the record stores them (the rest stays fp32)."""
-        self.attn_impl = ("flex" if device.type == "cuda" else "dense") if attention == "auto" else attention
+        self.attn_impl = attention_impl(device, attention)
         self.head_precision = head_precision(device, fp8)
         self.act_dtype = torch.bfloat16 if has_bf16(device) else torch.float32
         for table in [self.embed, *self.value_embeds]:
@@ -610,12 +535,8 @@ class GPT(nn.Module):
         return self
 
     def reserve_rotary(self, max_len: int) -> "GPT":
-        """Compute the rotary tables once for sequences of up to max_len tokens, on the model's device.
-
-        Without them the tables are computed inside every forward; compiled, inductor then recomputes the powers, sines
-        and cosines for every element of q and k in the fused norm-and-rotary kernels, which made those kernels take
-        21% of an H100 step (records/h100-2026-11-24.md). Read from a buffer, they are loads instead.
-        """
+        """The rotary tables for up to max_len positions, once: computed inside a compiled forward, inductor fuses
+        the sines and cosines into every q and k element's kernel (records/h100-2026-11-24.md)."""
         self.rope_cos, self.rope_sin = rotary_tables(max_len, self.cfg.head_dim, self.lm_head.weight.device)
         return self
 
@@ -646,11 +567,8 @@ class GPT(nn.Module):
         return self.cfg.logit_cap * torch.sigmoid(raw.float() / self.cfg.logit_cap_div)
 
     def hidden(self, input_seq: Tensor, window_blocks: Tensor | int, cache=None) -> Tensor:
-        """Final normalised hidden state (1, T, model_dim) of one flat sequence of token ids.
-
-        With a cache (generate.KVCache): input_seq (batch, T) holds the tokens of the T positions cache.advance(T)
-        handed out, which attend over the cached ones; the result is (batch, T, model_dim) and window_blocks a
-        Python int."""
+        """Final normalised hidden state (1, T, model_dim) of one flat sequence of token ids. With a cache
+        (generate.KVCache): (batch, T) new tokens that attend over the cached ones, and window_blocks an int."""
         cfg = self.cfg
         tokens = input_seq[None] if cache is None else input_seq
         x = x0 = norm(self.embed(tokens).to(self.act_dtype))
@@ -673,15 +591,10 @@ class GPT(nn.Module):
 
     def forward(self, input_seq: Tensor, target_seq: Tensor | None = None, window_blocks: Tensor | int = 14,
                 loss_chunk: int | None = None, cache=None) -> Tensor:
-        """Soft-capped logits (T, vocab) without targets. With targets, the cross-entropy as the record reduces it:
-        summed over the tokens in training mode, the mean in eval mode (validation). With a cache (see hidden):
-        the logits (batch, T, vocab) of the new tokens, no targets.
-
-        window_blocks: the long window in 128-token blocks (the short one is half). The loss is computed in chunks
-        of loss_chunk positions (default: 16384 on GPUs, CPU_LOSS_CHUNK on CPUs), so that only one chunk's logits
-        exist at a time: without gradients (long validation sequences), and with them for the fp32 head of CPUs,
-        uncompiled (ChunkedHeadLoss). On GPUs training keeps the record's single cross-entropy.
-        """
+        """Soft-capped logits without targets (with a cache: of the new tokens). With targets, the record's loss: the
+        sum over the tokens in training mode, the mean in eval mode. window_blocks: the long window in blocks. Losses
+        longer than loss_chunk positions are computed in chunks: without gradients, and with them for the CPU's fp32
+        head (ChunkedHeadLoss); GPUs train with the record's single cross-entropy."""
         if cache is not None:
             if target_seq is not None:
                 raise ValueError("a forward with a KV cache computes logits, not a loss")
@@ -766,14 +679,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
 
 class Muon(ShardedOptimizer):
-    """Muon (Keller Jordan's MomentUm Orthogonalized by Newton-Schulz), for 2-D (or stacked 2-D) weights.
-
-    Nesterov momentum, then the update is orthogonalised and scaled by sqrt(max(1, rows / cols)). Parameters of one
-    shape are processed world_size at a time: the averaged gradient of parameter i of a chunk lands on process i
-    (reduce-scatter), which keeps its momentum and orthogonalises it; the new weights are all-gathered. A process
-    orthogonalises all its parameters of one shape as one batch: one Newton-Schulz call per shape, not per matrix
-    (small kernels by the hundred otherwise).
-    """
+    """Muon (@kellerjordan0 and @jxbz, record 3): Nesterov momentum, orthogonalised, scaled by sqrt(max(1, rows /
+    cols)). Same-shape parameters go world_size at a time: parameter i's averaged gradient lands on process i
+    (reduce-scatter, as records 6 and 24 distribute it), which updates it; the weights are all-gathered. A process
+    orthogonalises its parameters of one shape in one batched call (record 20)."""
 
     STATE_KEYS = ("momentum_buffer",)  # per parameter, in full_state / load_full_state
 
@@ -869,11 +778,8 @@ class Muon(ShardedOptimizer):
 
 
 class DistAdam(ShardedOptimizer):
-    """Adam without weight decay, with the record's arrangement of eps and the bias corrections:
-    p -= lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + eps).
-
-    Parameters whose first dimension divides by world_size are sharded along it (reduce-scatter, update a slice,
-    all-gather); small ones are all-reduced and updated everywhere."""
+    """Adam without weight decay, p -= lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + eps), sharded along
+    the first dimension where it divides by world_size (@vagrawal, record 24); small tensors are all-reduced."""
 
     STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")  # per parameter, in full_state / load_full_state
 
@@ -994,10 +900,8 @@ def muon_momentum(step: int, hp: Hyperparameters) -> float:
 
 
 def window_blocks(step: int, hp: Hyperparameters) -> int:
-    """The long attention window at a step, in 128-token blocks (the short one is half of it, rounded down): the
-    record's ceil(1728 * step / num_iterations / 128), at least 1. With the record's 1,695 steps: 1 block (short 0:
-    a query sees its own block only) for steps 0-125, 14 blocks (1,792 tokens) at the end. Exact integer arithmetic,
-    which agrees with the record's floating-point one at every step of its schedule."""
+    """The long window at a step, in blocks (window warm-up: @fernbear.bsky.social, record 13): the record's
+    ceil(1728 * step / num_iterations / 128), at least 1, in exact integers (equal at each of its steps)."""
     return max(1, -(-hp.window_tokens * step // (hp.num_iterations * FLEX_BLOCK_SIZE)))
 
 
@@ -1019,21 +923,13 @@ def ensure_builtin_corpus(data_dir: str) -> None:
 
 
 class TrainLoader:
-    """The record's training batches, the same for any split over processes and micro-steps.
+    """The record's BOS-aligned batches (@classiclarryd, record 26), the same for any split over processes.
 
-    Shards are read one after the other, as the record reads them. A step takes seqs_per_step sequences of seq_len
-    + 1 tokens (inputs and shifted targets) from the current shard: the first starts at the first BOS at or after
-    the loader's position, each next one at the first BOS at least seq_len tokens after the start of the one before,
-    and the loader moves on to the first BOS at least seq_len tokens after the last start. Every BOS used lies within
-    the step's look-ahead, span = max_batch_span_multiplier x the batch's tokens past its position. When a step starts
-    with fewer than span + 1 tokens left in the shard, the rest of it is dropped and the step starts at the next one.
-    Sequence j of a step goes to process j % world_size as its micro-step j // world_size.
-
-    Beyond the record (which stops or fails an assertion there): after the last shard the loader starts the first
-    again (a new epoch); a fresh shard too small for the look-ahead is read with the look-ahead cut to its end;
-    a step whose documents are too long to align within the look-ahead starts each sequence at the first BOS that
-    leaves room for the rest back to back, else right after the previous one. Shards too small for a step are skipped.
-    The shard, the position in it and the epoch are the loader's whole state.
+    Shards are read in order. A step's seqs_per_step sequences of seq_len + 1 tokens start at BOS tokens: the first
+    at or after the position, each next one at least seq_len after the one before, all within span tokens
+    (max_batch_span_multiplier x the batch); with fewer than span + 1 left, the step starts at the next shard.
+    Sequence j goes to process j % world_size. Where the record stops or fails (see the module's docstring), this
+    loader wraps around, cuts the look-ahead to a small shard, or aligns what it can. State: shard, position, epoch.
     """
 
     def __init__(self, files: list[str], seq_len: int, seqs_per_step: int, rank: int = 0, world_size: int = 1,
@@ -1152,26 +1048,6 @@ class ValidationSet:
             chunk = self.tokens[k * self.seq_len:(k + 1) * self.seq_len + 1]
             buf = torch.from_numpy(chunk.astype(np.int64)).to(device)
             yield buf[:-1].to(torch.int32), buf[1:]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def checkpoint_hyperparameters(ckpt: dict, path: Path) -> Hyperparameters:
-    """The settings a checkpoint was trained with (fields this version does not know are dropped)."""
-    saved = ckpt.get("hyperparameters")
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{path} holds no hyperparameters; it is not a complete checkpoint of this trainer")
-    known = {f.name for f in fields(Hyperparameters)}
-    try:
-        return Hyperparameters(**{k: v for k, v in saved.items() if k in known})
-    except TypeError as e:
-        raise CheckpointError(f"{path} holds unusable hyperparameters ({e})") from e
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Logging
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1304,41 +1180,18 @@ class Trainer:
         """Weights, optimiser states, data position, step, clock and RNG from a checkpoint (check_resumable first);
         anything that does not fit this run is a CheckpointError naming the file."""
         check_model_config(ckpt, self.cfg, path)
-        try:
-            with torch.no_grad():
-                self.model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:  # torch lists the problems one per line after a heading: name the first
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-            raise CheckpointError(f"{path}: its weights do not fit this model ({lines[min(1, len(lines) - 1)]})") from e
-        params = dict(self.model.named_parameters())
-        for k, opt in self.optimizers.items():
-            saved = ckpt["optimizers"].get(k)
-            if not isinstance(saved, dict):
-                raise CheckpointError(f"{path} has no {k} optimiser state")
-            for name, entry in saved.items():
-                p = params.get(name)
-                if (p is None or not isinstance(entry, dict) or set(entry) != set(opt.STATE_KEYS)
-                        or any(entry[key].shape != p.shape for key in opt.STATE_KEYS if key != "step")):
-                    raise CheckpointError(f"{path}: its {k} state for {name!r} does not fit this model")
-            opt.load_full_state(saved)
+        load_weights(self.model, ckpt, path)
+        for name, opt in self.optimizers.items():
+            opt.load_full_state(optimizer_state(ckpt, name, opt, self.model, path))
         if self.loader is not None:
             self.loader.load_state_dict(ckpt["loader"], path)
-        self.step = int(ckpt["step"])
-        self.train_time_ms = float(ckpt["train_time_ms"])
-        try:
-            set_rng_state(ckpt["rng"])
-        except (KeyError, TypeError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: its random-number state is unusable ({e})") from e
+        self.step, self.train_time_ms = int(ckpt["step"]), float(ckpt["train_time_ms"])
+        set_rng_state(ckpt["rng"], path)
 
 
 def loss_scale(hp: Hyperparameters, world_size: int) -> float:
-    """What each micro-step's summed loss is multiplied by before backward.
-
-    The record's step gradient is the gradient of the loss summed over each GPU's 49,152 tokens, averaged over its 8
-    GPUs: the per-token gradients summed and divided by global batch / 49,152 = 8. Here the processes' gradients are
-    averaged too (over world_size), so a micro-step's sum is scaled by world_size x loss_sum_tokens / global batch:
-    1 on 8 GPUs, 1/8 on one GPU accumulating 8 sequences, and 1/8 for the a10 preset's 32 quarter-length ones.
-    """
+    """What a micro-step's summed loss is multiplied by: the record's gradient is the per-token gradients summed and
+    divided by global batch / 49,152 = 8, and processes average theirs, so world_size x loss_sum_tokens / batch."""
     return world_size * hp.loss_sum_tokens / hp.global_batch_tokens
 
 
@@ -1397,26 +1250,6 @@ def warm_up(trainer: Trainer, train_files: list[str], val_files: list[str], repo
     trainer.reset()
     report.write(f"warm-up: {steps} steps and a validation forward in {time.perf_counter() - t0:.1f}s (not timed; "
                  "weights and optimisers reset)")
-
-
-class Clock:
-    """Training time in ms: runs during steps, stopped for validations and saves."""
-
-    def __init__(self, device: torch.device, total_ms: float):
-        self.device, self.total_ms = device, total_ms
-        self.start()
-
-    def start(self) -> None:
-        synchronize(self.device)
-        self.t0 = time.perf_counter()
-
-    def now_ms(self) -> float:
-        return self.total_ms + 1000 * (time.perf_counter() - self.t0)
-
-    def stop(self) -> float:
-        synchronize(self.device)
-        self.total_ms = self.now_ms()
-        return self.total_ms
 
 
 def run_steps(trainer: Trainer, val: ValidationSet, saver: Checkpointer, report: RunReport) -> tuple[float, int]:
@@ -1487,53 +1320,17 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
 
 def build_arg_parser(presets: dict[str, dict] | None = None, default_preset: str = "speedrun",
                      prog: str = "train_gpt.py") -> argparse.ArgumentParser:
-    presets = PRESETS if presets is None else presets
-    helps = CLI.field_help()
-    defaults = preset_hyperparameters(default_preset, presets)
-    parser = OneLineParser(
-        prog=prog, description=textwrap.fill(f"Train a GPT on FineWeb shards (NanoGPT speedrun, preset "
-                                             f"{default_preset} by default). Flags and --set values override the "
-                                             "preset's values.", help_width()),
-        epilog=CLI.epilog(defaults, default_preset, helps), formatter_class=argparse.RawDescriptionHelpFormatter,
-        argument_default=argparse.SUPPRESS)
-    parser.add_argument("--preset", choices=list(presets),
-                        help=f"starting values for every setting (default {default_preset}; resuming without it: "
-                             "the checkpoint's settings)")
-    CLI.add_flags(parser, defaults, default_preset, helps, skip=("preset", "resume"))
-    parser.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
-                        help=f"continue from a {helps.get('resume', '')} (--resume alone: auto). Settings come "
-                             "from the checkpoint unless given")
-    parser.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                        help="any other setting, by its field name (repeatable; the list follows)")
-    parser.add_argument("--print-config", nargs="?", const="json", choices=["json", "shell"],
-                        help="print the resolved settings and what follows from them (global_batch_tokens, "
-                             "train_tokens, fineweb_shards), then exit without training: as JSON, or (shell) as "
-                             "NAME=VALUE lines quoted for eval, true/false for switches, empty for none")
-    return parser
-
-
-def _parse(argv: list[str] | None, presets: dict[str, dict] | None, default_preset: str,
-           prog: str) -> tuple[Hyperparameters, str | None]:
-    """The settings and --print-config's form (None: train)."""
-    parser = build_arg_parser(presets, default_preset, prog)
-    ns, extra = parser.parse_known_args(argv)
-    if extra:
-        CLI.unknown(parser, extra)
-    given = vars(ns)
-    form = given.pop("print_config", None)
-    given.update(CLI.set_values(given.pop("set", [])))
-    if "resume" in given and "preset" not in given:
-        path = resolve_checkpoint(given["resume"], given.get("run_name"), given.get("checkpoint_dir", "checkpoints"))
-        hp = dataclasses.replace(checkpoint_hyperparameters(load_checkpoint(path), path), resume=None)
-    else:
-        hp = preset_hyperparameters(given.get("preset", default_preset), presets)
-    return dataclasses.replace(hp, **given), form
+    return CLI.parser(PRESETS if presets is None else presets, default_preset, prog,
+                      f"Train a GPT on FineWeb shards (NanoGPT speedrun, preset {default_preset} by default). Flags "
+                      "and --set values override the preset's values.",
+                      derived="global_batch_tokens, train_tokens, fineweb_shards")
 
 
 def parse_args(argv: list[str] | None = None, presets: dict[str, dict] | None = None,
                default_preset: str = "speedrun", prog: str = "train_gpt.py") -> Hyperparameters:
     """Preset (or the resumed checkpoint's settings), then the flags and --set values given explicitly."""
-    return _parse(argv, presets, default_preset, prog)[0]
+    presets = PRESETS if presets is None else presets
+    return CLI.parse(build_arg_parser(presets, default_preset, prog), argv, presets, default_preset)[0]
 
 
 def derived_settings(hp: Hyperparameters) -> dict[str, int]:
@@ -1558,7 +1355,8 @@ def main(argv: list[str] | None = None, presets: dict[str, dict] | None = None, 
          prog: str = "train_gpt.py", source: str | None = None) -> int:
     """The command line; train_gpt_medium.py calls it with its own presets and its source for the log."""
     try:
-        hp, form = _parse(argv, presets, default_preset, prog)
+        presets = PRESETS if presets is None else presets
+        hp, form = CLI.parse(build_arg_parser(presets, default_preset, prog), argv, presets, default_preset)
         if form:
             check_hyperparameters(hp, 1)  # the checks that need no devices: a wrapper stops before it starts any
             print(format_config(hp, form))
@@ -1569,17 +1367,6 @@ def main(argv: list[str] | None = None, presets: dict[str, dict] | None = None, 
     return run_processes(train, hp, source, "train_gpt.py")
 
 
-def _reexec_with_cpu_malloc_settings() -> None:
-    """On CPU, glibc returns every large tensor's pages to the kernel and faults them in again on the next step,
-    which doubles the step time of the tiny preset. Keep freed memory in the heap instead (set before start-up).
-    Not for --print-config, which trains nothing and which the wrappers wait for."""
-    if any(a.split("=", 1)[0] == "--print-config" for a in sys.argv[1:]):
-        return
-    if os.environ.get("MALLOC_MMAP_MAX_") is None and not torch.cuda.is_available() and sys.platform == "linux":
-        env = dict(os.environ, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40))
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
-
-
 if __name__ == "__main__":
-    _reexec_with_cpu_malloc_settings()
+    kit.reexec_with_cpu_malloc_settings()
     sys.exit(main())

@@ -64,5 +64,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    train_gpt._reexec_with_cpu_malloc_settings()
+    kit.reexec_with_cpu_malloc_settings()
     sys.exit(main())

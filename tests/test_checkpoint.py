@@ -20,6 +20,7 @@ import torch
 import kit
 import train_gpt as tg
 from conftest import ROOT, parse_log, subprocess_env, tiny_flags, tiny_hp
+from data.shards import DiskFullError
 
 N = 12
 SAVE_EVERY = 4
@@ -581,7 +582,7 @@ def test_disk_full_is_named_and_other_write_failures_are_not(tmp_path, monkeypat
     target = tmp_path / "run" / "step_000002.pt"
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=3 << 20))
-    with pytest.raises(tg.DiskFullError) as exc:
+    with pytest.raises(DiskFullError) as exc:
         kit.atomic_save({"a": torch.ones(2)}, target)
     assert exc.value.strerror == (f"cannot write {target}: the disk is full (3 MiB free in {target.parent}); free "
                                   "some space and run again (nothing was replaced)")

@@ -220,10 +220,10 @@ def test_print_config_skips_the_cpu_re_exec(monkeypatch):
     monkeypatch.setattr(tg.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setattr(sys, "argv", ["train_gpt.py", "--preset", "tiny", "--print-config=shell"])
-    tg._reexec_with_cpu_malloc_settings()  # returns: nothing to gain for a command that trains nothing
+    kit.reexec_with_cpu_malloc_settings()  # returns: nothing to gain for a command that trains nothing
     monkeypatch.setattr(sys, "argv", ["train_gpt.py", "--preset", "tiny"])
     with pytest.raises(AssertionError, match="re-exec"):
-        tg._reexec_with_cpu_malloc_settings()
+        kit.reexec_with_cpu_malloc_settings()
 
 
 def test_medium_print_config(capsys):

@@ -14,6 +14,7 @@ import torch
 import kit
 import train_gpt as tg
 from conftest import BOS, write_shard
+from data.shards import load_shard
 
 CPU = torch.device("cpu")
 
@@ -118,7 +119,7 @@ def assert_batch_reads(batch, tokens: np.ndarray, starts: list[int], seq_len: in
 
 
 def shards_of(files: list[str]) -> list[np.ndarray]:
-    return [np.asarray(tg.load_shard(f)).astype(np.int64) for f in files]
+    return [np.asarray(load_shard(f)).astype(np.int64) for f in files]
 
 
 def test_loader_sequences_are_bos_aligned_non_overlapping_and_within_the_span(tmp_path):

@@ -22,6 +22,7 @@ import torch
 import kit
 import train_gpt as tg
 from conftest import ROOT, parse_log, subprocess_env, tiny_flags, tiny_hp, write_shard
+from data.shards import load_shard
 
 TRAIN_LINE = re.compile(r"^step:\d+/\d+ (train_loss:\d+\.\d{4} )?train_time:\d+ms step_avg:\d+\.\d{2}ms$")
 VAL_LINE = re.compile(r"^step:\d+/\d+ val_loss:\d+\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms$")
@@ -125,13 +126,13 @@ def test_config_error_exits_2_without_traceback(tmp_path, shared_synthetic_data,
     (["--set", "max_batch_span_multiplier=nan"], "--set max_batch_span_multiplier must be a finite number"),
     (["--set", "max_batch_span_multiplier=inf"], "--set max_batch_span_multiplier must be a finite number"),
     (["--save-every-minutes", "nan"], "--save-every-minutes must be a finite number"),
-    (["--adam-lr", "-1"], "--adam-lr must not be negative, got -1.0"),
-    (["--set", "head_lr=-0.1"], "--set head_lr must not be negative"),
+    (["--adam-lr", "-1"], "--adam-lr must be 0 or more, got -1.0"),
+    (["--set", "head_lr=-0.1"], "--set head_lr must be 0 or more"),
     (["--set", "adam_eps=-1"], "--set adam_eps must be positive, got -1.0"),
     (["--set", "adam_eps=0"], "--set adam_eps must be positive"),
     (["--set", "adam_beta2=1"], "--set adam_beta2 must be in [0, 1), got 1.0"),
     (["--set", "muon_momentum=-0.5"], "--set muon_momentum must be in [0, 1)"),
-    (["--val-loss-every", "-5"], "--val-loss-every must not be negative"),
+    (["--val-loss-every", "-5"], "--val-loss-every must be 0 or more"),
     (["--run-name", "../../x"], "--run-name '../../x' must be one file name"),
     (["--run-name", "a/b"], "--run-name 'a/b' must be one file name"),
     (["--run-name", ".hidden"], "must be one file name"),
@@ -421,7 +422,7 @@ def test_unaligned_steps_are_counted_and_logged(shared_synthetic_data, tmp_path,
     docs = np.arange(160_000, dtype=np.int64) % 1000
     docs[::doc_len] = tg.BOS_ID
     write_shard(data / "docs_train_000001.bin", docs)
-    write_shard(data / "docs_val_000000.bin", np.asarray(tg.load_shard(shared_synthetic_data / "syn_val_000000.bin")))
+    write_shard(data / "docs_val_000000.bin", np.asarray(load_shard(shared_synthetic_data / "syn_val_000000.bin")))
     hp = tiny_hp(data, tmp_path, num_iterations=3, val_loss_every=0, save_final=False, run_name="docs",
                  train_files="docs_train_*.bin", val_files="docs_val_*.bin")
     summary = tg.train(hp)
