@@ -131,32 +131,18 @@ def download(dataset: str, num_train_shards: int, data_dir: str | Path | None = 
     Raises DownloadError (one line: which file, why, what to do) when a shard cannot be had, ValueError for bad
     arguments."""
     spec = _spec(dataset)
-    if int(num_train_shards) != num_train_shards or num_train_shards < 1:
-        raise ValueError(f"the number of train shards must be at least 1, got {num_train_shards!r}")
-    if spec.exact and num_train_shards > spec.train_shards:
-        raise ValueError(f"{dataset} has {spec.train_shards} train shards; {num_train_shards} were asked for")
-    if int(retries) != retries or retries < 0:
-        raise ValueError(f"retries must be a whole number >= 0, got {retries!r}")
+    _check_arguments(dataset, spec, num_train_shards, retries)
     out = Path(data_dir) if data_dir is not None else default_dir(dataset)
     paths = [out / name for name in shard_names(dataset, num_train_shards)]
 
-    missing = []
-    for path in paths:
-        if not path.exists():
-            missing.append(path)
-            continue
-        try:
-            read_shard_header(path)
-        except DataError as e:
-            if not quiet:
-                print(f"{path.name}: incomplete or corrupt ({_shard_problem(e, path)}); fetching it again",
-                      file=sys.stderr, flush=True)
-            _remove(path)
-            missing.append(path)
+    # What is on disk decides what to fetch; when nothing is missing, the network is never touched.
+    missing = _missing_shards(paths, quiet)
     if not missing:
         _say(quiet, f"{dataset}: all {len(paths)} shards already in {out}" + _train_hint(spec, out))
         return paths
 
+    # Set-up shared by every shard: a bad endpoint, offline mode, a missing package or an unwritable directory
+    # fails here, once, before the first request.
     endpoint = hub_endpoint()
     _check_endpoint(endpoint)  # before huggingface_hub is imported: a malformed HF_ENDPOINT breaks its import
     offline_var = offline_mode()
@@ -174,6 +160,8 @@ def download(dataset: str, num_train_shards: int, data_dir: str | Path | None = 
         raise DownloadError(f"cannot create the data directory {out} ({e.strerror}); choose another with "
                             "--data-dir") from None
     _remove_stale_partials(out)
+
+    # One shard at a time, in order: the bar counts shards (those already there included), not bytes.
     bar = tqdm(total=len(paths), initial=len(paths) - len(missing), unit="shard", desc=dataset, dynamic_ncols=True,
                disable=quiet)
     file_bar = _silent_bar(tqdm) if quiet else None  # huggingface_hub's bar for each file
@@ -187,6 +175,36 @@ def download(dataset: str, num_train_shards: int, data_dir: str | Path | None = 
     _say(quiet, f"{dataset}: {len(paths)} shards in {out} ({len(missing)} downloaded, "
                 f"{len(paths) - len(missing)} already there)" + _train_hint(spec, out))
     return paths
+
+
+def _check_arguments(dataset: str, spec: Dataset, num_train_shards, retries) -> None:
+    """download()'s own checks, for callers other than main() (which reports the same mistakes as usage errors)."""
+    if int(num_train_shards) != num_train_shards or num_train_shards < 1:
+        raise ValueError(f"the number of train shards must be at least 1, got {num_train_shards!r}")
+    if spec.exact and num_train_shards > spec.train_shards:
+        raise ValueError(f"{dataset} has {spec.train_shards} train shards; {num_train_shards} were asked for")
+    if int(retries) != retries or retries < 0:
+        raise ValueError(f"retries must be a whole number >= 0, got {retries!r}")
+
+
+def _missing_shards(paths: list[Path], quiet: bool) -> list[Path]:
+    """The shards of paths still to fetch, in order: those absent, and those present but incomplete or corrupt
+    (header and size checked), which are deleted here: a shard's final name then holds a complete shard or
+    nothing, whatever becomes of the download."""
+    missing = []
+    for path in paths:
+        if not path.exists():
+            missing.append(path)
+            continue
+        try:
+            read_shard_header(path)
+        except DataError as e:
+            if not quiet:
+                print(f"{path.name}: incomplete or corrupt ({_shard_problem(e, path)}); fetching it again",
+                      file=sys.stderr, flush=True)
+            _remove(path)
+            missing.append(path)
+    return missing
 
 
 def _train_hint(spec: Dataset, out: Path) -> str:

@@ -433,6 +433,7 @@ def prepare(paths, out_dir, name: str | None = None, field: str = "text", val_to
             skip_bad_lines: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
     """Tokenise the documents under paths into shards in out_dir (see the module docstring); returns the manifest,
     plus out_dir. Raises PrepareError for bad arguments or input, before anything in out_dir has changed."""
+    # Check everything that can be checked before out_dir is touched, so that a mistake costs nothing.
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     out = Path(out_dir)
     name = out.resolve().name if name is None else name
@@ -441,37 +442,17 @@ def prepare(paths, out_dir, name: str | None = None, field: str = "text", val_to
     _check_arguments(name, field, val_tokens, shard_tokens, workers)
     if not paths:
         raise PrepareError("no input paths given")
-
-    def warn(message: str) -> None:
-        if not quiet:
-            print(f"prepare.py: warning: {message}", file=sys.stderr, flush=True)
-
-    files, summaries = collect_inputs(paths, globs, warn)
-    if not files:
-        raise PrepareError(f"no input files in {', '.join(map(str, paths))}: a directory is searched for "
-                           f"{','.join(globs) or '(no --glob)'} and *.jsonl files; check the paths or --glob")
+    files, summaries = _find_inputs(paths, globs, quiet)
     _check_output(out, name, overwrite)
     enc_source = gpt2_tokenizer()[1]  # loaded before the pool starts, so that forked workers inherit it
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PrepareError(f"--out-dir {out}: cannot create it ({e.strerror})") from None
-    _remove_abandoned_staging(out, name)
-    staging = out / f".{name}.partial-{os.getpid()}"
-    staging.mkdir()
+
+    # Tokenise into a staging directory and move the shards into place only once all of them are written: a failed or
+    # interrupted run leaves out_dir as it was.
+    staging = _make_staging(out, name)
     try:
         writer = ShardWriter(staging, name, val_tokens, shard_tokens)
         counts = _tokenise_all(files, summaries, writer, field, workers, skip_bad_lines, quiet)
-        if counts["documents"] == 0:
-            raise PrepareError(f"no documents: the {len(files)} input files hold only empty documents"
-                               + (" and bad lines" if counts["bad_lines"] else ""))
-        if writer.total < 2 * val_tokens + 1:
-            suggest = writer.total // 2 // 1024 * 1024 or writer.total // 2
-            raise PrepareError(
-                f"the corpus has {writer.total:,} tokens, fewer than twice --val-tokens {val_tokens:,} (the "
-                f"validation shard takes the first {val_tokens:,}; training needs at least as many): lower "
-                f"--val-tokens (e.g. --val-tokens {suggest}; the trainer's --val-tokens must then be a multiple of its "
-                "--val-seq-len and below the shard's size) or add text")
+        _check_corpus(counts, writer.total, len(files), val_tokens)
         writer.flush()
         manifest = {
             "format": MANIFEST_FORMAT, "version": 1, "name": name, "tokenizer": enc_source, "bos_id": EOT_ID,
@@ -482,19 +463,67 @@ def prepare(paths, out_dir, name: str | None = None, field: str = "text", val_to
             "shard_sizes": [k for _, k in writer.written],
             "train_files": shard_glob(name, "train"), "val_files": shard_glob(name, "val"),
         }
-        new = set(manifest["shards"])
-        for old in existing_shards(out, name):  # only with --overwrite: a smaller corpus leaves no stale shards
-            if old.name not in new:
-                old.unlink()
-        for n in manifest["shards"]:
-            os.replace(staging / n, out / n)
-        # last: its presence says the shards are complete
-        atomic_write(out / MANIFEST, lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode("utf-8")))
+        _move_into_place(staging, out, manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if not quiet:
         _print_summary(out, manifest)
     return dict(manifest, out_dir=str(out))
+
+
+def _find_inputs(paths, globs, quiet: bool) -> tuple[list[InputFile], list[dict]]:
+    """collect_inputs, with its warnings on stderr unless quiet; an error when no PATH yields any file at all (a
+    directory with no match is only a warning, as long as another PATH has files)."""
+    def warn(message: str) -> None:
+        if not quiet:
+            print(f"prepare.py: warning: {message}", file=sys.stderr, flush=True)
+
+    files, summaries = collect_inputs(paths, globs, warn)
+    if not files:
+        raise PrepareError(f"no input files in {', '.join(map(str, paths))}: a directory is searched for "
+                           f"{','.join(globs) or '(no --glob)'} and *.jsonl files; check the paths or --glob")
+    return files, summaries
+
+
+def _make_staging(out: Path, name: str) -> Path:
+    """Create out (if need be) and, inside it, this run's hidden staging directory: on the same file system as the
+    final shards, so that moving them into place is a rename. Named after this process, so that a later run can tell
+    when its owner is gone and remove it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PrepareError(f"--out-dir {out}: cannot create it ({e.strerror})") from None
+    _remove_abandoned_staging(out, name)
+    staging = out / f".{name}.partial-{os.getpid()}"
+    staging.mkdir()
+    return staging
+
+
+def _check_corpus(counts: dict, tokens: int, num_files: int, val_tokens: int) -> None:
+    """After tokenising, before any shard is moved into place: the corpus must have documents, and enough tokens
+    for the validation shard and at least as many to train on."""
+    if counts["documents"] == 0:
+        raise PrepareError(f"no documents: the {num_files} input files hold only empty documents"
+                           + (" and bad lines" if counts["bad_lines"] else ""))
+    if tokens < 2 * val_tokens + 1:
+        suggest = tokens // 2 // 1024 * 1024 or tokens // 2
+        raise PrepareError(
+            f"the corpus has {tokens:,} tokens, fewer than twice --val-tokens {val_tokens:,} (the "
+            f"validation shard takes the first {val_tokens:,}; training needs at least as many): lower "
+            f"--val-tokens (e.g. --val-tokens {suggest}; the trainer's --val-tokens must then be a multiple of its "
+            "--val-seq-len and below the shard's size) or add text")
+
+
+def _move_into_place(staging: Path, out: Path, manifest: dict) -> None:
+    """Replace out's shards of this corpus name with the staged ones, then write the manifest, last: its presence
+    says the shards are complete."""
+    new = set(manifest["shards"])
+    for old in existing_shards(out, manifest["name"]):  # only with --overwrite: a smaller corpus leaves no stale shards
+        if old.name not in new:
+            old.unlink()
+    for n in manifest["shards"]:
+        os.replace(staging / n, out / n)
+    atomic_write(out / MANIFEST, lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode("utf-8")))
 
 
 def _tokenise_all(files, summaries, writer: ShardWriter, field, workers, skip_bad_lines, quiet) -> dict:
