@@ -334,6 +334,19 @@ def save_checkpoint(state: dict, ckpt_root: Path, run_id: str, step: int, kind: 
 # Run names and locks
 
 
+def open_run(hp: Hyperparameters) -> tuple[str, dict | None, Path | None]:
+    """The run id and, when resuming, the checkpoint (checked before any model is built) and its path."""
+    ckpt, path = None, None
+    if hp.resume:
+        path = resolve_checkpoint(hp.resume, hp.run_name, hp.checkpoint_dir)
+        ckpt = load_checkpoint(path)
+        check_resumable(ckpt, path, hp)
+    run_id = hp.run_name or (ckpt["run_id"] if ckpt else broadcast_object(new_run_id(hp)))
+    if not valid_run_name(run_id):
+        raise CheckpointError(f"{path} names its run {run_id!r}, not a plain file name: pass --run-name")
+    return run_id, ckpt, path
+
+
 def valid_run_name(name: str) -> bool:
     """A run name is a single, plain path component, so logs/<run>.txt and checkpoints/<run>/ stay where they are."""
     return bool(re.fullmatch(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]{0,199}", name))

@@ -55,10 +55,9 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from data.shards import DataError, find_shards, read_shard, read_shard_header, read_tokens, shard_glob
 import kit
 from kit import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, TRACK1_TARGET, CheckpointError, Checkpointer, Clock,
-                 ConfigError, DivergedError, RunReport, SettingsCLI, broadcast_object, check_fields, check_model_config,
-                 check_resumable, claim_run, dist_info, has_bf16, load_checkpoint, load_weights, model_state,
-                 new_run_id, optimizer_state, resolve_checkpoint, resolve_device, rng_state, run_processes,
-                 set_rng_state, synchronize, valid_run_name)
+                 ConfigError, DivergedError, RunReport, SettingsCLI, check_fields, check_model_config, claim_run,
+                 dist_info, has_bf16, load_weights, model_state, open_run, optimizer_state, resolve_device,
+                 rng_state, run_processes, set_rng_state, synchronize, valid_run_name)
 
 BOS_ID = 50256  # <|endoftext|>: precedes every document
 FLEX_BLOCK_SIZE = 128
@@ -657,20 +656,14 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
 
 
 class ShardedOptimizer(torch.optim.Optimizer):
-    """Shared machinery: parameters by name, and a gathered, process-count-independent state for checkpoints."""
+    """Parameters by name; subclasses' full_state() gathers every parameter's state by name on every process (a
+    collective), so a checkpoint resumes on any number of processes; load_full_state keeps this process's share."""
 
     def __init__(self, named_groups: list[dict], defaults: dict):
         """named_groups: dicts with "params" as (name, parameter) pairs and optional per-group settings."""
         self.names = {id(p): n for g in named_groups for n, p in g["params"]}
         super().__init__([{**g, "params": [p for _, p in g["params"]]} for g in named_groups], defaults)
         self.rank, self.world_size = dist_info()
-
-    def full_state(self) -> dict[str, dict[str, Tensor]]:
-        """Every parameter's complete state on every process (a collective when distributed), keyed by name."""
-        raise NotImplementedError
-
-    def load_full_state(self, state: dict[str, dict[str, Tensor]]) -> None:
-        raise NotImplementedError
 
     def _params(self):
         for group in self.param_groups:
@@ -688,7 +681,8 @@ class Muon(ShardedOptimizer):
 
     def __init__(self, named_params, lr: float = 0.05, momentum: float = 0.95, ns_steps: int = 5,
                  compile_ns: bool = False):
-        super().__init__([{"params": list(named_params)}], dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
+        super().__init__([{"params": list(named_params), "name": "muon"}], dict(lr=lr, momentum=momentum,
+                                                                                ns_steps=ns_steps))
         params = [p for g in self.param_groups for p in g["params"]]
         shapes = sorted({tuple(p.shape) for p in params})
         # chunks of same-shape parameters, world_size at a time; the i-th of a chunk belongs to process i
@@ -871,8 +865,9 @@ class DistAdam(ShardedOptimizer):
 def build_optimizers(model: GPT, hp: Hyperparameters) -> dict[str, ShardedOptimizer]:
     groups = model.param_groups()
     betas = (hp.adam_beta1, hp.adam_beta2)
-    adam = DistAdam([{"params": groups["embed"], "lr": hp.adam_lr}, {"params": groups["head"], "lr": hp.head_lr},
-                     {"params": groups["scalar"], "lr": hp.scalar_lr}], lr=hp.adam_lr, betas=betas, eps=hp.adam_eps)
+    adam = DistAdam([{"params": groups[name], "lr": lr, "name": name} for name, lr in
+                     (("embed", hp.adam_lr), ("head", hp.head_lr), ("scalar", hp.scalar_lr))],
+                    lr=hp.adam_lr, betas=betas, eps=hp.adam_eps)
     on_gpu = model.embed.weight.device.type == "cuda"
     muon = Muon(groups["muon"], lr=hp.muon_lr, momentum=hp.muon_momentum, compile_ns=hp.compile and on_gpu)
     for opt in (adam, muon):
@@ -1128,16 +1123,11 @@ class Trainer:
                 f"{sum(p.numel() for p in m.parameters()):,} parameters")
 
     def metrics(self, step: int) -> dict[str, float]:
-        """The schedules at a step, for wandb."""
+        """The schedules at a step and the rate each parameter group last stepped with (lr/muon, ...), for wandb."""
         hp = self.hp
-        return {"lr_multiplier": lr_multiplier(step, hp), **self.learning_rates(),
-                "muon_momentum": muon_momentum(step, hp), "window_blocks": window_blocks(step, hp)}
-
-    def learning_rates(self) -> dict[str, float]:
-        """The rate each parameter group last stepped with, e.g. {"lr/muon": 0.05, "lr/embed": 0.6, ...}."""
-        adam = self.optimizers["adam"].param_groups  # built in this order by build_optimizers
-        return {"lr/muon": self.optimizers["muon"].param_groups[0]["lr"], "lr/embed": adam[0]["lr"],
-                "lr/head": adam[1]["lr"], "lr/scalar": adam[2]["lr"]}
+        rates = {f"lr/{g['name']}": g["lr"] for opt in self.optimizers.values() for g in opt.param_groups}
+        return {"lr_multiplier": lr_multiplier(step, hp), **rates, "muon_momentum": muon_momentum(step, hp),
+                "window_blocks": window_blocks(step, hp)}
 
     @torch.no_grad()
     def validate(self, val: ValidationSet) -> float:
@@ -1218,19 +1208,6 @@ def open_data(hp: Hyperparameters, rank: int, world_size: int) -> tuple[list[str
         if world_size > 1:
             dist.barrier()
     return find_shards(hp.data_dir, hp.train_files, "train"), find_shards(hp.data_dir, hp.val_files, "validation")
-
-
-def open_run(hp: Hyperparameters) -> tuple[str, dict | None, Path | None]:
-    """The run id and, when resuming, the checkpoint (checked before any model is built) and its path."""
-    ckpt, path = None, None
-    if hp.resume:
-        path = resolve_checkpoint(hp.resume, hp.run_name, hp.checkpoint_dir)
-        ckpt = load_checkpoint(path)
-        check_resumable(ckpt, path, hp)
-    run_id = hp.run_name or (ckpt["run_id"] if ckpt else broadcast_object(new_run_id(hp)))
-    if not valid_run_name(run_id):
-        raise CheckpointError(f"{path} names its run {run_id!r}, not a plain file name: pass --run-name")
-    return run_id, ckpt, path
 
 
 def warm_up(trainer: Trainer, train_files: list[str], val_files: list[str], report: RunReport) -> None:
