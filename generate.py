@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from data.tokenizer import TokenizerUnavailable, gpt2_tokenizer
 import kit
 import train_gpt as tg
 
@@ -399,11 +400,6 @@ class TokenPrinter:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
-    try:
-        from data.tokenizer import TokenizerUnavailable, gpt2_tokenizer
-    except ImportError:  # run from elsewhere: the data package sits next to this file
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from data.tokenizer import TokenizerUnavailable, gpt2_tokenizer
     try:
         check_args(args)
         device = pick_device(args.device)

@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train_gpt.py
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_train.py, also when this file is imported
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the trainer; bench_train.py sits beside this script
 import kit  # noqa: E402
 import train_gpt as tg  # noqa: E402
 from bench_train import SyntheticBatches, synthetic_tokens  # noqa: E402

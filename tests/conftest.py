@@ -27,7 +27,9 @@ import train_gpt  # noqa: E402
 
 
 def load_bench(name: str):
-    """A script of bench/ as a module (bench/ is not a package)."""
+    """A script of bench/ as a module (bench/ is not a package; its scripts import each other as a script would)."""
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
