@@ -140,6 +140,100 @@ def broadcast_object(obj, src: int = 0):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The GPUs at hand and what fits on them (--preset auto)
+
+
+@dataclasses.dataclass(frozen=True)
+class GPUInfo:
+    name: str
+    total_gib: float
+    free_gib: float
+    capability: tuple[int, int]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.free_gib:.1f} GiB free)"
+
+
+def visible_gpus(index: int | None = None) -> list[GPUInfo]:
+    """The GPUs this process sees (or only GPU `index`), with their free memory now. Asking for free memory opens a
+    CUDA context on each GPU asked about: a training process asks about its own GPU only."""
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()) if index is None else [index]:
+        props = torch.cuda.get_device_properties(i)
+        free, total = torch.cuda.mem_get_info(i)
+        out.append(GPUInfo(props.name, total / 2**30, free / 2**30, (props.major, props.minor)))
+    return out
+
+
+# The track-1 model's peak allocated memory in one process, measured on an H100 (records/h100-2026-11-24.md): eager
+# 57.7 GiB with 49,152-token sequences and 17.47 GiB with 12,288, so 4.06 GiB that does not grow with the sequence
+# (weights, gradients, optimiser states) and 1.091 MiB per token; compiled 39.11 GiB at 49,152, 0.730 MiB per token.
+PEAK_FIXED_GIB = 4.06
+PEAK_PER_TOKEN_GIB = {"compiled": (39.11 - 4.06) / 49152, "eager": (57.7 - 17.47) / (49152 - 12288)}
+PEAK_MARGIN, PEAK_RESERVE_GIB = 1.10, 1.0  # the allocator's cache and fragmentation; CUDA context and workspaces
+
+
+def peak_gib(seq_len: int, compiled: bool) -> float:
+    """The estimated peak allocated GiB of a track-1 process training on seq_len-token sequences."""
+    return PEAK_FIXED_GIB + PEAK_PER_TOKEN_GIB["compiled" if compiled else "eager"] * seq_len
+
+
+def fits(seq_len: int, compiled: bool, free_gib: float) -> bool:
+    return peak_gib(seq_len, compiled) * PEAK_MARGIN + PEAK_RESERVE_GIB <= free_gib
+
+
+def sequence_shapes(global_batch: int, world_size: int, max_len: int, block: int, min_len: int = 1024) -> list:
+    """(seq_len, seqs): global_batch split into seqs equal sequences, a multiple of world_size of them, each a
+    multiple of `block` tokens from min_len to max_len. Halvings of max_len come first (the shapes of the measured
+    presets), longest first, then the other splits, longest first (for process counts that do not divide 8)."""
+    shapes = [(global_batch // k, k) for k in range(world_size, global_batch // min_len + 1, world_size)
+              if global_batch % k == 0 and (global_batch // k) % block == 0 and global_batch // k <= max_len]
+    halving = [s for s in shapes if max_len % s[0] == 0 and (max_len // s[0]).bit_count() == 1]
+    return halving + [s for s in shapes if s not in halving]
+
+
+FIT_FIELDS = ("train_seq_len", "seqs_per_step", "val_seq_len")  # 0: fit_to_gpus chooses
+
+
+def fit_to_gpus(hp: Hyperparameters, gpus: list[GPUInfo], world_size: int, record: Hyperparameters, tiny: dict,
+                block: int) -> tuple[Hyperparameters, str]:
+    """The settings with every FIT_FIELDS 0 chosen for these GPUs, one per process, and why. The global batch stays
+    the record's (393,216 tokens, or seqs_per_step x train_seq_len when both are given), split into the longest
+    sequences whose estimated peak memory (peak_gib) fits the GPU with the least free memory; validation chunks
+    shrink with them. A value given is kept even when it does not fit. Without GPUs: the `tiny` values wherever the
+    settings still hold the record's."""
+    if all(getattr(hp, n) for n in FIT_FIELDS):
+        return hp, ""
+    if not gpus:
+        tiny = {k: v for k, v in tiny.items() if getattr(hp, k) in (getattr(record, k), 0)}
+        return dataclasses.replace(hp, **tiny), "no GPU: the tiny preset's settings, on the CPU"
+    gpu = min(gpus, key=lambda g: g.free_gib)
+    if gpu.capability < MIN_TRAIN_CAPABILITY:
+        raise DeviceError(f"{gpu.name} has compute capability {gpu.capability[0]}.{gpu.capability[1]}; training "
+                          "needs 8.0 or newer (bfloat16); --device cpu --preset tiny trains on the CPU")
+    batch = (hp.train_seq_len * hp.seqs_per_step) or record.global_batch_tokens
+    longest = max(record.train_seq_len, hp.train_seq_len)
+    shapes = [(n, k) for n, k in sequence_shapes(batch, world_size, longest, block)
+              if hp.train_seq_len in (0, n) and hp.seqs_per_step in (0, k)]
+    if not shapes:
+        raise ConfigError(f"no sequence length splits a global batch of {batch:,} tokens over {world_size} "
+                          f"process(es) in multiples of {block} tokens; give --train-seq-len")
+    seq_len, seqs = next((s for s in shapes if fits(s[0], hp.compile, gpu.free_gib)), shapes[-1])
+    val_len = record.val_seq_len * seq_len // record.train_seq_len  # validation chunks shrink with the sequences
+    val_seq_len = hp.val_seq_len or max([c for c in range(block, val_len + 1, block) if hp.val_tokens % c == 0]
+                                        or [seq_len])
+    fp8 = "off" if not hp.fp8 else "on" if gpu.capability >= (8, 9) else \
+        "off (compute capability {}.{})".format(*gpu.capability)
+    why = (f"{len(gpus)} x {gpu}: {seq_len:,}-token sequences, {seqs // world_size} micro-step(s) per step "
+           f"({seqs} sequences of the {batch:,}-token batch), validation in {val_seq_len:,}-token chunks, FP8 {fp8}; "
+           f"estimated peak {peak_gib(seq_len, hp.compile):.1f} GiB {'compiled' if hp.compile else 'eager'}"
+           + ("" if fits(seq_len, hp.compile, gpu.free_gib) else ", more than fits: expect out-of-memory"))
+    return dataclasses.replace(hp, train_seq_len=seq_len, seqs_per_step=seqs, val_seq_len=val_seq_len), why
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Checkpoint files
 
 CHECKPOINT_FORMAT = "nanogpt-speedrun-kit/checkpoint"

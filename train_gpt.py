@@ -73,9 +73,9 @@ class Hyperparameters:
     val_files: str = "fineweb_val_*.bin"  # glob of validation shards
     val_tokens: int = 10_485_760  # validation reads exactly this many tokens; fixed so results compare
     # batch: the global batch is seqs_per_step x train_seq_len tokens for any number of processes
-    train_seq_len: int = 48 * 1024  # tokens in one flat, BOS-aligned training sequence (one micro-step)
-    val_seq_len: int = 4 * 64 * 1024  # tokens per validation forward
-    seqs_per_step: int = 8  # sequences per optimiser step over all processes (8 GPUs: one each)
+    train_seq_len: int = 48 * 1024  # tokens in one flat, BOS-aligned training sequence (one micro-step; 0: fit)
+    val_seq_len: int = 4 * 64 * 1024  # tokens per validation forward (0: fit to the GPUs)
+    seqs_per_step: int = 8  # sequences per optimiser step over all processes (8 GPUs: one each; 0: fit)
     max_batch_span_multiplier: float = 2.0  # a step's sequences start at BOS tokens within this x batch tokens
     loss_sum_tokens: int = 48 * 1024  # the step's loss: token losses summed, averaged over groups of this many tokens
     # schedule
@@ -142,11 +142,20 @@ PRESETS: dict[str, dict] = {
         num_layers=6, model_dim=128, num_heads=2, head_dim=64, no_attn_layer=-1, window_pattern="LS",
         muon_momentum_warmup_steps=50, compile=False, target_val_loss=0.0,
     ),
+    # The record's recipe in the longest sequences the GPUs found hold (fit_to_gpus); without a GPU, tiny's settings.
+    "auto": dict(train_seq_len=0, seqs_per_step=0, val_seq_len=0),
 }
 
 
 def preset_hyperparameters(name: str, presets: dict[str, dict] | None = None) -> Hyperparameters:
     return CLI.preset(name, PRESETS if presets is None else presets)
+
+
+
+
+def fit_to_gpus(hp: Hyperparameters, gpus: list[kit.GPUInfo], world_size: int) -> tuple[Hyperparameters, str]:
+    """--preset auto's choice for these GPUs, one per process (kit.fit_to_gpus), and why."""
+    return kit.fit_to_gpus(hp, gpus, world_size, Hyperparameters(), PRESETS["tiny"], FLEX_BLOCK_SIZE)
 
 
 # The settings a speedrun user turns have flags of their own; every other field is set with --set FIELD=VALUE, so
@@ -1185,14 +1194,22 @@ def loss_scale(hp: Hyperparameters, world_size: int) -> float:
     return world_size * hp.loss_sum_tokens / hp.global_batch_tokens
 
 
-def setup_device(hp: Hyperparameters, world_size: int) -> tuple[torch.device, Hyperparameters]:
-    """This process's device, the attention "auto" resolves to on it, and the settings checked."""
+def setup_device(hp: Hyperparameters, world_size: int) -> tuple[torch.device, Hyperparameters, str]:
+    """This process's device, the settings with attention "auto" and any --preset auto choice resolved for it (the
+    most sequences any process needs, so that all agree), checked, and why the choice."""
     device = resolve_device(hp.device, int(os.environ.get("LOCAL_RANK", 0)))
     hp = dataclasses.replace(hp, attention=attention_impl(device, hp.attention))
+    asked, gpus = hp, kit.visible_gpus(device.index) if device.type == "cuda" else []
+    hp, why = fit_to_gpus(asked, gpus, world_size)
+    if why and world_size > 1:
+        seqs = torch.tensor(hp.seqs_per_step, device=device)
+        dist.all_reduce(seqs, op=dist.ReduceOp.MAX)
+        if seqs.item() != hp.seqs_per_step:
+            hp, why = fit_to_gpus(dataclasses.replace(asked, seqs_per_step=int(seqs.item())), gpus, world_size)
     check_hyperparameters(hp, world_size)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    return device, hp
+    return device, hp, why
 
 
 def open_data(hp: Hyperparameters, rank: int, world_size: int) -> tuple[list[str], list[str]]:
@@ -1267,7 +1284,7 @@ def run_steps(trainer: Trainer, val: ValidationSet, saver: Checkpointer, report:
 def train(hp: Hyperparameters, source: str | None = None) -> dict:
     """Run (or resume) a training run; returns the summary. Expects the process group to be set up if distributed."""
     rank, world_size = dist_info()
-    device, hp = setup_device(hp, world_size)
+    device, hp, fitted = setup_device(hp, world_size)
     train_files, val_files = open_data(hp, rank, world_size)
     val = ValidationSet(val_files, hp.val_tokens, hp.val_seq_len, rank, world_size, hp.vocab_size)
     run_id, ckpt, ckpt_path = open_run(hp)
@@ -1277,7 +1294,7 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
                  f"resumed from {ckpt_path} at step {ckpt['step']}" if ckpt else None,
                  len(lock.removed) if lock is not None else 0)
     trainer = Trainer(hp, device, rank, world_size, train_files)
-    report.write(trainer.describe(run_id))
+    report.write(trainer.describe(run_id) + (f"\n--preset auto: {fitted}" if fitted else ""))
     warm_up(trainer, train_files, val_files, report)
     torch.manual_seed(hp.seed)
     if ckpt is not None:
@@ -1300,7 +1317,7 @@ def build_arg_parser(presets: dict[str, dict] | None = None, default_preset: str
     return CLI.parser(PRESETS if presets is None else presets, default_preset, prog,
                       f"Train a GPT on FineWeb shards (NanoGPT speedrun, preset {default_preset} by default). Flags "
                       "and --set values override the preset's values.",
-                      derived="global_batch_tokens, train_tokens, fineweb_shards")
+                      derived="global_batch_tokens, train_tokens, fineweb_shards; fit for --preset auto")
 
 
 def parse_args(argv: list[str] | None = None, presets: dict[str, dict] | None = None,
@@ -1324,8 +1341,8 @@ def derived_settings(hp: Hyperparameters) -> dict[str, int]:
             "train_tokens": hp.num_iterations * hp.global_batch_tokens, "fineweb_shards": shards}
 
 
-def format_config(hp: Hyperparameters, form: str = "json") -> str:
-    return CLI.format(asdict(hp), derived_settings(hp), form)
+def format_config(hp: Hyperparameters, form: str = "json", extra: dict | None = None) -> str:
+    return CLI.format(asdict(hp), {**derived_settings(hp), **(extra or {})}, form)
 
 
 def main(argv: list[str] | None = None, presets: dict[str, dict] | None = None, default_preset: str = "speedrun",
@@ -1334,9 +1351,12 @@ def main(argv: list[str] | None = None, presets: dict[str, dict] | None = None, 
     try:
         presets = PRESETS if presets is None else presets
         hp, form = CLI.parse(build_arg_parser(presets, default_preset, prog), argv, presets, default_preset)
-        if form:
+        if form:  # one process for all: --preset auto fits the first WORLD_SIZE GPUs (default: every visible one)
+            gpus = kit.visible_gpus() if any(getattr(hp, n) == 0 for n in kit.FIT_FIELDS) and hp.device != "cpu" else []
+            world_size = int(os.environ.get("WORLD_SIZE", len(gpus) or 1))
+            hp, why = fit_to_gpus(hp, gpus[:world_size], world_size)
             check_hyperparameters(hp, 1)  # the checks that need no devices: a wrapper stops before it starts any
-            print(format_config(hp, form))
+            print(format_config(hp, form, {"fit": why} if why else {}))
             return 0
     except (ConfigError, CheckpointError) as e:
         print(f"train_gpt.py: error: {e}", file=sys.stderr)

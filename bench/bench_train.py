@@ -257,11 +257,9 @@ def settings(args: argparse.Namespace) -> tuple[tg.Hyperparameters, torch.device
     if args.train_files:
         over["train_files"] = args.train_files
     hp = dataclasses.replace(tg.preset_hyperparameters(args.preset, all_presets()), **over)
-    device = kit.resolve_device(hp.device, 0)
-    hp = dataclasses.replace(hp, attention=tg.attention_impl(device))
-    tg.check_hyperparameters(hp, 1)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    device, hp, fitted = tg.setup_device(hp, 1)  # the trainer's own: device, attention, --preset auto, checks
+    if fitted:
+        print(f"--preset auto: {fitted}", flush=True)
     return hp, device
 
 

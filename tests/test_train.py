@@ -60,7 +60,7 @@ def test_help_lists_every_hyperparameter():
             assert re.search(re.escape(flag_of(name)) + r"\b", out), f"{flag_of(name)} missing from --help"
         else:  # the --set table: name, default, meaning
             assert re.search(rf"^  {name} +\S+ +\S", out, re.M), f"--set {name} missing from --help"
-    assert re.search(r"--preset \{speedrun,a10,tiny\}", out)
+    assert re.search(r"--preset \{speedrun,a10,tiny,auto\}", out)
     assert "--set FIELD=VALUE" in out and "--print-config" in out
     assert "usage: train_gpt.py" in out
 

@@ -549,7 +549,7 @@ def shell_config(*argv: str, presets=None, default_preset="speedrun") -> str:
 
 def test_download_computed_by_the_trainer(kit, tmp_path):
     empty = tmp_path / "fw"
-    _, inner, p = kit.train("--data-dir", str(empty))
+    _, inner, p = kit.train("--preset", "speedrun", "--data-dir", str(empty))
     download, train = kit.runs()
     _, dl_inner = split_run(download)
     # the speedrun: 1695 steps x 393,216 tokens x 1.1 / 1e8 -> 8 shards (data/fineweb.py's shards_needed)
@@ -561,9 +561,11 @@ def test_download_computed_by_the_trainer(kit, tmp_path):
     assert "8 train shards, downloading the missing ones first" in p.stdout
 
 
-@pytest.mark.parametrize("flags", [["--num-iterations", "100"], ["--preset", "a10", "--set", "seqs_per_step=64"],
-                                   ["--num-iterations", "1000", "--set", "seqs_per_step=64"],
-                                   ["--train-seq-len", "1024", "--", "--num-iterations=20000"], ["--medium"]])
+@pytest.mark.parametrize("flags", [["--preset", "speedrun", "--num-iterations", "100"],
+                                   ["--preset", "a10", "--set", "seqs_per_step=64"],
+                                   ["--preset=speedrun", "--num-iterations", "1000", "--set", "seqs_per_step=64"],
+                                   ["--train-seq-len", "1024", "--", "--preset", "speedrun", "--num-iterations=20000"],
+                                   ["--medium"]])
 def test_download_count_is_the_trainers(kit, tmp_path, flags):
     """The shard count is train_gpt.py's fineweb_shards for the same words (train.sh knows no preset's numbers)."""
     import train_gpt_medium
@@ -609,8 +611,31 @@ def test_resume_plans_with_the_checkpoints_settings(kit, tmp_path):
     assert bind_mounts(split_run(kit.config_runs()[0])[0])[str(ckpt.parent)] == str(ckpt.parent)  # it read it
 
 
+def test_default_is_preset_auto_asked_on_the_runs_gpus(kit, tmp_path):
+    """Without --preset or --resume, train.sh asks for --preset auto, and asks the trainer about it in a container
+    with the run's GPUs and WORLD_SIZE, so that the fit is measured where the run will be; it prints the reason."""
+    answer = shell_config("--preset", "speedrun") + "\nfit='2 x GPU (21.9 GiB free): 12,288-token sequences'"
+    _, inner, p = kit.train("--data-dir", str(tmp_path / "fw"), FAKE_GPUS="2", FAKE_DOCKER_PRINT_CONFIG=answer)
+    config_opts, config_inner = split_run(kit.config_runs()[0])
+    assert config_inner[2:4] == ["--preset", "auto"] and inner[inner.index("train_gpt.py") + 1:][:2] == ["--preset",
+                                                                                                        "auto"]
+    assert "--gpus" in config_opts and "WORLD_SIZE=2" in [config_opts[i + 1] for i, o in enumerate(config_opts)
+                                                         if o in ("-e", "--env")]
+    assert "fitted:    2 x GPU (21.9 GiB free): 12,288-token sequences" in p.stdout
+
+
+@pytest.mark.parametrize("flags", [["--preset", "a10"], ["--preset=tiny"], ["--", "--preset", "speedrun"],
+                                   ["--medium"]])
+def test_a_chosen_preset_is_asked_without_gpus(kit, tmp_path, flags):
+    kit.train(*flags, "--data-dir", str(tmp_path / "fw"), FAKE_GPUS="2",
+              FAKE_DOCKER_PRINT_CONFIG=shell_config("--preset", "tiny"))
+    config_opts, config_inner = split_run(kit.config_runs()[0])
+    assert "auto" not in config_inner and "--gpus" not in config_opts
+    assert not any(o.startswith("WORLD_SIZE=") for o in config_opts)
+
+
 def test_download_shards_flag(kit, tmp_path):
-    kit.train("--data-dir", str(tmp_path / "fw"), "--shards", "3")
+    kit.train("--preset", "speedrun", "--data-dir", str(tmp_path / "fw"), "--shards", "3")
     _, dl_inner = split_run(kit.runs()[0])
     assert dl_inner[:3] == ["python", "data/cached_fineweb10B.py", "3"]
 
@@ -684,7 +709,7 @@ def test_train_data_dir_that_looks_like_a_flag_stays_a_value(kit):
     from data import fineweb
 
     kit.tmp = ROOT
-    p = kit.run(TRAIN_SH, "--dry-run", "--data-dir", "-new")
+    p = kit.run(TRAIN_SH, "--dry-run", "--preset", "speedrun", "--data-dir", "-new")
     assert p.returncode == 0, p.stderr
     download, train = dry_run_commands(p.stdout)
     args = download[download.index("data/cached_fineweb10B.py") + 1:]
