@@ -49,6 +49,8 @@ TRACK1_TARGET = 3.28
 TRACK2_TARGET = 2.92  # train_gpt_medium.py's
 # The record targets hold for this validation set only: the first 10,485,760 tokens of FineWeb's validation shard.
 TRACK_VAL_FILES, TRACK_VAL_TOKENS = "fineweb_val_*.bin", 10_485_760
+# dense bf16 TFLOP/s of one GPU, by a part of its name, for MFU (the H100's as measured, records/h100-2026-11-24.md)
+PEAK_TFLOPS = {"H100": 800.0, "H200": 800.0, "A10": 125.0}
 
 
 def target_comparable(target: float, val_files: str, val_tokens: int) -> bool:
@@ -686,8 +688,22 @@ class RunReport:
             self.wandb.log({"train/loss": train_loss, **metrics, "train_time_ms": elapsed_ms,
                             "step_avg_ms": elapsed_ms / step, "tokens_per_s": tokens_per_s}, step=step)
 
+    def write_summary_file(self, flops_per_token: float | None, comparable: bool) -> None:
+        """logs/<run_id>.md (and .png) for a run on the record's validation set: the run against its track's public
+        record (records/report.py). A report that cannot be written costs a warning, never the run."""
+        if self.log.path is None or not comparable:
+            return
+        from records import report  # the report's own parser reads the log just written
+
+        try:
+            md = report.write_run_report(self.log.path, flops_per_token)
+        except (OSError, ValueError) as e:
+            self.write(f"warning: no run report next to the log ({e})")
+            return
+        self.write(f"run report: {md}")
+
     def finish(self, val_loss: float, val_step: int, train_time_ms: float, device: torch.device, world_size: int,
-               unaligned_steps: int) -> dict:
+               unaligned_steps: int, flops_per_token: float | None = None) -> dict:
         hp, steps = self.hp, self.hp.num_iterations
         tokens, seconds = steps * hp.global_batch_tokens, train_time_ms / 1000
         comparable = target_comparable(hp.target_val_loss, hp.val_files, hp.val_tokens)
@@ -711,6 +727,7 @@ class RunReport:
         self.write(f"{self.RULE}\nfinal val_loss:{val_loss:.4f} train_time:{seconds:.1f}s ({steps} steps, "
                    f"{tokens:,} tokens, {summary['tokens_per_s']:,.0f} tokens/s) peak memory: "
                    f"{summary['peak_memory']}; {target}")
+        self.write_summary_file(flops_per_token, comparable)
         if self.wandb:
             self.wandb.log({"final/val_loss": val_loss, "final/train_time_s": seconds,
                             "final/tokens_per_s": summary["tokens_per_s"]}, step=steps)

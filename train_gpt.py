@@ -1124,6 +1124,10 @@ class Trainer:
         if step >= 0:
             raise DivergedError(f"the training loss of step {step} was not finite")
 
+    def matmul_flops_per_token(self) -> float:
+        """Training FLOPs per token of the matmuls (6 x the blocks' matrices and the head), attention not counted."""
+        return 6.0 * sum(p.numel() for _, p in self.model.param_groups()["muon"] + self.model.param_groups()["head"])
+
     def describe(self, run_id: str) -> str:
         hp, m = self.hp, self.model
         return (f"run {run_id}: {self.world_size} process(es) on {self.device.type}, {self.grad_accum} micro-step(s) "
@@ -1303,7 +1307,7 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
     saver = Checkpointer(hp, run_id, trainer.step, device, rank, world_size)
     val_loss, val_step = run_steps(trainer, val, saver, report)
     summary = report.finish(val_loss, val_step, trainer.train_time_ms, device, world_size,
-                            trainer.loader.unaligned_steps)
+                            trainer.loader.unaligned_steps, trainer.matmul_flops_per_token())
     if lock is not None:
         lock.release()
     return summary

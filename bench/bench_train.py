@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kit  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
-PEAK_TFLOPS = {"H100": 800.0, "H200": 800.0, "A10": 125.0}
+PEAK_TFLOPS = kit.PEAK_TFLOPS
 
 
 def all_presets() -> dict[str, dict]:

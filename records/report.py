@@ -2,6 +2,7 @@
 
     python records/report.py [LOGS...] [--png FILE]      (default LOGS: logs/*.txt)
     python records/report.py A.txt B.txt --compare       (also: val loss of B, C, ... minus A's, step by step)
+    python records/report.py RUN.txt --record            (also: the run's val loss minus its track's record's)
 
 A run log (logs/<run_id>.txt) holds the trainer's source, then blocks separated by a line of 100 '=': "config {json}",
 the environment ("gpus N: names" or "cpu threads N"), a "run <id>: W process(es) on <device>, ..." line, the step lines
@@ -22,10 +23,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kit import TRACK_VAL_TOKENS, target_comparable  # noqa: E402  (one rule for the trainer and the report)
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data.shards import atomic_write  # noqa: E402
+from kit import PEAK_TFLOPS, TRACK_VAL_TOKENS, target_comparable  # noqa: E402  (the trainer's rules)
 
 RULE = "=" * 100
+RECORD_CURVES = Path(__file__).resolve().parent / "record_curves.json"  # the public records' val losses, as data
 STEP_LINE = re.compile(r"^step:(\d+)/(\d+) (?:(val_loss|train_loss):(\S+) )?train_time:(\d+)ms step_avg:\S+ms$")
 SUMMARY_LINE = re.compile(r"^final val_loss:(\S+) train_time:([\d.]+)s \((\d+) steps, ([\d,]+) tokens")
 RUN_LINE = re.compile(r"^run (\S+): (\d+) process\(es\) on (\w+)")
@@ -297,12 +301,145 @@ def write_png(runs: list[dict], path) -> Path:
     return path
 
 
+def record_for(run: dict) -> dict | None:
+    """The public record of the run's track (record_curves.json), chosen by its target (3.28: track 1, 2.92:
+    track 2); None for other targets."""
+    tracks = json.loads(RECORD_CURVES.read_text(encoding="utf-8"))["tracks"]
+    return next((t for t in tracks.values() if math.isclose(t["target_val_loss"], run["target_val_loss"])), None)
+
+
+def against_record(run: dict, record: dict) -> dict:
+    """The run's val loss beside the record's at every step both validated at, and what makes the steps differ in
+    meaning (notes: another validation set, number of steps or batch)."""
+    theirs = {step: loss for step, loss, _ in record["curve"]}
+    rows = [(step, loss, theirs[step], loss - theirs[step]) for step, loss, _ in run["val_curve"] if step in theirs]
+    notes = []
+    if not run["target_comparable"]:
+        notes.append(f"this run validated on {run['config'].get('val_tokens')} tokens of "
+                     f"{run['config'].get('val_files')}, the record on the first {record['val_tokens']:,} of "
+                     "FineWeb's validation shard: the losses are not comparable")
+    if run["num_iterations"] != record["num_iterations"]:
+        notes.append(f"{run['num_iterations']} steps against the record's {record['num_iterations']}: its "
+                     "schedules (learning rate, windows) are at other points at the same step")
+    if run["global_batch_tokens"] != record["global_batch_tokens"]:
+        notes.append(f"a global batch of {run['global_batch_tokens']:,} tokens against the record's "
+                     f"{record['global_batch_tokens']:,}")
+    return {"record": record, "rows": rows, "notes": notes}
+
+
+def format_against_record(run: dict, cmp: dict) -> str:
+    """An aligned table (step, run, record, run - record) under a line naming the record, then the notes."""
+    record = cmp["record"]
+    lines = [f"{run['run_id']} against {record['record']} ({record['hardware']}; {record['source']})"]
+    if not cmp["rows"]:
+        lines.append("no validation step in common with the record")
+    else:
+        header = ["step", "this run", "record", "run - record"]
+        body = [[str(s), f"{v:.4f}", f"{r:.4f}", f"{d:+.4f}"] for s, v, r, d in cmp["rows"]]
+        widths = [max(len(row[i]) for row in [header, *body]) for i in range(4)]
+        lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in [header, *body]]
+    lines += [f"note: {n}" for n in cmp["notes"]]
+    return "\n".join(lines)
+
+
+def mfu(run: dict, flops_per_token: float | None) -> float | None:
+    """Model FLOPs utilisation where the GPU's peak is known (kit.PEAK_TFLOPS), else None."""
+    peak = next((v for k, v in PEAK_TFLOPS.items() if run["gpu_name"] and k in run["gpu_name"]), None)
+    if not peak or not flops_per_token or math.isnan(run["tokens_per_s"]):
+        return None
+    return run["tokens_per_s"] * flops_per_token / (peak * 1e12 * run["processes"])
+
+
+def record_figure(run: dict, record: dict):
+    """The run's and the record's val loss against the step, on a log scale, from the first validation after step 0
+    (step 0's ~10.8 would flatten both curves)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for label, curve in ((run["run_id"], run["val_curve"]), (record["record"], record["curve"])):
+        points = [(s, v) for s, v, *_ in curve if s > 0]
+        ax.plot([s for s, _ in points], [v for _, v in points], marker=".", label=label)
+    ax.axhline(record["target_val_loss"], linestyle="--", color="gray", linewidth=1,
+               label=f"target {record['target_val_loss']:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("val loss (log scale)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def save_figure(fig, path: Path) -> None:
+    def write(f):
+        fig.savefig(f, format="png", dpi=100)
+    atomic_write(path, write)
+
+
+def run_markdown(run: dict, cmp: dict | None, flops_per_token: float | None, png_name: str | None) -> str:
+    """logs/<run_id>.md: hardware, settings, time, throughput, the final loss against the target and, against the
+    record, the run's loss minus the record's at every shared step."""
+    c = run["config"]
+    util = mfu(run, flops_per_token)
+    target = ("no target" if run["target_val_loss"] <= 0 else
+              f"target {run['target_val_loss']:g}: " + {True: "reached", False: "not reached",
+                                                        None: "not comparable (other validation data)"}[
+                  run["reached_target"]])
+    lines = [f"# Run {run['run_id']}", "",
+             f"- hardware: {run['hardware']} ({run['processes']} process(es))",
+             f"- settings: preset {run['preset']}, {run['num_iterations']} steps of {run['global_batch_tokens']:,} "
+             f"tokens ({run['seqs_per_step']} x {run['train_seq_len']:,}), {c.get('num_layers')} blocks of "
+             f"{c.get('model_dim')}, compile {'on' if c.get('compile') else 'off'}, FP8 "
+             f"{'allowed' if c.get('fp8') else 'off'}, data {c.get('data_dir')}",
+             f"- training time: {run['train_time_s']:.1f} s ({run['steps']} steps"
+             f"{'' if run['finished'] else ', unfinished'}), {run['tokens_per_s']:,.0f} tokens/s"
+             + (f", MFU {util:.1%} (6 x matmul parameters FLOPs per token)" if util is not None else ""),
+             f"- final val loss: {run['final_val_loss']:.4f} at step {run['val_step']}; {target}"]
+    if cmp is not None:
+        lines += ["", f"## Against {cmp['record']['record']}", "",
+                  f"Source: {cmp['record']['source']} ({cmp['record']['hardware']}).", ""]
+        if cmp["rows"]:
+            lines += ["| step | this run | record | run - record |", "|---:|---:|---:|---:|"]
+            lines += [f"| {s} | {v:.4f} | {r:.4f} | {d:+.4f} |" for s, v, r, d in cmp["rows"]]
+        else:
+            lines.append("No validation step in common with the record.")
+        lines += [""] + [f"Note: {n}." for n in cmp["notes"]]
+        if png_name:
+            lines += ["", f"![val loss of this run and of the record]({png_name})"]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_run_report(log_path, flops_per_token: float | None = None) -> Path:
+    """Write <log>.md (and, when matplotlib is there and the run has a record to set beside it, <log>.png) next to a
+    run log, atomically; returns the .md's path."""
+    log_path = Path(log_path)
+    run = parse_log(log_path)
+    record = record_for(run)
+    cmp = against_record(run, record) if record else None
+    png = None
+    if cmp is not None and run["val_curve"]:
+        try:
+            save_figure(record_figure(run, record), log_path.with_suffix(".png"))
+            png = log_path.with_suffix(".png").name
+        except ImportError:  # matplotlib is in requirements.txt; a bare environment still gets the table
+            pass
+    md = log_path.with_suffix(".md")
+    text = run_markdown(run, cmp, flops_per_token, png)
+    atomic_write(md, lambda f: f.write(text.encode("utf-8")))
+    return md
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Summarise train_gpt.py run logs: a table, optionally a figure.")
     parser.add_argument("logs", nargs="*", help="run logs (default: logs/*.txt)")
     parser.add_argument("--png", metavar="FILE", help="also write val-loss curves to this PNG")
     parser.add_argument("--compare", action="store_true",
                         help="also print the val losses at the steps all runs share, and each run minus the first")
+    parser.add_argument("--record", action="store_true",
+                        help="also print each run's val losses beside its track's public record's "
+                             "(records/record_curves.json), step by step")
     args = parser.parse_args(argv)
     paths = args.logs or sorted(glob.glob(os.path.join("logs", "*.txt")))
     if not paths:
@@ -324,6 +461,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print()
         print(format_comparison(compare_runs(runs)))
+    if args.record:
+        for run in runs:
+            record = record_for(run)
+            print()
+            print(format_against_record(run, against_record(run, record)) if record else
+                  f"{run['run_id']}: no public record for target {run['target_val_loss']:g} (3.28: track 1, 2.92: "
+                  "track 2)")
     if args.png:
         out = write_png(runs, args.png)
         print(f"wrote {out}", file=sys.stderr)

@@ -1,0 +1,1 @@
+"""Reference runs, the public records' curves and the run report (report.py)."""
