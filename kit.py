@@ -886,8 +886,8 @@ class SettingsCLI:
                                epilog=self.epilog(defaults, default_preset, helps),
                                formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
         parser.add_argument("--preset", choices=list(presets),
-                            help=f"starting values for every setting (default {default_preset}; resuming without it: "
-                                 "the checkpoint's settings)")
+                            help=f"starting values for every setting (default {default_preset}; a resumed run keeps "
+                                 "its checkpoint's settings)")
         self.add_flags(parser, defaults, default_preset, helps, skip=("preset", "resume"))
         parser.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
                             help=f"continue from a {helps.get('resume', '')} (--resume alone: auto). Settings come "
@@ -902,18 +902,22 @@ class SettingsCLI:
 
     def parse(self, parser: argparse.ArgumentParser, argv: list[str] | None, presets: dict[str, dict],
               default_preset: str):
-        """The settings, and --print-config's form (None: train). They start from the preset, or when resuming
-        without one from the checkpoint's settings; the flags and --set values given override them."""
+        """The settings, and --print-config's form (None: train). They start from the preset or, when resuming, from
+        the checkpoint's settings; the flags and --set values given override them."""
         ns, extra = parser.parse_known_args(argv)
         if extra:
             self.unknown(parser, extra)
         given = vars(ns)
         form = given.pop("print_config", None)
         given.update(self.set_values(given.pop("set", [])))
-        if "resume" in given and "preset" not in given:
+        if "resume" in given:  # the run's own settings; a preset would silently replace them
             path = resolve_checkpoint(given["resume"], given.get("run_name"),
                                       given.get("checkpoint_dir", "checkpoints"))
             settings = dataclasses.replace(self.saved(load_checkpoint(path), path), resume=None)
+            if given.get("preset", settings.preset) != settings.preset:
+                raise ConfigError(f"--preset {given['preset']} with --resume: {path} was trained with --preset "
+                                  f"{settings.preset}, and a resumed run keeps its checkpoint's settings; leave "
+                                  "--preset out and give only the settings to change as flags")
         else:
             settings = self.preset(given.get("preset", default_preset), presets)
         return dataclasses.replace(settings, **given), form

@@ -83,6 +83,11 @@ def test_set_overrides_a_resumed_checkpoints_settings(tmp_path):
     hp = tg.parse_args(["--resume", str(path), "--set", "num_layers=3", "--num-iterations", "20"])
     assert (hp.model_dim, hp.num_layers, hp.num_iterations, hp.preset) == (96, 3, 20, "tiny")
     assert hp.resume == str(path)
+    # the checkpoint's own preset changes nothing; another one would replace the run's settings: refused
+    assert tg.parse_args(["--preset", "tiny", "--resume", str(path)]).model_dim == 96
+    with pytest.raises(kit.ConfigError, match=r"^--preset speedrun with --resume: .* was trained with --preset tiny, "
+                                              r"and a resumed run keeps its checkpoint's settings; leave --preset out"):
+        tg.parse_args(["--preset", "speedrun", "--resume", str(path)])
 
 
 @pytest.mark.parametrize("argv,words", [

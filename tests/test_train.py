@@ -82,8 +82,8 @@ def test_parse_args_preset_then_flags():
     a10 = tg.parse_args(["--preset", "a10", "--no-compile", "--no-save-final"])
     assert a10.train_seq_len == 12 * 1024 and a10.seqs_per_step == 32 and not a10.compile and not a10.save_final
     assert a10.num_layers == tg.Hyperparameters().num_layers
-    assert tg.parse_args(["--preset", "tiny", "--resume"]).resume == "auto"
-    assert tg.parse_args(["--preset", "tiny", "--resume", "ck/run"]).resume == "ck/run"
+    assert tg.build_arg_parser().parse_args(["--resume"]).resume == "auto"
+    assert tg.build_arg_parser().parse_args(["--resume", "ck/run"]).resume == "ck/run"
 
 
 @pytest.mark.parametrize("argv,words", [

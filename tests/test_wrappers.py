@@ -319,10 +319,13 @@ def contains(seq: list[str], sub: list[str]) -> bool:
 
 @pytest.mark.parametrize("flags,expected", FLAG_CASES, ids=[" ".join(c[0]) for c in FLAG_CASES])
 def test_train_flag_reaches_train_gpt(kit, flags, expected):
-    # --preset tiny: the built-in corpus, so no download call; --resume PATH is given relative to the repository
-    preset = [] if flags[:1] == ["--preset"] else ["--preset", "tiny"]
-    kit.tmp = ROOT if flags[0].startswith("--resume") else kit.tmp
-    _, inner, _ = kit.train(*preset, *flags)
+    # --preset tiny: the built-in corpus, so no download call; --resume PATH is given relative to the repository,
+    # and names no checkpoint: the trainer's answer is the tiny preset's (a resumed run takes no --preset)
+    resume = flags[0].startswith("--resume")
+    preset = [] if flags[:1] == ["--preset"] or resume else ["--preset", "tiny"]
+    kit.tmp = ROOT if resume else kit.tmp
+    answer = {"FAKE_DOCKER_PRINT_CONFIG": shell_config("--preset", "tiny")} if resume else {}
+    _, inner, _ = kit.train(*preset, *flags, **answer)
     script = inner.index("train_gpt.py")
     assert contains(inner[script + 1:], expected), inner
     if flags == ["--resume"]:
@@ -520,7 +523,7 @@ def test_missing_path_outside_the_repo_is_not_mounted(kit, tmp_path):
     mounts = bind_mounts(cmd[2:cmd.index(IMAGE)])
     assert str(missing) not in mounts and str(missing.parent) not in mounts
     assert f"--checkpoint={missing}" in cmd
-    opts, inner, _ = kit.train("--preset", "tiny", "--resume", str(missing))
+    opts, inner, _ = kit.train("--resume", str(missing), FAKE_DOCKER_PRINT_CONFIG=shell_config("--preset", "tiny"))
     assert str(missing) not in bind_mounts(opts) and f"--resume={missing}" in inner
 
 
@@ -608,6 +611,7 @@ def test_resume_plans_with_the_checkpoints_settings(kit, tmp_path):
     download, train = dry_run_commands(p.stdout)
     assert download[download.index("data/cached_fineweb10B.py") + 1] == "1"  # its 100 steps, not the preset's 1695
     assert "run name:  old" in p.stdout and f"--resume={ckpt}" in train
+    assert "preset:    speedrun (the checkpoint's settings; flags given override them)" in p.stdout
     assert bind_mounts(split_run(kit.config_runs()[0])[0])[str(ckpt.parent)] == str(ckpt.parent)  # it read it
 
 
@@ -695,8 +699,9 @@ def test_train_values_that_look_like_flags_stay_values(kit, bin_dir, runtime):
     # the paths train.sh translates go as --flag=PATH (argparse would read `--data-dir -x` as two flags); the other
     # words go as given, so they stay what train_gpt.py makes of them: --run-name=-x, --seed -5
     local = ["--local"] if runtime == "local" else []
-    p = kit.run(TRAIN_SH, "--dry-run", *local, "--preset", "tiny", "--data-dir", str(bin_dir), "--run-name=-x",
-                "--seed", "-5", "--set", "no_attn_layer=-1", "--resume", str(bin_dir))
+    p = kit.run(TRAIN_SH, "--dry-run", *local, "--data-dir", str(bin_dir), "--run-name=-x", "--seed", "-5",
+                "--set", "no_attn_layer=-1", "--resume", str(bin_dir),
+                FAKE_DOCKER_PRINT_CONFIG=shell_config("--preset", "tiny"))  # bin_dir holds no checkpoint
     assert p.returncode == 0, p.stderr
     cmd = dry_run_commands(p.stdout)[-1]
     ns = parse_forwarded(train_gpt.build_arg_parser(), cmd[cmd.index("train_gpt.py") + 1:])
