@@ -22,7 +22,7 @@ runs ruff on the Python sources, then pytest on tests/. Needs python3 (3.10+) wi
 
 Environment:
   TEST_VENV     virtualenv directory (default: .venv-test)
-  TORCH_SPEC    torch requirement to install (default: torch==2.13.0)
+  TORCH_SPEC    torch requirement to install (default: requirements-torch.txt's pin, torch==2.13.0)
   PYTHON        interpreter used to create the virtualenv (default: python3)
 TXT
 }
@@ -44,9 +44,9 @@ main() {
   local root venv torch_spec python
   root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
   venv=${TEST_VENV:-$root/.venv-test}
-  torch_spec=${TORCH_SPEC:-torch==2.13.0}
   python=${PYTHON:-python3}
   cd "$root"
+  torch_spec=${TORCH_SPEC:-$(grep -v '^[[:space:]]*#' requirements-torch.txt | grep -m1 .)}
 
   if [[ ! -x "$venv/bin/python" ]]; then
     echo "test.sh: creating virtualenv $venv"

@@ -393,18 +393,68 @@ ensure_venv() {
     command -v python3 >/dev/null 2>&1 || die "--local needs python3 (3.10+) to create the virtualenv $venv"
     say "creating virtualenv $venv"
     run_cmd python3 -m venv "$venv"
-  elif venv_ready "$KIT_PY"; then
+  elif venv_ready "$KIT_PY" && torch_pinned "$KIT_PY"; then
     KIT_RUNTIME_READY=1
     return 0
   fi
   say "installing requirements.txt into $venv"
-  run_cmd "$KIT_PY" -m pip install --quiet -r "$KIT_ROOT/requirements.txt"
-  if ((KIT_DRY_RUN)) || ! "$KIT_PY" -c 'import torch' >/dev/null 2>&1; then
-    run_cmd "$KIT_PY" -m pip install --quiet "${KIT_TORCH_SPEC:-torch}"
+  run_cmd "$KIT_PY" -m pip install --progress-bar on -r "$KIT_ROOT/requirements.txt"
+  if ((KIT_DRY_RUN)) || ! torch_pinned "$KIT_PY"; then
+    install_torch "$KIT_PY" "$(torch_requirement)"
   fi
-  # the offline GPT-2 vocabulary (whisper/assets/gpt2.tiktoken); its own dependencies are not needed
-  run_cmd "$KIT_PY" -m pip install --quiet --no-deps -r "$KIT_ROOT/requirements-vocab.txt"
+  say "installing the offline GPT-2 vocabulary (requirements-vocab.txt, without its dependencies)"
+  run_cmd "$KIT_PY" -m pip install --progress-bar on --no-deps -r "$KIT_ROOT/requirements-vocab.txt"
   ((KIT_DRY_RUN)) || KIT_RUNTIME_READY=1
+}
+
+# torch_requirement: $KIT_TORCH_SPEC, else the pin of requirements-torch.txt (the same torch as the tests and the
+# image)
+torch_requirement() {
+  if [[ -n "${KIT_TORCH_SPEC:-}" ]]; then
+    printf '%s\n' "$KIT_TORCH_SPEC"
+  else
+    grep -v '^[[:space:]]*#' "$KIT_ROOT/requirements-torch.txt" | grep -m1 .
+  fi
+}
+
+# torch_pinned PY: whether PY has the torch of torch_requirement (any build of that version)
+torch_pinned() {
+  "$1" - "$(torch_requirement)" <<'PY' >/dev/null 2>&1
+import importlib.metadata as md
+import sys
+
+name, _, version = sys.argv[1].partition("==")
+assert name.strip() == "torch"
+assert not version or md.version("torch").split("+")[0] == version.strip()
+PY
+}
+
+# has_nvidia_gpu: whether this machine has an NVIDIA GPU with its driver loaded (KIT_TORCH_BUILD=cpu|cuda decides
+# instead)
+has_nvidia_gpu() {
+  case "${KIT_TORCH_BUILD:-}" in
+    cpu) return 1 ;;
+    cuda) return 0 ;;
+  esac
+  [[ -n "$(visible_gpu_count)" && "$(visible_gpu_count)" != 0 ]] || [[ -e /proc/driver/nvidia/version ]]
+}
+
+# install_torch PY SPEC: the CUDA build from the default index where there is an NVIDIA GPU; elsewhere the CPU build
+# from PyTorch's CPU wheel index (KIT_TORCH_CPU_INDEX), about 200 MB instead of several GB of CUDA libraries, and
+# when that index cannot be reached, whatever the default index has, saying so
+install_torch() {
+  local py=$1 spec=$2 cpu_index=${KIT_TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
+  if has_nvidia_gpu; then
+    say "installing $spec with CUDA (an NVIDIA GPU is here): a download of a few GB, once"
+    run_cmd "$py" -m pip install --progress-bar on "$spec"
+    return
+  fi
+  say "installing $spec, the CPU build (no NVIDIA GPU here), from $cpu_index"
+  if ! run_cmd "$py" -m pip install --progress-bar on --retries 1 --timeout 30 --index-url "$cpu_index" "$spec"; then
+    say "could not install $spec from $cpu_index (unreachable, or no build for this machine there): installing" \
+      "it from the default package index instead, which on Linux x86-64 is the CUDA build (a few GB)"
+    run_cmd "$py" -m pip install --progress-bar on "$spec"
+  fi
 }
 
 # local_cmd CMD...: fills LOCAL_CMD with CMD, prefixed with `env NAME=VALUE...` for KIT_ENV and for the compile

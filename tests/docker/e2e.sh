@@ -4,8 +4,8 @@
 #   1. engine    installs Debian's docker.io (apt-get) and starts its own dockerd in the background, its data in a
 #                temporary directory; it is stopped by its PID at the end, whatever happens
 #   2. base      builds a local base image without any registry: `debootstrap --variant=minbase bookworm` imported
-#                with `docker import`, then python3 in a venv on PATH and torch==2.13.0 as this machine's pip
-#                resolves it (`pip download`, put in the build context). No C compiler: the kit's Dockerfile has to
+#                with `docker import`, then python3 in a venv on PATH and the kit's torch pin (requirements-torch.txt)
+#                as this machine's pip resolves it (`pip download`, put in the build context). No C compiler: the kit's Dockerfile has to
 #                add one. Tagged cvlization-torch-gpu, the local base ./build.sh looks for.
 #   3. build     the kit's own ./build.sh, with this machine's CA bundle and a marked PIP_EXTRA_INDEX_URL as secrets
 #   4. train     ./train.sh --cpu --preset tiny --num-iterations 20
@@ -23,7 +23,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 LOCAL_BASE=cvlization-torch-gpu
 IMAGE=nanogpt-speedrun:latest
 STOP_WITHIN=10        # seconds a container may take to end after its wrapper gets SIGTERM
-TORCH_SPEC=torch==2.13.0
+TORCH_SPEC=$(grep -v '^[[:space:]]*#' "$ROOT/requirements-torch.txt" | grep -m1 .)  # the kit's one torch pin
 
 usage() {
   sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
@@ -263,7 +263,7 @@ EOF
   local torch cc
   torch=$(docker run --rm "$LOCAL_BASE" python -c 'import torch; print(torch.__version__)' 2>/dev/null)
   cc=$(docker run --rm "$LOCAL_BASE" sh -c 'command -v cc gcc g++ || true')
-  if [[ -z "$cc" && "$torch" == 2.13.0* ]]; then
+  if [[ -z "$cc" && "$torch" == "${TORCH_SPEC#torch==}"* ]]; then
     pass "base image $LOCAL_BASE made without a registry (debootstrap + docker import, torch $torch, no C compiler)"
   else
     fail "base image $LOCAL_BASE made without a registry" "torch '$torch', compilers '$cc'"
