@@ -647,6 +647,12 @@ class Checkpointer:
         self.last_save = time.monotonic()
 
 
+def duration(seconds: float) -> str:
+    """3h04m, 12m05s or 42s."""
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 class RunReport:
     """What a run tells: its log file (process 0; a new one begins with the trainer's source), the console, wandb
     when asked for, and the closing summary."""
@@ -657,6 +663,29 @@ class RunReport:
         self.hp, self.run_id = hp, run_id
         self.log = RunLog(Path(hp.log_dir) / f"{run_id}.txt" if rank == 0 else None)
         self.wandb = WandbLogger(hp, run_id, resumed) if hp.wandb and rank == 0 else None
+        self.peak_flops: float | None = None  # the processes' summed peak FLOP/s and
+        self.flops_per_token: float | None = None  # the model's training FLOPs per token, for MFU (set_throughput)
+        self.last_train_loss: float | None = None
+
+    def set_throughput(self, device: torch.device, world_size: int, flops_per_token: float) -> None:
+        """What the terminal's MFU needs: the GPU's peak, where PEAK_TFLOPS knows it, and the model's FLOPs."""
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        self.peak_flops = peak * 1e12 * world_size if peak else None
+        self.flops_per_token = flops_per_token
+
+    def progress(self, step: int, elapsed_ms: float, done_steps: int) -> str:
+        """For the terminal: percentage, tokens/s, MFU where known and the time the remaining steps take at this
+        session's pace (done_steps steps in elapsed_ms of this session)."""
+        hp = self.hp
+        if done_steps <= 0 or elapsed_ms <= 0:
+            return f" ({100 * step / hp.num_iterations:.0f}%)"
+        tokens_per_s = done_steps * hp.global_batch_tokens / (elapsed_ms / 1000)
+        eta_s = (hp.num_iterations - step) * elapsed_ms / done_steps / 1000
+        mfu = (f" MFU {tokens_per_s * self.flops_per_token / self.peak_flops:.1%}"
+               if self.peak_flops and self.flops_per_token else "")
+        return (f" ({100 * step / hp.num_iterations:.0f}%) {tokens_per_s:,.0f} tokens/s{mfu} ETA "
+                f"{duration(eta_s)}")
 
     def write(self, text: str, console: bool = True) -> None:
         self.log.write(text, console)
@@ -674,15 +703,26 @@ class RunReport:
         self.write(f"{rule}\n{environment_report(device)}\n{rule}", console=False)
 
     def val(self, step: int, val_loss: float, train_time_ms: float) -> None:
-        self.write(f"step:{step}/{self.hp.num_iterations} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
-                   f"step_avg:{train_time_ms / max(step, 1):.2f}ms")
+        line = (f"step:{step}/{self.hp.num_iterations} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
+                f"step_avg:{train_time_ms / max(step, 1):.2f}ms")
+        self.write(line, console=False)  # the log keeps the record's line; the terminal adds the last train loss
+        if self.log.path is not None:
+            train = f" (last train_loss:{self.last_train_loss:.4f})" if self.last_train_loss is not None else ""
+            print(line + train, flush=True)
         if self.wandb:
             self.wandb.log({"val/loss": val_loss, "val/train_time_ms": train_time_ms}, step=step)
 
-    def step(self, step: int, elapsed_ms: float, train_loss: float | None, metrics: dict) -> None:
+    def step(self, step: int, elapsed_ms: float, train_loss: float | None, metrics: dict,
+             session: tuple[int, float] = (0, 0.0)) -> None:
+        """session: the steps this session has run and their time, for the terminal's pace."""
         loss = f" train_loss:{train_loss:.4f}" if train_loss is not None else ""
-        self.write(f"step:{step}/{self.hp.num_iterations}{loss} train_time:{elapsed_ms:.0f}ms "
-                   f"step_avg:{elapsed_ms / step:.2f}ms")
+        line = (f"step:{step}/{self.hp.num_iterations}{loss} train_time:{elapsed_ms:.0f}ms "
+                f"step_avg:{elapsed_ms / step:.2f}ms")
+        self.write(line, console=False)  # the record's step line, which records/report.py reads
+        if self.log.path is not None:
+            print(line + self.progress(step, session[1], session[0]), flush=True)
+        if train_loss is not None:
+            self.last_train_loss = train_loss
         if self.wandb and train_loss is not None:
             tokens_per_s = step * self.hp.global_batch_tokens / (elapsed_ms / 1000)
             self.wandb.log({"train/loss": train_loss, **metrics, "train_time_ms": elapsed_ms,

@@ -1256,6 +1256,7 @@ def run_steps(trainer: Trainer, val: ValidationSet, saver: Checkpointer, report:
     hp, N = trainer.hp, trainer.hp.num_iterations
     val_loss, val_step = float("nan"), -1
     clock = Clock(trainer.device, trainer.train_time_ms)
+    first_step, first_ms = trainer.step, trainer.train_time_ms  # this session's, for the terminal's pace
     for step in range(trainer.step, N + 1):
         last = step == N
         if last or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0):
@@ -1278,7 +1279,9 @@ def run_steps(trainer: Trainer, val: ValidationSet, saver: Checkpointer, report:
             if trainer.world_size > 1:
                 dist.all_reduce(loss, op=dist.ReduceOp.AVG)
             train_loss = loss.item()
-        report.step(step + 1, clock.now_ms(), train_loss, trainer.metrics(step) if report.wandb else {})
+        now = clock.now_ms()
+        report.step(step + 1, now, train_loss, trainer.metrics(step) if report.wandb else {},
+                    (step + 1 - first_step, now - first_ms))
         if train_loss is not None:  # synced for the line already: check every step since the last check
             saver.check(trainer, report.log)
     trainer.train_time_ms = clock.stop()
@@ -1299,6 +1302,7 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
                  len(lock.removed) if lock is not None else 0)
     trainer = Trainer(hp, device, rank, world_size, train_files)
     report.write(trainer.describe(run_id) + (f"\n--preset auto: {fitted}" if fitted else ""))
+    report.set_throughput(device, world_size, trainer.matmul_flops_per_token())
     warm_up(trainer, train_files, val_files, report)
     torch.manual_seed(hp.seed)
     if ckpt is not None:
