@@ -17,9 +17,11 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from dataclasses import asdict
@@ -76,6 +78,14 @@ class DeviceError(ConfigError):
 
 class CheckpointError(ValueError):
     """A missing, unreadable or incompatible checkpoint."""
+
+
+class Interrupted(Exception):
+    """The run stopped at a signal, its checkpoint saved: the message says where and how to resume."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
 
 
 class DivergedError(RuntimeError):
@@ -389,29 +399,72 @@ def set_rng_state(state: dict, path: Path | None = None) -> None:
 ROLLING_CHECK_EVERY = 5  # steps between checks of the rolling checkpoint's clock (a broadcast when distributed)
 
 
-def rolling_save_due(hp: Hyperparameters, step: int, last_save: float, device: torch.device, world_size: int) -> bool:
-    """Whether a rolling checkpoint is due at this step: hp.save_every_minutes since the last save by process 0's
-    clock. Saving is collective, so process 0 decides for all; it is asked every ROLLING_CHECK_EVERY steps only."""
-    if hp.save_every_minutes <= 0 or step % ROLLING_CHECK_EVERY:
-        return False
-    due = time.monotonic() - last_save >= 60 * hp.save_every_minutes
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM while training, as a request: the first one sets `signal` (the loop saves a
+    checkpoint and stops), a second one ends the process at once (KeyboardInterrupt). Under torchrun the terminal's
+    Ctrl-C reaches every process and torchrun forwards one more: a second signal within GRACE_S of the first is the
+    same request. The handlers before are restored on exit; outside the main thread nothing is installed."""
+
+    GRACE_S = 3.0
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._at = 0.0
+        self._before = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._before = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._before.items():
+            signal.signal(s, handler)
+        self._before = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is None:
+            self.signal, self._at = signal.Signals(signum).name, time.monotonic()
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"\n{self.signal}: saving a checkpoint at the end of this step, then stopping (again to stop "
+                      "at once, without saving)", file=sys.stderr, flush=True)
+        elif time.monotonic() - self._at > self.GRACE_S:
+            self.__exit__()
+            raise KeyboardInterrupt
+
+
+def rolling_save_due(hp: Hyperparameters, step: int, last_save: float, device: torch.device, world_size: int,
+                     stop: StopRequest | None = None) -> tuple[bool, bool]:
+    """(whether a rolling checkpoint is due at this step: hp.save_every_minutes since the last save by process 0's
+    clock; whether a stop was asked). Saving is collective, so process 0 decides for all: when distributed it is asked
+    every ROLLING_CHECK_EVERY steps only (a broadcast), alone every step."""
+    asked = stop is not None and stop.signal is not None
+    if world_size > 1 and step % ROLLING_CHECK_EVERY:
+        return False, False
+    due = (hp.save_every_minutes > 0 and step % ROLLING_CHECK_EVERY == 0
+           and time.monotonic() - last_save >= 60 * hp.save_every_minutes)
     if world_size == 1:
-        return due
-    flag = torch.tensor([due], device=device)  # a device tensor: NCCL broadcasts only those
-    dist.broadcast(flag, src=0)
-    return bool(flag.item())
+        return due, asked
+    flags = torch.tensor([due, asked], device=device)  # a device tensor: NCCL broadcasts only those
+    dist.broadcast(flags, src=0)
+    return bool(flags[0].item()), bool(flags[1].item())
 
 
 def checkpoint_kind(hp: Hyperparameters, step: int, start_step: int, rolling_due) -> str | None:
     """The checkpoint the loop writes on reaching step: "kept" (the final one, every --save-every steps), "rolling"
-    (when rolling_due(), a collective, says the clock asks for one; the next save of any kind replaces it) or None.
-    None at the step a run starts or resumes at: that state is on disk already."""
+    (when the clock asks for one; the next save of any kind replaces it), "stop" (a signal asked the run to stop: a
+    kept checkpoint, then the run ends) or None. rolling_due() is collective: (rolling due, stop asked). None at the
+    step a run starts or resumes at (that state is on disk already), but for a stop."""
+    last = step == hp.num_iterations
+    rolling, stop = rolling_due()
+    if stop and not last:
+        return "stop"
     if step <= start_step:
         return None
-    last = step == hp.num_iterations
     if (last and hp.save_final) or (hp.save_every > 0 and step % hp.save_every == 0):
         return "kept"
-    return "rolling" if not last and rolling_due() else None
+    return "rolling" if not last and rolling else None
 
 
 def save_checkpoint(state: dict, ckpt_root: Path, run_id: str, step: int, kind: str,
@@ -607,10 +660,23 @@ class Checkpointer:
         self.run_dir = self.root / run_id
         self.rolling: Path | None = None  # the rolling checkpoint on disk
         self.last_save = time.monotonic()
+        self.stop: StopRequest | None = None  # set by the loop while it runs
 
     def due(self, step: int) -> str | None:
         return checkpoint_kind(self.hp, step, self.start_step, lambda: rolling_save_due(
-            self.hp, step, self.last_save, self.device, self.world_size))
+            self.hp, step, self.last_save, self.device, self.world_size, self.stop))
+
+    def stopped(self, trainer, step: int, log: RunLog) -> Interrupted:
+        """Save at a stop (unless the step's state is on disk already) and say how to resume."""
+        if step > self.start_step:
+            self.save(trainer, step, "kept", log)
+        prog = Path(sys.argv[0]).name if sys.argv[0].endswith(".py") else "train_gpt.py"
+        wrapper = "./train.sh --medium" if prog == "train_gpt_medium.py" else "./train.sh"
+        run_dir = shlex.quote(str(self.run_dir))
+        how = (f"stopped by {self.stop.signal} at step {step} of {self.hp.num_iterations}; its checkpoint is in "
+               f"{run_dir}/. Resume with: python {prog} --resume {run_dir} (or {wrapper} --resume {run_dir})")
+        log.write(how)
+        return Interrupted(how, 130 if self.stop.signal == "SIGINT" else 143)
 
     def check(self, trainer, log: RunLog, val_loss: float | None = None, state: dict | None = None) -> None:
         """DivergedError (also written to the log) when a training loss so far, the validation loss or the state
@@ -1044,6 +1110,12 @@ def run_processes(train, hp, source: str | None, prog: str) -> int:
         train(hp, source)
         if distributed:
             dist.barrier()  # no rank tears its connections down while another still finishes (not after an error)
+    except Interrupted as e:  # said in the log and on the terminal already
+        return e.code
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"{prog}: stopped at once, nothing saved since the last checkpoint", file=sys.stderr)
+        return 130
     except (ConfigError, DataError, CheckpointError, DiskFullError, DivergedError) as e:
         # every process meets these together, from the same settings, files and (collective) checks
         if int(os.environ.get("RANK", 0)) == 0 or isinstance(e, DeviceError):

@@ -1266,6 +1266,9 @@ def run_steps(trainer: Trainer, val: ValidationSet, saver: Checkpointer, report:
             saver.check(trainer, report.log, val_loss=val_loss)
             clock.start()
         kind = saver.due(step)
+        if kind == "stop":
+            trainer.train_time_ms = clock.stop()
+            raise saver.stopped(trainer, step, report.log)
         if kind:
             trainer.train_time_ms = clock.stop()
             saver.save(trainer, step, kind, report.log)
@@ -1309,7 +1312,8 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
         trainer.restore(ckpt, ckpt_path)
         del ckpt
     saver = Checkpointer(hp, run_id, trainer.step, device, rank, world_size)
-    val_loss, val_step = run_steps(trainer, val, saver, report)
+    with kit.StopRequest() as saver.stop:
+        val_loss, val_step = run_steps(trainer, val, saver, report)
     summary = report.finish(val_loss, val_step, trainer.train_time_ms, device, world_size,
                             trainer.loader.unaligned_steps, trainer.matmul_flops_per_token())
     if lock is not None:

@@ -60,7 +60,7 @@ def test_checkpoint_files_and_latest_symlink(run_b):
 
 def schedule(hp, start_step: int = 0, due_every: int = kit.ROLLING_CHECK_EVERY) -> list[tuple[int, str]]:
     """(step, kind) of every checkpoint a run writes, the rolling clock due at every due_every-th step."""
-    kinds = [(step, kit.checkpoint_kind(hp, step, start_step, lambda step=step: step % due_every == 0))
+    kinds = [(step, kit.checkpoint_kind(hp, step, start_step, lambda step=step: (step % due_every == 0, False)))
              for step in range(start_step, hp.num_iterations + 1)]
     return [(step, kind) for step, kind in kinds if kind]
 
@@ -111,11 +111,33 @@ def test_rolling_save_due_follows_process_zero_clock(monkeypatch):
     hp = dataclasses.replace(tg.Hyperparameters(), save_every_minutes=2.0)
     cpu = torch.device("cpu")
     monkeypatch.setattr(tg.time, "monotonic", lambda: 1000.0)
-    assert kit.rolling_save_due(hp, 2 * kit.ROLLING_CHECK_EVERY, 1000.0 - 120, cpu, 1)
-    assert not kit.rolling_save_due(hp, 2 * kit.ROLLING_CHECK_EVERY, 1000.0 - 119, cpu, 1)  # not yet 2 minutes
-    assert not kit.rolling_save_due(hp, 2 * kit.ROLLING_CHECK_EVERY + 1, 0.0, cpu, 1)  # checked on a fixed cadence
+    assert kit.rolling_save_due(hp, 2 * kit.ROLLING_CHECK_EVERY, 1000.0 - 120, cpu, 1) == (True, False)
+    assert not kit.rolling_save_due(hp, 2 * kit.ROLLING_CHECK_EVERY, 1000.0 - 119, cpu, 1)[0]  # not yet 2 minutes
+    assert not kit.rolling_save_due(hp, 2 * kit.ROLLING_CHECK_EVERY + 1, 0.0, cpu, 1)[0]  # checked on a fixed cadence
     assert not kit.rolling_save_due(dataclasses.replace(hp, save_every_minutes=0), 2 * kit.ROLLING_CHECK_EVERY, 0.0,
-                                   cpu, 1)  # 0: off
+                                   cpu, 1)[0]  # 0: off
+    stop = kit.StopRequest()
+    assert kit.rolling_save_due(hp, 3, 0.0, cpu, 1, stop) == (False, False)
+    stop.signal = "SIGINT"
+    assert kit.rolling_save_due(hp, 3, 0.0, cpu, 1, stop) == (False, True)  # alone: looked at every step
+
+
+def test_a_stop_is_a_checkpoint_at_any_step_but_the_last():
+    hp = dataclasses.replace(tg.Hyperparameters(), num_iterations=25, save_every=15)
+    for step, start in ((7, 0), (10, 10), (15, 0)):  # at a resumed run's first step too; over a --save-every one
+        assert kit.checkpoint_kind(hp, step, start, lambda: (True, True)) == "stop"
+    assert kit.checkpoint_kind(hp, 25, 0, lambda: (False, True)) == "kept"  # the last step: the run ends anyway
+
+
+def test_stop_request_first_signal_asks_a_second_one_stops(monkeypatch):
+    with kit.StopRequest() as stop:
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.signal == "SIGTERM"
+        signal.raise_signal(signal.SIGINT)  # within GRACE_S: torchrun forwarding the same request
+        monkeypatch.setattr(kit.StopRequest, "GRACE_S", -1.0)
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's handler is back
 
 
 @pytest.mark.slow
@@ -485,6 +507,42 @@ def test_sigkill_and_resume_matches_an_uninterrupted_subprocess_run(shared_synth
     assert final["step"] == steps
     assert (tmp_path / "kill" / "checkpoints" / "latest").resolve() == (run_dir / f"step_{steps:06d}.pt").resolve()
     shutil.rmtree(tmp_path / "kill" / "checkpoints")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_saves_a_checkpoint_and_prints_the_resume_command(shared_synthetic_data, tmp_path, sig, code):
+    """Ctrl-C (or SIGTERM) during training: a checkpoint of the step reached, the exact command to resume it, no
+    traceback; that command continues the run to its end."""
+    flags = tiny_flags(shared_synthetic_data, tmp_path, run_name="stop", num_iterations=200, val_loss_every=0,
+                       val_tokens=2048, save_every_minutes=0)
+    proc, out = _launch(flags, tmp_path / "stop.out")
+    log = tmp_path / "logs" / "stop.txt"
+    try:
+        deadline = time.monotonic() + 120
+        while "step:3/200" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "stop.out").read_text()
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=120) == code
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        out.close()
+    text = (tmp_path / "stop.out").read_text()
+    assert "Traceback" not in text
+    (line,) = [x for x in text.splitlines() if x.startswith(f"stopped by {sig.name} at step ")]
+    step = int(line.split(" at step ")[1].split()[0])
+    run_dir = tmp_path / "checkpoints" / "stop"
+    assert kit.load_checkpoint(run_dir / f"step_{step:06d}.pt")["step"] == step and 3 <= step < 200
+    command = line.split("Resume with: ")[1].split(" (or ")[0]
+    assert command == f"python train_gpt.py --resume {run_dir}"
+    assert line.endswith(f"(or ./train.sh --resume {run_dir})")
+    res = subprocess.run([sys.executable, *command.split()[1:], "--num-iterations", str(step + 2)], cwd=ROOT,
+                         env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"at step {step}" in res.stdout and f"step:{step + 2}/{step + 2} val_loss:" in res.stdout
 
 
 # ----------------------------------------------------------------------------------------------------------------------
