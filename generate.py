@@ -65,13 +65,15 @@ def final_window_blocks(ckpt: dict) -> int:
     return tg.window_blocks(hp.num_iterations, hp)
 
 
-def load_model(spec: str, device: torch.device, checkpoint_dir: str = "checkpoints") -> LoadedModel:
-    """Rebuild the GPT of a checkpoint file, run directory or "auto"/checkpoints/latest on device.
+def load_model(spec: str, device: torch.device, checkpoint_dir: str = "checkpoints",
+               run: str | None = None) -> LoadedModel:
+    """Rebuild the GPT of a checkpoint file, a run directory or "auto" (run's newest checkpoint in checkpoint_dir,
+    without one checkpoint_dir/latest) on device.
 
     The saved weights are full tensors whatever the number of processes that trained them (the trainer gathers
     optimiser state and keeps every weight replicated), so nothing here depends on the world size.
     """
-    path = kit.resolve_checkpoint(spec, None, checkpoint_dir)
+    path = kit.resolve_checkpoint(spec, run, checkpoint_dir)
     ckpt = kit.load_checkpoint(path)
     try:
         cfg = tg.GPTConfig(**ckpt["model_config"])
@@ -328,8 +330,13 @@ def generate(model: tg.GPT, window_blocks: int, prompt_ids: list[int], sc: Sampl
 
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="generate.py", description="Sample text from a train_gpt.py checkpoint.")
-    p.add_argument("--checkpoint", default="checkpoints/latest",
-                   help="checkpoint file, or a run directory (its newest step_*.pt) (default: checkpoints/latest)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", metavar="PATH",
+                       help="checkpoint file, or a run directory (its newest step_*.pt) (default: the newest "
+                            "checkpoint any run saved, checkpoints/latest)")
+    which.add_argument("--run", metavar="NAME", help="the newest checkpoint of this run (checkpoints/NAME/)")
+    p.add_argument("--checkpoint-dir", default="checkpoints", metavar="DIR",
+                   help="where --run and latest are looked for (default: checkpoints)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default="", help="prompt text; '-' reads it from stdin (default: empty: BOS alone)")
     src.add_argument("--prompt-file", metavar="PATH", help="read the prompt from this UTF-8 file")
@@ -407,14 +414,17 @@ def main(argv: list[str] | None = None) -> int:
             raise GenerateError("--compile is for CUDA devices; on the CPU leave it out")
         prompt = read_prompt(args)
         encoding = gpt2_tokenizer()[0]
-        loaded = load_model(args.checkpoint, device)
+        loaded = load_model(args.checkpoint or "auto", device, args.checkpoint_dir, args.run)
     except (GenerateError, kit.CheckpointError, TokenizerUnavailable) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 2
     prompt_ids = encoding.encode_ordinary(prompt)
-    print(f"generate.py: {loaded.path} (run {loaded.run_id}, step {loaded.step}), window "
-          f"{loaded.window_blocks} x {tg.FLEX_BLOCK_SIZE} tokens, {len(prompt_ids)} prompt tokens, on {device}",
-          file=sys.stderr)
+    which = ("" if args.checkpoint or args.run else
+             f"; the newest checkpoint of any run ({Path(args.checkpoint_dir) / 'latest'}): --run NAME picks a run")
+    print(f"generate.py: {loaded.path} (run {loaded.run_id}, step {loaded.step}{which}), window "
+          f"{loaded.window_blocks} x {tg.FLEX_BLOCK_SIZE} tokens, {len(prompt_ids)} prompt tokens, on {device}; "
+          f"{args.num_samples} sample(s) of up to {args.max_tokens} tokens, temperature {args.temperature:g}, "
+          f"top-k {args.top_k or 'off'}, top-p {args.top_p:g}, seed {args.seed}", file=sys.stderr)
     sc = SamplingConfig(max_tokens=args.max_tokens, num_samples=args.num_samples, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_at_eot=args.stop_at_eot,
                         compile=args.compile)

@@ -13,7 +13,8 @@ Usage: ./generate.sh [FLAGS] [-- GENERATE_FLAGS...]
 
 Runs generate.py in the Docker image built by ./build.sh (or with --local in a virtualenv).
 
-  --checkpoint PATH     checkpoint file or run directory (default checkpoints/latest)
+  --checkpoint PATH     checkpoint file or run directory (default checkpoints/latest: the newest of any run)
+  --run NAME            the newest checkpoint of run NAME (checkpoints/NAME/)
   --prompt TEXT         text to continue ('-': read it from stdin)
   --max-tokens N        tokens to generate per sample
   --temperature X       sampling temperature
@@ -50,6 +51,7 @@ parse_args() {
     case "$1" in
       -h | --help) usage; exit 0 ;;
       --checkpoint) need_value "$1" "$#" "${2-}"; CHECKPOINT=$2; shift ;;
+      --run) need_value "$1" "$#" "${2-}"; GEN_ARGS+=("$1=$2"); shift ;;
       --prompt)
         (($# > 1)) || die_usage "$1 needs a value"
         [[ "$2" != - ]] || KIT_STDIN=1   # the prompt comes from stdin: docker must pass it on
@@ -107,15 +109,15 @@ main() {
   else
     ensure_venv
   fi
-  local checkpoint=checkpoints/latest
+  local checkpoint=()  # none: generate.py's default, the newest checkpoint (of --run NAME's run, if given)
   if [[ -n "$CHECKPOINT" ]]; then
     kit_map_path "$CHECKPOINT" --checkpoint
-    checkpoint=$KIT_MAPPED
+    checkpoint=("--checkpoint=$KIT_MAPPED")
   fi
   if [[ "$KIT_RUNTIME" == docker ]]; then
     check_docker_mounts
   fi
-  exec_in_runtime python generate.py "--checkpoint=$checkpoint" "${GEN_ARGS[@]+"${GEN_ARGS[@]}"}" \
+  exec_in_runtime python generate.py "${checkpoint[@]+"${checkpoint[@]}"}" "${GEN_ARGS[@]+"${GEN_ARGS[@]}"}" \
     "${PASSTHROUGH[@]+"${PASSTHROUGH[@]}"}"
 }
 

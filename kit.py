@@ -294,7 +294,11 @@ def resolve_checkpoint(spec: str, run_name: str | None = None, checkpoint_dir: s
         if run_name:
             found = newest_step_file(root / run_name)
             if found is None:
-                raise CheckpointError(f"no checkpoint of run {run_name!r} in {root / run_name}")
+                runs = sorted(d.name for d in root.iterdir() if d.is_dir() and newest_step_file(d)) \
+                    if root.is_dir() else []
+                raise CheckpointError(f"no checkpoint of run {run_name!r} in {root / run_name}; "
+                                      + (f"runs with checkpoints there: {', '.join(runs)}" if runs else
+                                         f"no run in {root} has one"))
             return found
         spec = str(root / "latest")
     path = Path(spec)

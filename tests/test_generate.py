@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -347,6 +348,26 @@ def test_several_samples_print_headers(random_ckpt, capsys):
                    "--device", "cpu", "--seed", "1"]) == 0
     out = capsys.readouterr().out
     assert "----- sample 1 of 2 -----" in out and "----- sample 2 of 2 -----" in out
+
+
+def test_run_name_picks_a_run_and_the_default_says_it_is_the_newest_of_any(random_ckpt, tmp_path, capsys):
+    root = tmp_path / "checkpoints"
+    for run in ("older", "newer"):  # two runs; latest points at the newer one's checkpoint
+        (root / run).mkdir(parents=True)
+        shutil.copy(random_ckpt, root / run / "step_000012.pt")
+    kit.point_latest(root, root / "newer" / "step_000012.pt")
+    common = ["--checkpoint-dir", str(root), "--device", "cpu", "--max-tokens", "1", "--temperature", "0"]
+    assert g.main(common) == 0
+    err = capsys.readouterr().err
+    assert f"generate.py: {root / 'newer' / 'step_000012.pt'}" in err
+    assert f"the newest checkpoint of any run ({root / 'latest'}): --run NAME picks a run" in err
+    assert "1 sample(s) of up to 1 tokens, temperature 0, top-k off, top-p 1, seed 0" in err
+    assert g.main([*common, "--run", "older"]) == 0
+    err = capsys.readouterr().err
+    assert f"generate.py: {root / 'older' / 'step_000012.pt'}" in err and "--run NAME picks" not in err
+    assert g.main([*common, "--run", "nope"]) == 2
+    assert capsys.readouterr().err.strip() == (f"generate.py: error: no checkpoint of run 'nope' in {root / 'nope'}; "
+                                               "runs with checkpoints there: newer, older")
 
 
 def test_help():

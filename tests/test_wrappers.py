@@ -1038,6 +1038,7 @@ GENERATE_CASES = [
     (["--seed", "11"], ["--seed=11"]),
     (["--device", "cpu"], ["--device=cpu"]),
     (["--", "--no-stop-at-eot", "--prompt-file", "p.txt"], ["--no-stop-at-eot", "--prompt-file", "p.txt"]),
+    (["--run", "my-run"], ["--run=my-run"]),
 ]
 
 
@@ -1049,7 +1050,7 @@ def test_generate_flag_reaches_generate_py(kit, runtime, flags, expected):
     assert p.returncode == 0, p.stderr
     (cmd,) = dry_run_commands(p.stdout)
     script = cmd.index("generate.py")
-    assert "--checkpoint=checkpoints/latest" in cmd[script + 1:]
+    assert not any(w.startswith("--checkpoint") for w in cmd[script + 1:])  # generate.py's default: the newest
     assert contains(cmd[script + 1:], expected)
     if runtime == "docker":
         assert cmd[:3] == ["docker", "run", "--rm"] and "-t" not in cmd and "-i" not in cmd
