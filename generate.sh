@@ -36,7 +36,7 @@ Environment:
 
 Examples:
   ./generate.sh --checkpoint checkpoints/my-run --prompt "The meaning of life is" --max-tokens 100
-  ./generate.sh --cpu --prompt "def "      # the newest checkpoint, on the CPU
+  ./generate.sh --cpu --prompt "def"       # the newest checkpoint, on the CPU
 TXT
 }
 

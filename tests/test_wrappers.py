@@ -652,13 +652,18 @@ def test_no_download_for_tiny(kit):
 
 def test_medium(kit):
     p = kit.run(TRAIN_SH, "--medium", "--shards", "1")
-    if (ROOT / "train_gpt_medium.py").exists():
-        assert p.returncode == 0, p.stderr
-        assert "train_gpt_medium.py" in kit.runs()[-1] and "preset:    medium (train_gpt_medium.py)" in p.stdout
-    else:
-        assert p.returncode != 0
-        assert "train_gpt_medium.py is not in this checkout" in p.stderr
-        assert not kit.runs()
+    assert p.returncode == 0, p.stderr
+    assert "train_gpt_medium.py" in kit.runs()[-1] and "preset:    medium (train_gpt_medium.py)" in p.stdout
+    assert kit.run(TRAIN_SH, "--medium", "--preset", "medium", "--shards", "1").returncode == 0
+
+
+def test_medium_refuses_a_track_1_preset_before_any_download(kit):
+    kit.log.unlink(missing_ok=True)
+    p = kit.run(TRAIN_SH, "--medium", "--preset", "a10")
+    assert p.returncode == 2
+    assert p.stderr.strip().endswith("train_gpt_medium.py: error: argument --preset: invalid choice: 'a10' (choose "
+                                     "from 'medium') (see --help)")
+    assert not kit.runs()  # no download, no training: only the trainer's answer was asked for
 
 
 @pytest.mark.parametrize("flags,words", [
