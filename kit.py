@@ -988,12 +988,17 @@ class SettingsCLI:
             raise CheckpointError(f"{path} holds unusable hyperparameters ({e})") from e
 
     def parser(self, presets: dict[str, dict], default_preset: str, prog: str, description: str,
-               derived: str) -> argparse.ArgumentParser:
-        """--preset, a flag per flag field, --resume, --set and --print-config (which also prints `derived`)."""
+               derived: str, examples: str = "") -> argparse.ArgumentParser:
+        """--preset, a flag per flag field, --resume, --set and --print-config (which also prints `derived`); after
+        the flags, what each preset changes, the --set table and the examples."""
         helps = self.field_help()
         defaults = self.preset(default_preset, presets)
-        parser = OneLineParser(prog=prog, description=textwrap.fill(description, help_width()),
-                               epilog=self.epilog(defaults, default_preset, helps),
+        changes = [textwrap.fill(f"{name}: " + (", ".join(f"{k}={shell_word(v)}" for k, v in values.items())
+                                                or "the defaults below"), help_width(), initial_indent="  ",
+                                 subsequent_indent="    ") for name, values in presets.items()]
+        epilog = "\n".join(["Presets (what each sets; flags and --set values given win):", *changes, "",
+                            self.epilog(defaults, default_preset, helps)] + (["", examples] if examples else []))
+        parser = OneLineParser(prog=prog, description=textwrap.fill(description, help_width()), epilog=epilog,
                                formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
         parser.add_argument("--preset", choices=list(presets),
                             help=f"starting values for every setting (default {default_preset}; a resumed run keeps "

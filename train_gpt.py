@@ -40,6 +40,7 @@ import dataclasses
 import math
 import os
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -1329,7 +1330,14 @@ def build_arg_parser(presets: dict[str, dict] | None = None, default_preset: str
     return CLI.parser(PRESETS if presets is None else presets, default_preset, prog,
                       f"Train a GPT on FineWeb shards (NanoGPT speedrun, preset {default_preset} by default). Flags "
                       "and --set values override the preset's values.",
-                      derived="global_batch_tokens, train_tokens, fineweb_shards; fit for --preset auto")
+                      derived="global_batch_tokens, train_tokens, fineweb_shards; fit for --preset auto",
+                      examples="" if presets is not None and presets is not PRESETS else textwrap.dedent(f"""\
+                          Examples:
+                            python {prog} --preset tiny                       # 2 CPU cores, built-in corpus
+                            python {prog} --preset auto --print-config        # what fits this machine's GPUs
+                            torchrun --standalone --nproc_per_node=8 {prog}   # 8 GPUs
+                            python {prog} --resume checkpoints/RUN            # continue a run
+                            python {prog} --preset tiny --set model_dim=64 --num-iterations 50"""))
 
 
 def parse_args(argv: list[str] | None = None, presets: dict[str, dict] | None = None,

@@ -228,14 +228,15 @@ def validation_memory(trainer, hp: tg.Hyperparameters, device: torch.device, win
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny", choices=list(all_presets()))
+    ap.add_argument("--preset", default="tiny", choices=list(all_presets()),
+                    help="the trainer's preset to measure (default tiny; auto fits the GPU found)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default: 50 on GPU, 5 on CPU)")
     ap.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first (compile happens here)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--no-fp8", action="store_true")
+    ap.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (default auto: a GPU if any)")
+    ap.add_argument("--no-compile", action="store_true", help="measure the eager model (default: the preset's choice)")
+    ap.add_argument("--no-fp8", action="store_true", help="run lm_head in bf16 instead of FP8")
     ap.add_argument("--data-dir", default=None, help="read real train shards from here instead of synthetic tokens")
-    ap.add_argument("--train-files", default=None)
+    ap.add_argument("--train-files", default=None, help="glob of train shards in --data-dir (default: the preset's)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: known GPUs only)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--profile", type=int, default=0, metavar="N",

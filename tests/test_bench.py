@@ -3,6 +3,7 @@ categories and the GPU suite's driver script (the GPU steps themselves need a GP
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -157,3 +158,18 @@ def test_bench_train_on_cpu_reports_step_time_and_flops(tmp_path, capsys):
                                                      .blocks.parameters())
     assert 0 < result["final_loss"] < 12 and result["mfu"] is None  # no known peak for a CPU
     assert f"step {result['step_ms_median']:.1f} ms (median of 1)" in capsys.readouterr().out
+
+
+
+def test_every_bench_train_flag_has_help(monkeypatch):
+    bench_train = load_bench("bench_train")
+    seen = []
+    real_parse = argparse.ArgumentParser.parse_args
+
+    def capture(self, args=None, namespace=None):
+        seen.extend(a for a in self._actions if a.option_strings and a.dest != "help")
+        return real_parse(self, args, namespace)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    bench_train.parse_args([])
+    assert len(seen) >= 12 and [a.option_strings[0] for a in seen if not a.help] == []

@@ -117,7 +117,9 @@ def test_unknown_field_lists_every_set_field(capsys):
 def test_help_lists_the_flags_then_every_set_field_with_default_and_meaning():
     text = tg.build_arg_parser().format_help()
     helps, defaults = tg.CLI.field_help(), tg.Hyperparameters()
-    table = text[text.index("--set FIELD=VALUE (repeatable)"):]
+    table = text[text.index("--set FIELD=VALUE (repeatable)"):text.index("\nExamples:\n")]
+    assert "python train_gpt.py --preset auto --print-config" in text[text.index("\nExamples:\n"):]
+    assert "  a10: train_seq_len=12288, seqs_per_step=32, val_seq_len=65536" in text  # what each preset sets
     rows = {line.split()[0]: line for line in table.splitlines() if line.startswith("  ") and not line[2] == " "}
     assert list(rows) == tg.CLI.set_fields()
     for name, row in rows.items():
@@ -128,6 +130,7 @@ def test_help_lists_the_flags_then_every_set_field_with_default_and_meaning():
         assert tg.CLI.field_flag(name) in text[:text.index("--set FIELD=VALUE (repeatable)")], name
     medium_help = tg.build_arg_parser(medium.PRESETS, "medium").format_help()
     assert "their medium defaults" in medium_help and "  num_layers                  16 " in medium_help
+    assert "Examples:" not in medium_help  # the examples are train_gpt.py's
 
 
 # ----------------------------------------------------------------------------------------------------------------------
