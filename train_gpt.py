@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import math
 import os
 import sys
@@ -53,7 +54,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from data.shards import DataError, find_shards, read_shard, read_shard_header, read_tokens, shard_glob
+from data.shards import (DataError, find_shards, prepared_globs, read_shard, read_shard_header, read_tokens,
+                         shard_glob)
 import kit
 from kit import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, TRACK1_TARGET, CheckpointError, Checkpointer, Clock,
                  ConfigError, DivergedError, RunReport, SettingsCLI, check_fields, check_model_config, claim_run,
@@ -1361,6 +1363,18 @@ def derived_settings(hp: Hyperparameters) -> dict[str, int]:
             "train_tokens": hp.num_iterations * hp.global_batch_tokens, "fineweb_shards": shards}
 
 
+def use_prepared_corpus(hp: Hyperparameters) -> tuple[Hyperparameters, str]:
+    """A --data-dir that data/prepare.py wrote, whose shards the train glob does not match (a preset's FineWeb or
+    built-in names): its manifest's globs instead, and a line saying so."""
+    found = prepared_globs(hp.data_dir)
+    pattern = hp.train_files if os.path.isabs(hp.train_files) else os.path.join(hp.data_dir, hp.train_files)
+    if found is None or glob.glob(pattern) or found == (hp.train_files, hp.val_files):
+        return hp, ""
+    return (dataclasses.replace(hp, train_files=found[0], val_files=found[1]),
+            f"--data-dir {hp.data_dir} holds no {hp.train_files}; its manifest names {found[0]} and {found[1]}: "
+            "training on those")
+
+
 def format_config(hp: Hyperparameters, form: str = "json", extra: dict | None = None) -> str:
     return CLI.format(asdict(hp), {**derived_settings(hp), **(extra or {})}, form)
 
@@ -1371,6 +1385,9 @@ def main(argv: list[str] | None = None, presets: dict[str, dict] | None = None, 
     try:
         presets = PRESETS if presets is None else presets
         hp, form = CLI.parse(build_arg_parser(presets, default_preset, prog), argv, presets, default_preset)
+        hp, prepared = use_prepared_corpus(hp)
+        if prepared and int(os.environ.get("RANK", 0)) == 0:
+            print(f"{prog}: {prepared}", file=sys.stderr)
         if form:  # one process for all: --preset auto fits the first WORLD_SIZE GPUs (default: every visible one)
             gpus = kit.visible_gpus() if any(getattr(hp, n) == 0 for n in kit.FIT_FIELDS) and hp.device != "cpu" else []
             world_size = int(os.environ.get("WORLD_SIZE", len(gpus) or 1))

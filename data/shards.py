@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import json
 import os
 import shutil
 from pathlib import Path
@@ -159,3 +160,21 @@ def find_shards(data_dir: str, pattern: str, what: str) -> list[str]:
                 else "check --data-dir and the file glob")
         raise DataError(f"no {what} shards match {full}: {hint}")
     return files
+
+
+PREPARED_MANIFEST, PREPARED_FORMAT = "manifest.json", "nanogpt-speedrun-kit/prepared-corpus"  # data/prepare.py's
+
+
+def prepared_globs(data_dir: str) -> tuple[str, str] | None:
+    """The train and validation globs a directory that data/prepare.py wrote names in its manifest, else None."""
+    path = os.path.join(data_dir, PREPARED_MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != PREPARED_FORMAT:
+        return None
+    train, val = manifest.get("train_files"), manifest.get("val_files")
+    return (train, val) if isinstance(train, str) and isinstance(val, str) else None
+

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from dataclasses import asdict, fields
 
+import numpy as np
 import pytest
 
 import kit
@@ -239,3 +240,29 @@ def test_medium_print_config(capsys):
     doc = json.loads(capsys.readouterr().out)
     assert rc == 0 and doc["settings"]["preset"] == "medium" and doc["settings"]["num_layers"] == 16
     assert doc["derived"]["train_tokens"] == 100 * 8 * 64 * 1024
+
+
+def test_a_prepared_directory_is_found_by_its_manifest(tmp_path, capsys):
+    """--data-dir of a corpus data/prepare.py wrote, with a preset whose globs are the built-in corpus's: the trainer
+    (and so train.sh, which asks it) reads the manifest's globs, and says so."""
+    from data.shards import write_shard
+
+    mine = tmp_path / "mytext"
+    mine.mkdir()
+    for name in ("mytext_val_000000.bin", "mytext_train_000001.bin"):
+        write_shard(mine / name, np.full(5000, 50256, dtype=np.uint16))
+    (mine / "manifest.json").write_text(json.dumps({"format": "nanogpt-speedrun-kit/prepared-corpus", "version": 1,
+                                                    "train_files": "mytext_train_*.bin",
+                                                    "val_files": "mytext_val_*.bin"}), encoding="utf-8")
+    assert tg.main(["--preset", "tiny", "--data-dir", str(mine), "--print-config"]) == 0
+    out, err = capsys.readouterr()
+    settings = json.loads(out)["settings"]
+    assert (settings["train_files"], settings["val_files"]) == ("mytext_train_*.bin", "mytext_val_*.bin")
+    assert f"--data-dir {mine} holds no builtin_train_*.bin; its manifest names mytext_train_*.bin" in err
+    # globs that match stay as given; a directory without a manifest is left alone
+    assert tg.main(["--preset", "tiny", "--data-dir", str(mine), "--train-files", "mytext_val_*.bin",
+                    "--print-config"]) == 0
+    assert json.loads(capsys.readouterr()[0])["settings"]["train_files"] == "mytext_val_*.bin"
+    (mine / "manifest.json").unlink()
+    assert tg.main(["--preset", "tiny", "--data-dir", str(mine), "--print-config"]) == 0
+    assert json.loads(capsys.readouterr()[0])["settings"]["train_files"] == "builtin_train_*.bin"
