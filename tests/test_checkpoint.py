@@ -565,7 +565,7 @@ def damaged(run_b, tmp_path, change) -> Path:
 
 
 @pytest.mark.parametrize("change,words", [
-    (lambda c: c.pop("hyperparameters"), "lacks or mangles hyperparameters"),
+    (lambda c: c.pop("hyperparameters"), "holds no hyperparameters"),  # read first: they are the settings
     (lambda c: c.pop("run_id"), "lacks or mangles run_id"),
     (lambda c: c.pop("optimizers"), "lacks or mangles optimizers"),
     (lambda c: c.update(loader=None), "lacks or mangles loader"),

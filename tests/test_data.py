@@ -482,9 +482,16 @@ def test_window_blocks_schedule():
 
 
 def test_check_hyperparameters_accepts_the_presets():
+    h100 = kit.GPUInfo("NVIDIA H100 80GB HBM3", 79.2, 78.6, (9, 0))
     for name in tg.PRESETS:
         hp = tg.preset_hyperparameters(name)
         for world in (1, 2):
+            if name == "auto":  # auto is whatever fit_to_gpus makes of the GPUs found: none, or H100s
+                for gpus in ([], [h100] * world):
+                    tg.check_hyperparameters(tg.fit_to_gpus(hp, gpus, world)[0], world)
+                with pytest.raises(kit.ConfigError, match="must be positive"):
+                    tg.check_hyperparameters(hp, world)  # unresolved, its zeros are not settings
+                continue
             tg.check_hyperparameters(hp, world)
     tg.check_hyperparameters(tg.Hyperparameters(), 8)
     tg.check_hyperparameters(dataclasses.replace(tg.Hyperparameters(), attention="flex"), 8)

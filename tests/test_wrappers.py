@@ -704,9 +704,13 @@ def test_train_values_that_look_like_flags_stay_values(kit, bin_dir, runtime):
     # the paths train.sh translates go as --flag=PATH (argparse would read `--data-dir -x` as two flags); the other
     # words go as given, so they stay what train_gpt.py makes of them: --run-name=-x, --seed -5
     local = ["--local"] if runtime == "local" else []
+    if local:  # the real trainer answers --print-config, so --resume needs a checkpoint's settings to read
+        hp = dataclasses.asdict(train_gpt.preset_hyperparameters("tiny"))
+        train_gpt.kit.atomic_save({"format": train_gpt.kit.CHECKPOINT_FORMAT, "hyperparameters": hp,
+                                   "version": train_gpt.kit.CHECKPOINT_VERSION}, bin_dir / "step_000001.pt")
     p = kit.run(TRAIN_SH, "--dry-run", *local, "--data-dir", str(bin_dir), "--run-name=-x", "--seed", "-5",
                 "--set", "no_attn_layer=-1", "--resume", str(bin_dir),
-                FAKE_DOCKER_PRINT_CONFIG=shell_config("--preset", "tiny"))  # bin_dir holds no checkpoint
+                FAKE_DOCKER_PRINT_CONFIG=shell_config("--preset", "tiny"))
     assert p.returncode == 0, p.stderr
     cmd = dry_run_commands(p.stdout)[-1]
     ns = parse_forwarded(train_gpt.build_arg_parser(), cmd[cmd.index("train_gpt.py") + 1:])
@@ -1490,6 +1494,12 @@ def test_local_end_to_end(kit, synthetic_data, tmp_path):
     assert "step:3/3 val_loss:" in (work / "logs" / "e2e.txt").read_text(encoding="utf-8")
     run_dir = work / "checkpoints" / "e2e"
     assert list(run_dir.glob("step_*.pt"))
+    # resumed through the wrapper with no preset: the checkpoint's data, lengths and model, nothing downloaded
+    r = kit.run(TRAIN_SH, "--local", "--resume", str(run_dir), "--num-iterations", "4", OMP_NUM_THREADS="2")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "preset:    tiny (the checkpoint's settings; flags given override them)" in r.stdout
+    assert "nothing to download" in r.stdout or "present" in r.stdout
+    assert "step:4/4 val_loss:" in (work / "logs" / "e2e.txt").read_text(encoding="utf-8")
     g = kit.run(GENERATE_SH, "--local", "--checkpoint", str(run_dir), "--max-tokens", "5", "--device", "cpu",
                 "--prompt", "Hello")
     assert g.returncode == 0, g.stdout[-3000:] + g.stderr[-3000:]
