@@ -5,10 +5,11 @@
     python records/report.py RUN.txt --record            (also: the run's val loss minus its track's record's)
 
 A run log (logs/<run_id>.txt) holds the trainer's source, then blocks separated by a line of 100 '=': "config {json}",
-the environment ("gpus N: names" or "cpu threads N"), a "run <id>: W process(es) on <device>, ..." line, the step lines
-and, for a run that finished, a "final val_loss:..." summary. A resumed run appends "resumed from ..." and the config
-and environment again; its step lines continue. Files that are not run logs are skipped with a warning on stderr; the
-exit status is 2 when none of the given files is one.
+the environment ("torch V, CUDA ..., cuDNN ..." and "gpus N: names" or "cpu threads N"), a "run <id>: W process(es) on
+<device>, ..." line, the step lines (some with a val_loss or a train_loss) and, for a run that finished, a "final
+val_loss:..." summary. A resumed run appends "resumed from ..." and the config and environment again; its step lines
+continue. Files that are not run logs are skipped with a warning on stderr; the exit status is 2 when none of the given
+files is one.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ RECORD_CURVES = Path(__file__).resolve().parent / "record_curves.json"  # the pu
 STEP_LINE = re.compile(r"^step:(\d+)/(\d+) (?:(val_loss|train_loss):(\S+) )?train_time:(\d+)ms step_avg:\S+ms$")
 SUMMARY_LINE = re.compile(r"^final val_loss:(\S+) train_time:([\d.]+)s \((\d+) steps, ([\d,]+) tokens")
 RUN_LINE = re.compile(r"^run (\S+): (\d+) process\(es\) on (\w+)")
+TORCH_LINE = re.compile(r"^torch ([^\s,]+), CUDA ")
 GPUS_LINE = re.compile(r"^gpus (\d+): (.*)$")
 CPU_LINE = re.compile(r"^cpu threads (\d+)$")
 
@@ -62,16 +64,32 @@ def _short_gpu_name(names: str) -> str:
     return first[len("NVIDIA "):] if first.startswith("NVIDIA ") else first
 
 
+def dataset_name(config: dict) -> str:
+    """The name of the data a run validated on: the directory of its validation files (data/builtin: "builtin",
+    data/fineweb10B: "fineweb10B", a corpus prepared into data/code: "code"); val_files may be absolute."""
+    val = Path(str(config.get("data_dir", "")), str(config.get("val_files", "")))
+    return val.parent.name or val.name or "?"
+
+
+def val_set_label(val_set: tuple) -> str:
+    """A parsed run's val_set as words: "builtin: first 16,384 tokens of builtin_val_*.bin"."""
+    name, files, tokens = val_set
+    return f"{name}: first {tokens:,} tokens of {files}"
+
+
 def parse_log(path) -> dict:
     """The facts of one run log. Raises NotARunLog for a file that is not one.
 
     Keys: run_id, path, config (the last config block), preset, num_iterations, seqs_per_step, train_seq_len,
     global_batch_tokens, target_val_loss, processes, device ("cuda"/"cpu"), gpus (count or None), gpu_name,
-    cpu_threads, hardware (display), steps (last step reached), finished, resumed (number of resumptions),
-    final_val_loss (the summary's, else the last val line's; nan without any), val_step, train_time_s (the summary's,
-    else the last step line's), tokens_per_s, reached_target (True/False; None without a target or a val loss, or
-    for a record target on other validation data), target_comparable (whether the target applies to this run),
-    val_curve (list of (step, val_loss, train_time_s) sorted by step; later lines win).
+    cpu_threads, hardware (display), torch (version, None where the log has no torch line), steps (last step
+    reached), finished, resumed (number of resumptions), final_val_loss (the summary's, else the last val line's; nan
+    without any), val_step, train_time_s (the summary's, else the last step line's), tokens_per_s, reached_target
+    (True/False; None without a target or a val loss, or for a record target on other validation data),
+    target_comparable (whether the target applies to this run), dataset (dataset_name), val_set ((dataset, val_files'
+    file name, val_tokens): runs with equal val_sets validated on the same text, so only their losses compare),
+    val_curve and train_curve (lists of (step, loss, train_time_s) from the val_loss and train_loss lines, sorted by
+    step; later lines win).
     """
     path = Path(path)
     try:
@@ -85,30 +103,33 @@ def parse_log(path) -> dict:
     seqs, seq_len = int(config.get("seqs_per_step", 0)), int(config.get("train_seq_len", 0))
     target = float(config.get("target_val_loss") or 0.0)
     curve = [(s, v, t) for s, (v, t) in sorted(found["val"].items())]
+    train_curve = [(s, v, t) for s, (v, t) in sorted(found["train"].items())]
     outcome = _outcome(found, curve)
     steps, train_time_s, final_val = outcome["steps"], outcome["train_time_s"], outcome["final_val_loss"]
     val_tokens = int(config.get("val_tokens") or TRACK_VAL_TOKENS)
     comparable = target_comparable(target, str(config.get("val_files", "")), val_tokens)
-    gpus = found["gpus"]
+    gpus, dataset = found["gpus"], dataset_name(config)
     return {
         "run_id": path.stem, "path": str(path), "config": config, "preset": config.get("preset", "?"),
         "num_iterations": int(config["num_iterations"]), "seqs_per_step": seqs, "train_seq_len": seq_len,
         "global_batch_tokens": seqs * seq_len, "target_val_loss": target,
         **_hardware(found), "gpus": int(gpus.group(1)) if gpus else None, "cpu_threads": found["cpu_threads"],
-        **outcome, "resumed": found["resumed"],
+        "torch": found["torch"].group(1) if found["torch"] else None, **outcome, "resumed": found["resumed"],
         "tokens_per_s": steps * seqs * seq_len / train_time_s if train_time_s > 0 else math.nan,
         "reached_target": bool(final_val <= target) if comparable and not math.isnan(final_val) else None,
-        "target_comparable": comparable, "val_curve": curve,
+        "target_comparable": comparable, "dataset": dataset,
+        "val_set": (dataset, Path(str(config.get("val_files", ""))).name, val_tokens),
+        "val_curve": curve, "train_curve": train_curve,
     }
 
 
 def _scan(lines: list[str]) -> dict:
     """One pass over a log: the last config block and, after it, the lines a report reads (a summary belongs to
     the segment it follows: a later config block, written by a resume, clears it)."""
-    found = {"config": None, "summary": None, "run_line": None, "gpus": None, "cpu_threads": None, "resumed": 0,
-             "val": {}, "last_step": 0, "last_time_ms": 0}
+    found = {"config": None, "summary": None, "run_line": None, "gpus": None, "cpu_threads": None, "torch": None,
+             "resumed": 0, "val": {}, "train": {}, "last_step": 0, "last_time_ms": 0}
     matchers = {"final val_loss:": ("summary", SUMMARY_LINE), "run ": ("run_line", RUN_LINE),
-                "gpus ": ("gpus", GPUS_LINE)}
+                "gpus ": ("gpus", GPUS_LINE), "torch ": ("torch", TORCH_LINE)}
     i = 0
     while i < len(lines):
         line = lines[i]
@@ -122,8 +143,8 @@ def _scan(lines: list[str]) -> dict:
         if line.startswith("step:") and (m := STEP_LINE.match(line)):
             step, time_ms = int(m.group(1)), int(m.group(5))
             found["last_step"], found["last_time_ms"] = step, time_ms
-            if m.group(3) == "val_loss":
-                found["val"][step] = (float(m.group(4)), time_ms / 1000)
+            if m.group(3):  # "val_loss" or "train_loss"
+                found[m.group(3)[:-len("_loss")]][step] = (float(m.group(4)), time_ms / 1000)
         elif line.startswith("resumed from "):
             found["resumed"] += 1
         elif line.startswith("cpu threads ") and (m := CPU_LINE.match(line)):
@@ -163,7 +184,7 @@ def _outcome(found: dict, curve: list) -> dict:
             "val_step": curve[-1][0] if curve else steps, "train_time_s": train_time_s}
 
 
-COLUMNS = ["run", "preset", "hardware", "steps", "val loss", "time (s)", "tokens/s", "target", "status"]
+COLUMNS = ["run", "preset", "data", "hardware", "steps", "val loss", "time (s)", "tokens/s", "target", "status"]
 RIGHT = {"steps", "val loss", "time (s)", "tokens/s"}
 
 
@@ -184,7 +205,7 @@ def table_row(run: dict) -> dict[str, str]:
         status += f", resumed x{run['resumed']}"
     tps = run["tokens_per_s"]
     return {
-        "run": run["run_id"], "preset": str(run["preset"]), "hardware": run["hardware"],
+        "run": run["run_id"], "preset": str(run["preset"]), "data": run["dataset"], "hardware": run["hardware"],
         "steps": f"{run['steps']}/{run['num_iterations']}",
         "val loss": "-" if math.isnan(val) else f"{val:.4f}",
         "time (s)": f"{run['train_time_s']:.1f}",
@@ -208,7 +229,9 @@ def compare_runs(runs: list[dict]) -> dict:
     """Val losses of runs at the steps every one of them validated at, and each later run minus the first.
 
     For "does this change learning?" questions (FP8 on vs off, one seed vs another): the runs should share data and
-    validation steps. Step 0 (before any training) is left out of the summary statistics.
+    validation steps. Step 0 (before any training) is left out of the summary statistics. config_differences names
+    the config keys that differ; environment_differences holds (name, each run's value) for the torch version and
+    the hardware (processes and device) where they differ; val_sets is each run's val_set, one per run.
     """
     shared = sorted(set.intersection(*({s for s, _, _ in r["val_curve"]} for r in runs)))
     losses = [{s: v for s, v, _ in r["val_curve"]} for r in runs]
@@ -224,12 +247,17 @@ def compare_runs(runs: list[dict]) -> dict:
     ignore = {"run_name", "log_dir", "checkpoint_dir", "resume", "wandb", "wandb_project"}
     keys = sorted({k for r in runs for k in r["config"]} - ignore)
     differ = [k for k in keys if any(r["config"].get(k) != runs[0]["config"].get(k) for r in runs[1:])]
+    environment = [(name, [r[name] for r in runs]) for name in ("torch", "hardware")]
     return {"base": runs[0]["run_id"], "runs": [r["run_id"] for r in runs], "rows": rows, "summary": summary,
-            "config_differences": differ}
+            "config_differences": differ,
+            "environment_differences": [(name, values) for name, values in environment if len(set(values)) > 1],
+            "val_sets": [r["val_set"] for r in runs]}
 
 
 def format_comparison(cmp: dict) -> str:
-    """The comparison as an aligned table (step, each run's loss, each difference) and one summary line per run."""
+    """The comparison as an aligned table (step, each run's loss, each difference), the settings that differ (config
+    keys, then torch and hardware with each run's value), a note where the runs validated on different text, and one
+    summary line per run."""
     if not cmp["rows"]:
         return f"compare: the runs {', '.join(cmp['runs'])} share no validation step"
     names = cmp["runs"]
@@ -238,7 +266,13 @@ def format_comparison(cmp: dict) -> str:
             for s, vals in cmp["rows"]]
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in [header, *body]]
-    lines.append("settings that differ: " + (", ".join(cmp["config_differences"]) or "none"))
+    env = cmp["environment_differences"]
+    lines.append("settings that differ: " + (", ".join([*cmp["config_differences"], *(n for n, _ in env)]) or "none"))
+    lines += [f"  {name}: " + ", ".join(f"{run} {value or '?'}" for run, value in zip(names, values))
+              for name, values in env]
+    if len(set(cmp["val_sets"])) > 1:
+        lines.append("note: the runs validated on different text, so their losses do not compare: " + "; ".join(
+            f"{run} on {val_set_label(v)}" for run, v in zip(names, cmp["val_sets"])))
     for item in cmp["summary"]:
         lines.append(f"{item['run']} - {cmp['base']} over {item['steps']} shared steps after step 0: mean "
                      f"{item['mean_diff']:+.4f}, mean |diff| {item['mean_abs_diff']:.4f}, max |diff| "
@@ -246,37 +280,70 @@ def format_comparison(cmp: dict) -> str:
     return "\n".join(lines)
 
 
+def _after_step0(curve: list) -> list:
+    return [point for point in curve if point[0] > 0]
+
+
 def make_figure(runs: list[dict]):
-    """A matplotlib Figure (Agg canvas, no display) with val loss vs train time and vs tokens seen."""
+    """A matplotlib Figure (Agg canvas, no display): one row per validation set (val_set), so that losses on
+    different text never share axes, each row loss vs training time and vs tokens seen. A run keeps its colour
+    throughout: its val loss a line with dots, its train loss a thin faint line. Both start after step 0 (its ~10.8,
+    before any training, would flatten every curve) on a log scale."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax_time, ax_tokens = fig.subplots(1, 2)
+    colours = {r["path"]: f"C{i % 10}" for i, r in enumerate(runs)}
+    groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        if not run["val_curve"]:
-            continue
-        steps = [s for s, _, _ in run["val_curve"]]
-        losses = [v for _, v, _ in run["val_curve"]]
-        times = [t for _, _, t in run["val_curve"]]
-        tokens = [s * run["global_batch_tokens"] for s in steps]
-        label = run["run_id"] + ("" if run["finished"] else " (unfinished)")
-        ax_time.plot(times, losses, marker=".", label=label)
-        ax_tokens.plot(tokens, losses, marker=".", label=label)
-    for target in sorted({r["target_val_loss"] for r in runs if r["target_comparable"]}):  # not on other text
+        if _after_step0(run["val_curve"]) or _after_step0(run["train_curve"]):
+            groups.setdefault(run["val_set"], []).append(run)
+    fig = Figure(figsize=(12, 4.5 * max(1, len(groups))), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(max(1, len(groups)), 2, squeeze=False)
+    for (ax_time, ax_tokens), (val_set, members) in zip(axes, groups.items()):
+        _draw_panel(ax_time, members, colours, lambda run, step, time_s: time_s)
+        _draw_panel(ax_tokens, members, colours, lambda run, step, time_s: step * run["global_batch_tokens"])
+        ax_time.set_title(f"vs training time; validated on {val_set_label(val_set)}", fontsize="medium")
+        ax_tokens.set_title(f"vs tokens seen; validated on {val_set_label(val_set)}", fontsize="medium")
+    for ax_time, ax_tokens in axes:
+        ax_time.set_xlabel("training time (s)")
+        ax_tokens.set_xlabel("tokens seen (step x global batch tokens)")
         for ax in (ax_time, ax_tokens):
-            ax.axhline(target, linestyle="--", color="gray", linewidth=1, label=f"target {target:g}")
-    ax_time.set_xlabel("training time (s)")
-    ax_tokens.set_xlabel("tokens seen (step x global batch tokens)")
-    for ax in (ax_time, ax_tokens):
-        ax.set_ylabel("val loss")
-        ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small")
-    ax_time.set_title("val loss vs training time")
-    ax_tokens.set_title("val loss vs tokens seen")
+            ax.set_ylabel("loss (log scale, from the first step after 0)")
+            ax.grid(True, which="both", alpha=0.3)
+    if not groups:
+        axes[0][0].set_title("no val or train loss after step 0")
+    elif len(groups) > 1:
+        fig.suptitle("one row per validation set: losses on different text do not compare across rows")
     return fig
+
+
+def _draw_panel(ax, runs: list[dict], colours: dict, x_of) -> None:
+    """The runs' val and train curves on one axis, x_of(run, step, train_time_s) giving each point's x, the targets
+    that apply to them, and a legend: one entry per run, then what the two line styles mean."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import LogFormatter, LogLocator
+
+    styles = {"val": dict(marker=".", linewidth=1.5), "train": dict(linewidth=0.8, alpha=0.45)}
+    handles = []
+    for run in runs:
+        label = f"{run['run_id']} ({run['dataset']}{'' if run['finished'] else ', unfinished'})"
+        colour = colours[run["path"]]
+        for kind in styles:
+            points = _after_step0(run[f"{kind}_curve"])
+            if points:
+                ax.plot([x_of(run, s, t) for s, _, t in points], [v for _, v, _ in points], color=colour,
+                        label=f"{label} {kind} loss", **styles[kind])
+        handles.append(Line2D([], [], color=colour, marker=".", label=label))
+    for target in sorted({r["target_val_loss"] for r in runs if r["target_comparable"]}):  # not on other text
+        handles.append(ax.axhline(target, linestyle="--", color="gray", linewidth=1, label=f"target {target:g}"))
+    handles += [Line2D([], [], color="gray", label=f"{kind} loss", **style) for kind, style in styles.items()]
+    ax.set_yscale("log")
+    # losses span well under a decade: ticks at 2, 2.5, 3, 3.5, ... written as plain numbers, not 3x10^0
+    ax.yaxis.set_minor_locator(LogLocator(subs=(1.5, 2, 2.5, 3, 3.5, 4, 5, 6, 7, 8, 9)))
+    ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 1)))
+    ax.legend(handles=handles, fontsize="small")
 
 
 def write_png(runs: list[dict], path) -> Path:

@@ -90,8 +90,10 @@ def test_parsed_values_match_train_summaries(runs):
         assert abs(run["train_time_s"] - summary["train_time_s"]) <= 0.0005 + 1e-9  # ms resolution of the log
         assert run["tokens_per_s"] == pytest.approx(summary["tokens_per_s"], rel=0.001 / summary["train_time_s"])
         assert run["reached_target"] is summary["reached_target"]
-        _, val = parse_log(path)  # conftest's reading of the same file
+        train, val = parse_log(path)  # conftest's reading of the same file
         assert [(s, v) for s, v, _ in run["val_curve"]] == sorted(val.items())
+        assert [(s, v) for s, v, _ in run["train_curve"]] == sorted(train.items())
+    assert [s for s, _, _ in report.parse_log(runs["hit"][0])["train_curve"]] == [2, 4, 6]  # train_loss_every=2
     assert report.parse_log(runs["hit"][0])["reached_target"] is True
     assert report.parse_log(runs["miss"][0])["reached_target"] is False
     assert report.parse_log(runs["miss"][0])["global_batch_tokens"] == 4 * 256
@@ -108,6 +110,7 @@ def test_table_rows_and_alignment(runs, tmp_path, capsys):
     assert hit["steps"] == "6/6" and hit["val loss"] == f"{hit_summary['final_val_loss']:.4f}"
     assert hit["target"] == "yes (20)" and hit["status"] == "finished" and hit["preset"] == "tiny"
     assert hit["hardware"].startswith("1x cpu")
+    assert hit["data"] == Path(report.parse_log(runs["hit"][0])["config"]["data_dir"]).name  # the synthetic corpus
     assert float(hit["tokens/s"].replace(",", "")) == pytest.approx(hit_summary["tokens_per_s"], rel=0.01, abs=1)
     miss = report.table_row(report.parse_log(runs["miss"][0]))
     assert miss["steps"] == "4/4" and miss["target"] == "no (0.5)"
@@ -117,7 +120,7 @@ def test_table_rows_and_alignment(runs, tmp_path, capsys):
             assert cell in rows[name]
     # aligned: every column starts (left-aligned) or ends (right-aligned) at the same offset on every line
     header = out[0]
-    for col in ("preset", "hardware", "target", "status"):
+    for col in ("preset", "data", "hardware", "target", "status"):
         start = header.index(col)
         assert all(line[start - 2:start] == "  " and line[start] != " " for line in out)
     for col in ("steps", "val loss", "time (s)", "tokens/s"):
@@ -131,6 +134,7 @@ def test_unfinished_run_uses_last_val_line(tmp_path, capsys):
     assert run["final_val_loss"] == 6.25 and run["val_step"] == 4
     assert run["train_time_s"] == 5.0 and run["tokens_per_s"] == pytest.approx(5 * 2 * 256 / 5.0)
     assert run["reached_target"] is False and run["cpu_threads"] == 2
+    assert run["train_curve"] == [(5, 6.1, 5.0)] and [s for s, _, _ in run["val_curve"]] == [0, 4]
     row = report.table_row(run)
     assert row["status"] == "unfinished" and row["steps"] == "5/10" and row["val loss"] == "6.2500"
     assert report.main([str(tmp_path / "unfinished.txt")]) == 0
@@ -193,21 +197,36 @@ def test_default_logs_glob(runs, tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out.splitlines()[1].startswith("hit ")
 
 
-def test_png_has_two_panels_and_target_lines(runs, tmp_path, capsys):
+def test_png_starts_after_step_0_on_a_log_scale_with_train_loss(runs, tmp_path, capsys):
+    """hit and miss validated on the same text: one row of two panels; hit logged train losses too."""
     parsed = [report.parse_log(runs[n][0]) for n in ("hit", "miss")]
+    hit, miss = parsed
     fig = report.make_figure(parsed)
     assert len(fig.axes) == 2
-    for ax in fig.axes:
-        solid = [ln for ln in ax.get_lines() if ln.get_linestyle() != "--"]
-        dashed = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
-        assert len(solid) == 2 and sorted(ln.get_ydata()[0] for ln in dashed) == [0.5, 20.0]
-        labels = [t.get_text() for t in ax.get_legend().get_texts()]
-        assert "hit" in labels and "miss" in labels
     time_ax, tokens_ax = fig.axes
-    hit = parsed[0]
-    assert list(tokens_ax.get_lines()[0].get_xdata()) == [s * hit["global_batch_tokens"] for s, _, _ in
-                                                         hit["val_curve"]]
-    assert list(time_ax.get_lines()[0].get_xdata()) == [t for _, _, t in hit["val_curve"]]
+    for ax in fig.axes:
+        lines = {ln.get_label(): ln for ln in ax.get_lines()}
+        dashed = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+        assert sorted(ln.get_ydata()[0] for ln in dashed) == [0.5, 20.0]
+        hit_label, miss_label = (f"{r['run_id']} ({r['dataset']})" for r in parsed)
+        assert set(lines) - {ln.get_label() for ln in dashed} == {f"{hit_label} val loss", f"{hit_label} train loss",
+                                                                  f"{miss_label} val loss"}
+        val, train = lines[f"{hit_label} val loss"], lines[f"{hit_label} train loss"]
+        assert train.get_color() == val.get_color() != lines[f"{miss_label} val loss"].get_color()
+        assert train.get_linewidth() < val.get_linewidth() and train.get_marker() in ("None", "", None)
+        assert ax.get_yscale() == "log" and "log scale" in ax.get_ylabel() and "after 0" in ax.get_ylabel()
+        assert list(val.get_ydata()) == [v for s, v, _ in hit["val_curve"] if s > 0]  # step 0 is left out
+        assert hit["val_curve"][0][0] == 0 and list(train.get_ydata()) == [v for _, v, _ in hit["train_curve"]]
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert labels[:2] == [hit_label, miss_label] and "val loss" in labels and "train loss" in labels
+        curves = {ln.get_label(): list(ln.get_xdata()) for ln in ax.get_lines()}
+        if ax is tokens_ax:
+            assert curves[f"{hit_label} val loss"] == [s * hit["global_batch_tokens"] for s in (3, 6)]
+            assert curves[f"{hit_label} train loss"] == [s * hit["global_batch_tokens"] for s in (2, 4, 6)]
+            assert curves[f"{miss_label} val loss"] == [s * miss["global_batch_tokens"] for s in (2, 4)]
+        else:
+            assert curves[f"{hit_label} val loss"] == [t for s, _, t in hit["val_curve"] if s > 0]
+            assert curves[f"{hit_label} train loss"] == [t for _, _, t in hit["train_curve"]]
     assert "tokens" in tokens_ax.get_xlabel() and "time" in time_ax.get_xlabel()
 
     out = tmp_path / "plots" / "curves.png"
@@ -218,16 +237,59 @@ def test_png_has_two_panels_and_target_lines(runs, tmp_path, capsys):
     assert not math.isnan(hit["tokens_per_s"])
 
 
-def _curve_log(path: Path, val: dict[int, float], **overrides) -> Path:
-    """A finished-looking run log with the given val losses (steps of one second each)."""
-    hp = tiny_hp("data", "work", num_iterations=max(val), **overrides)
+def _curve_log(path: Path, val: dict[int, float], train: dict[int, float] | None = None,
+               env: tuple[str, ...] = ("cpu threads 2",), **overrides) -> Path:
+    """An unfinished run log (no summary) with the given val (and train) losses (steps of one second each) and
+    environment lines (a "gpus" line makes it a cuda run)."""
+    hp = tiny_hp(overrides.pop("data_dir", "data"), "work", num_iterations=max(val), **overrides)
     rule = "=" * 100
-    lines = ["# source", rule, "config " + json.dumps(asdict(hp), indent=1), rule, "cpu threads 2", rule,
-             f"run {path.stem}: 1 process(es) on cpu, 1 micro-step(s) of 256 tokens each, global batch 512 tokens"]
-    lines += [f"step:{s}/{max(val)} val_loss:{v:.4f} train_time:{1000 * s}ms step_avg:1000.00ms"
-              for s, v in sorted(val.items())]
+    device = "cuda" if any(line.startswith("gpus ") for line in env) else "cpu"
+    lines = ["# source", rule, "config " + json.dumps(asdict(hp), indent=1), rule, *env, rule,
+             f"run {path.stem}: 1 process(es) on {device}, 1 micro-step(s) of 256 tokens each, global batch 512 tokens"]
+    losses = [(s, "val_loss", v) for s, v in val.items()] + [(s, "train_loss", v) for s, v in (train or {}).items()]
+    lines += [f"step:{s}/{max(val)} {kind}:{v:.4f} train_time:{1000 * s}ms step_avg:1000.00ms"
+              for s, kind, v in sorted(losses, key=lambda x: (x[0], x[1] == "val_loss"))]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.mark.parametrize("data_dir, val_files, name", [
+    ("data/builtin", "builtin_val_*.bin", "builtin"), ("data/fineweb10B", "fineweb_val_*.bin", "fineweb10B"),
+    ("/data/corpora/code/", "code_val_*.bin", "code"), ("data/builtin", "/mnt/prepared/poems/poems_val_*.bin", "poems"),
+])
+def test_dataset_is_the_validation_files_directory(tmp_path, data_dir, val_files, name):
+    assert report.dataset_name({"data_dir": data_dir, "val_files": val_files}) == name
+    run = report.parse_log(_curve_log(tmp_path / "r.txt", {0: 10.8, 2: 7.0}, data_dir=data_dir, val_files=val_files))
+    assert run["dataset"] == name and report.table_row(run)["data"] == name
+    assert run["val_set"] == (name, Path(val_files).name, run["config"]["val_tokens"])
+
+
+def test_runs_on_different_validation_text_get_rows_of_their_own(tmp_path, capsys):
+    builtin = dict(data_dir="data/builtin", val_files="builtin_val_*.bin")
+    a = _curve_log(tmp_path / "a.txt", {0: 10.8, 2: 7.0, 4: 6.0}, **builtin)
+    b = _curve_log(tmp_path / "b.txt", {0: 10.8, 2: 3.0, 4: 2.0}, data_dir="data/code", val_files="code_val_*.bin")
+    c = _curve_log(tmp_path / "c.txt", {0: 10.8, 2: 7.1, 4: 6.1}, **builtin)
+    d = _curve_log(tmp_path / "d.txt", {0: 10.8, 2: 7.2, 4: 6.2}, val_tokens=8192, **builtin)  # other text: more of it
+    runs = [report.parse_log(p) for p in (a, b, c, d)]
+    fig = report.make_figure(runs)
+    assert len(fig.axes) == 6  # rows: builtin 4,096 tokens (a, c), code (b), builtin 8,192 tokens (d)
+    rows = [fig.axes[i:i + 2] for i in range(0, 6, 2)]
+    expected = [(["a (builtin, unfinished)", "c (builtin, unfinished)"],
+                 "builtin: first 4,096 tokens of builtin_val_*.bin"),
+                (["b (code, unfinished)"], "code: first 4,096 tokens of code_val_*.bin"),
+                (["d (builtin, unfinished)"], "builtin: first 8,192 tokens of builtin_val_*.bin")]
+    for row, (labels, title) in zip(rows, expected):
+        for ax in row:
+            assert [ln.get_label() for ln in ax.get_lines()] == [f"{label} val loss" for label in labels]
+            assert title in ax.get_title()
+            assert [t.get_text() for t in ax.get_legend().get_texts()][:len(labels)] == labels
+    assert "do not compare across rows" in fig.get_suptitle()
+    colours = [[ln.get_color() for ln in ax.get_lines()] for ax in fig.axes]
+    assert colours[::2] == colours[1::2] and len({c for cs in colours for c in cs}) == 4  # one colour per run
+    assert report.main([str(a), str(b), str(c)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["run", "preset", "data"]
+    assert [line.split()[2] for line in table[1:]] == ["builtin", "code", "builtin"]
 
 
 def test_compare_runs_step_by_step(tmp_path, capsys):
@@ -235,7 +297,7 @@ def test_compare_runs_step_by_step(tmp_path, capsys):
     b = _curve_log(tmp_path / "bf16.txt", {0: 10.8, 4: 6.30, 6: 5.5, 8: 4.9}, fp8=False)
     cmp = report.compare_runs([report.parse_log(a), report.parse_log(b)])
     assert [s for s, _ in cmp["rows"]] == [0, 4, 8]  # step 6 is not shared
-    assert cmp["config_differences"] == ["fp8"]
+    assert cmp["config_differences"] == ["fp8"] and cmp["environment_differences"] == []
     (summary,) = cmp["summary"]
     assert summary["run"] == "bf16" and summary["steps"] == 2  # step 0 left out
     assert summary["mean_diff"] == pytest.approx(-0.025) and summary["mean_abs_diff"] == pytest.approx(0.075)
@@ -246,6 +308,32 @@ def test_compare_runs_step_by_step(tmp_path, capsys):
     assert out[i].split() == ["step", "fp8", "bf16", "bf16", "-", "fp8"]
     assert out[i + 2].split() == ["4", "6.2500", "6.3000", "+0.0500"]
     assert "settings that differ: fp8" in out and out[-1].startswith("bf16 - fp8 over 2 shared steps")
+    assert not [line for line in out if line.startswith(("note:", "  torch", "  hardware"))]
+
+
+def test_compare_lists_torch_and_hardware_and_flags_other_text(tmp_path, capsys):
+    gpu = _curve_log(tmp_path / "gpu.txt", {0: 10.8, 4: 6.25}, env=(
+        "python 3.12.3 (CPython)", "torch 2.11.0+cu130, CUDA 13.0, cuDNN 91900", "gpus 1: NVIDIA H100 80GB HBM3"))
+    cpu = _curve_log(tmp_path / "cpu.txt", {0: 10.8, 4: 6.30}, env=(
+        "torch 2.13.0+cpu, CUDA None, cuDNN None", "cpu threads 2"), data_dir="data/code", val_files="code_val_*.bin")
+    runs = [report.parse_log(p) for p in (gpu, cpu)]
+    assert [r["torch"] for r in runs] == ["2.11.0+cu130", "2.13.0+cpu"]
+    assert [r["hardware"] for r in runs] == ["1x H100 80GB HBM3", "1x cpu (2 threads)"]
+    cmp = report.compare_runs(runs)
+    assert cmp["config_differences"] == ["data_dir", "val_files"]
+    assert cmp["environment_differences"] == [("torch", ["2.11.0+cu130", "2.13.0+cpu"]),
+                                              ("hardware", ["1x H100 80GB HBM3", "1x cpu (2 threads)"])]
+    assert report.main([str(gpu), str(cpu), "--compare"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    i = out.index("settings that differ: data_dir, val_files, torch, hardware")
+    assert out[i + 1:i + 3] == ["  torch: gpu 2.11.0+cu130, cpu 2.13.0+cpu",
+                                "  hardware: gpu 1x H100 80GB HBM3, cpu 1x cpu (2 threads)"]
+    assert out[i + 3] == ("note: the runs validated on different text, so their losses do not compare: gpu on data: "
+                          "first 4,096 tokens of syn_val_*.bin; cpu on code: first 4,096 tokens of code_val_*.bin")
+    unknown = _curve_log(tmp_path / "old.txt", {0: 10.8, 4: 6.2}, env=("cpu threads 2",))  # a log without a torch line
+    cmp = report.compare_runs([report.parse_log(unknown), runs[1]])
+    assert cmp["environment_differences"] == [("torch", [None, "2.13.0+cpu"])]
+    assert "  torch: old ?, cpu 2.13.0+cpu" in report.format_comparison(cmp).splitlines()
 
 
 def test_compare_needs_two_runs(tmp_path, capsys):
