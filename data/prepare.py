@@ -52,6 +52,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data.shards import PREPARED_FORMAT as MANIFEST_FORMAT  # noqa: E402
+from data.shards import PREPARED_MANIFEST as MANIFEST  # noqa: E402
 from data.shards import atomic_write, shard_glob, shard_name, write_shard  # noqa: E402
 from data.tokenizer import EOT_ID, TokenizerUnavailable, gpt2_tokenizer  # noqa: E402
 
@@ -60,8 +62,6 @@ SHARD_TOKENS = 100_000_000  # the FineWeb shards' size
 DEFAULT_GLOBS = ("*.txt", "*.md")
 MAX_SHARD_TOKENS = 2**31 - 1  # the shard header stores the count as an int32
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # no glob characters: the trainer finds shards by glob
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "nanogpt-speedrun-kit/prepared-corpus"
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")
 
 # Tuning. Module-level so that tests can shrink them to exercise the same paths on a few kilobytes.

@@ -162,7 +162,7 @@ def find_shards(data_dir: str, pattern: str, what: str) -> list[str]:
     return files
 
 
-PREPARED_MANIFEST, PREPARED_FORMAT = "manifest.json", "nanogpt-speedrun-kit/prepared-corpus"  # data/prepare.py's
+PREPARED_MANIFEST, PREPARED_FORMAT = "manifest.json", "nanogpt-speedrun-kit/prepared-corpus"  # what prepare.py writes
 
 
 def prepared_globs(data_dir: str) -> tuple[str, str] | None:
