@@ -1028,7 +1028,12 @@ class SettingsCLI:
         if "resume" in given:  # the run's own settings; a preset would silently replace them
             path = resolve_checkpoint(given["resume"], given.get("run_name"),
                                       given.get("checkpoint_dir", "checkpoints"))
-            settings = dataclasses.replace(self.saved(load_checkpoint(path), path), resume=None)
+            ckpt = load_checkpoint(path)
+            settings = self.saved(ckpt, path)
+            # the run keeps its name (open_run's rule), so that --print-config names the run it continues
+            name = settings.run_name or ckpt.get("run_id")
+            name = name if isinstance(name, str) and valid_run_name(name) else None
+            settings = dataclasses.replace(settings, resume=None, run_name=name)
             if given.get("preset", settings.preset) != settings.preset:
                 raise ConfigError(f"--preset {given['preset']} with --resume: {path} was trained with --preset "
                                   f"{settings.preset}, and a resumed run keeps its checkpoint's settings; leave "

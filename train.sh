@@ -37,6 +37,10 @@ Hardware and runtime:
   --medium                        run train_gpt_medium.py (track 2) instead of train_gpt.py
   -h, --help                      this text
 
+After training:
+  --eval-hellaswag                when the run ends well, its final checkpoint's HellaSwag validation accuracy
+                                  (eval_hellaswag.py; the file is downloaded into data/hellaswag on first use)
+
 Data:
   --shards N                      FineWeb train shards to download (default: what train_gpt.py --print-config
                                   says the run reads, fineweb_shards)
@@ -69,6 +73,10 @@ MASTER_ADDR=""
 MASTER_PORT=29500
 NCCL_P2P_OFF=0
 SCRIPT=train_gpt.py
+EVAL_HELLASWAG=0
+RUN_NAME=""     # the run's name when train.sh must know it (--eval-hellaswag)
+TRAIN_ARGS=()   # the trainer's words as the run gets them
+EVAL_CMD=()     # --eval-hellaswag: the evaluation after the run
 SHARDS=""
 DATA_DIR=""     # the run's data_dir, as the runtime reads it (from CONFIG)
 DOWNLOAD_DIR="" # the same directory on this host
@@ -100,6 +108,7 @@ parse_args() {
       --no-memlock) KIT_MEMLOCK=0 ;;
       --dry-run) KIT_DRY_RUN=1 ;;
       --medium) SCRIPT=train_gpt_medium.py ;;
+      --eval-hellaswag) EVAL_HELLASWAG=1 ;;
       --shards) need_value "$1" "$#" "${2-}"; check_int "$1" "$2" 1; SHARDS=$((10#$2)); shift ;;
       --data-dir) need_value "$1" "$#" "${2-}"; path_arg "$1" "$2"; shift ;;
       --data-dir=*) path_arg --data-dir "${1#*=}" ;;
@@ -407,9 +416,68 @@ print_settings() {
   say "nodes:     $NNODES (this is rank $NODE_RANK$([[ -z "$MASTER_ADDR" ]] || printf ', master %s:%s' "$MASTER_ADDR" "$MASTER_PORT"))"
   say "runtime:   $where"
   say "data:      $DATA_SOURCE"
+  [[ -z "$RUN_NAME" ]] || run_name=$RUN_NAME
   say "run name:  $run_name"
+  if ((EVAL_HELLASWAG)); then say "then:      HellaSwag on the final checkpoint (${EVAL_CMD[*]})"; fi
   say "compile cache: $(compile_cache_summary)"
   if ((NCCL_P2P_OFF)); then say "NCCL_P2P_DISABLE=1"; fi
+}
+
+# plan_eval: with --eval-hellaswag, RUN_NAME (the run's own; train.sh makes one in the trainer's form, passed as
+# --run-name, when neither the flags nor a resumed checkpoint name it) and EVAL_CMD, which evaluates the run's newest
+# checkpoint, the final one, after training
+plan_eval() {
+  ((EVAL_HELLASWAG)) || return 0
+  if [[ "$SCRIPT" != train_gpt.py ]]; then
+    die_usage "--eval-hellaswag evaluates track-1 checkpoints (train_gpt.py); drop it or --medium"
+  fi
+  if [[ -n "$CONFIG" && "$(config_value save_final)" != true ]]; then
+    die_usage "--eval-hellaswag evaluates the checkpoint written at the end; drop it or --no-save-final"
+  fi
+  RUN_NAME=$(config_value run_name)
+  [[ -n "$RUN_NAME" || -z "$CONFIG" ]] || RUN_NAME=$(passthrough_value --run-name)
+  if [[ -z "$RUN_NAME" ]]; then
+    RUN_NAME="$(date +%Y%m%d-%H%M%S)-$(config_value preset)-$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')"
+    RUN_NAME=${RUN_NAME/--/-}  # no preset read (a --dry-run without the runtime)
+    TRAIN_ARGS+=("--run-name=$RUN_NAME")
+  fi
+  local dir
+  dir=$(config_value checkpoint_dir)
+  [[ -n "$dir" ]] || dir=$(passthrough_value --checkpoint-dir)
+  EVAL_CMD=(python eval_hellaswag.py "--checkpoint=${dir:-checkpoints}/$RUN_NAME")
+  if [[ "$KIT_GPU_SPEC" == none ]]; then EVAL_CMD+=(--device=cpu); fi
+}
+
+# train_then_eval: the training run, then (on node 0, when it succeeded) EVAL_CMD; the status is the training's
+# when it failed or was stopped, else the evaluation's. From a terminal the run is in the foreground, where Ctrl-C
+# reaches it as it does without train.sh (it saves a checkpoint and stops); otherwise a SIGINT or SIGTERM sent to
+# train.sh (timeout, a CI runner, systemd) goes on to the run as SIGTERM, which does the same, so no run is left
+# behind without its wrapper
+train_then_eval() {
+  runtime_cmd "$@"
+  cd "$KIT_ROOT" || exit
+  local rc=0 pid
+  if ((KIT_DRY_RUN)); then
+    run_cmd "${RUNTIME_CMD[@]}"
+  elif [ -t 0 ]; then
+    "${RUNTIME_CMD[@]}" || rc=$?
+  else
+    "${RUNTIME_CMD[@]}" &
+    pid=$!
+    trap 'kill -TERM "$pid" 2>/dev/null || true' INT TERM
+    while wait "$pid"; ((rc = $?, rc > 128)) && kill -0 "$pid" 2>/dev/null; do :; done  # a signal ends the wait
+    trap - INT TERM
+    rc=0
+    wait "$pid" || rc=$?  # the run's own status, whichever wait saw it end
+  fi
+  if ((rc != 0)); then exit "$rc"; fi
+  if ((NODE_RANK != 0)); then
+    say "HellaSwag: evaluated on node 0, where the checkpoint is"
+    exit 0
+  fi
+  say "HellaSwag: evaluating ${EVAL_CMD[2]#--checkpoint=}"
+  KIT_GPU_SPEC=${KIT_GPU_SPEC/all/0}
+  exec_in_runtime "${EVAL_CMD[@]}"
 }
 
 # prepare_runtime: the image (and, for a GPU run, a docker that can give containers GPUs) or the virtualenv
@@ -449,11 +517,16 @@ main() {
     args=(--preset auto "${args[@]+"${args[@]}"}")
   fi
   run_config "${args[@]+"${args[@]}"}"
+  TRAIN_ARGS=("${args[@]+"${args[@]}"}")
+  plan_eval
   plan_data
   launcher
   print_settings
   download_data
-  exec_in_runtime "${LAUNCH[@]}" "${args[@]+"${args[@]}"}"
+  if ((EVAL_HELLASWAG)); then
+    train_then_eval "${LAUNCH[@]}" "${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}"
+  fi
+  exec_in_runtime "${LAUNCH[@]}" "${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}"
 }
 
 main "$@"

@@ -349,7 +349,8 @@ docker_run_args() {
   done
   # secrets and settings pass by name only: docker reads their values from this environment
   local var
-  for var in WANDB_API_KEY WANDB_MODE WANDB_PROJECT WANDB_ENTITY HF_TOKEN HF_ENDPOINT HF_HUB_OFFLINE; do
+  for var in WANDB_API_KEY WANDB_MODE WANDB_PROJECT WANDB_ENTITY HF_TOKEN HF_ENDPOINT HF_HUB_OFFLINE HELLASWAG_URL \
+    HELLASWAG_DIR; do
     if [[ -n "${!var-}" ]]; then
       DOCKER_RUN+=(-e "$var")
     fi

@@ -687,3 +687,19 @@ def test_temporary_files_of_an_interrupted_save_are_removed(run_b, shared_synthe
     assert not (run_dir / ".step_000008.pt.tmp-4242").exists() and not dead.is_symlink() and alive.is_symlink()
     log = (work / "logs" / "B.txt").read_text(encoding="utf-8")
     assert "removed 2 temporary file(s) that interrupted saves had left behind" in log
+
+
+GENERATED = "20261203-061114-tiny-6eaf92"
+
+
+@pytest.mark.parametrize("saved_name, run_id, expected", [(None, GENERATED, GENERATED), ("mine", "mine", "mine"),
+                                                          (None, "../elsewhere", None)])
+def test_a_resumed_run_keeps_its_name_in_its_settings(tmp_path, saved_name, run_id, expected):
+    """The settings of a resumed run name the run it continues (open_run's rule), so that --print-config tells a
+    wrapper where its checkpoints go; a name that is not a plain file name is left to open_run to refuse."""
+    hp = dataclasses.asdict(dataclasses.replace(tg.preset_hyperparameters("tiny"), run_name=saved_name))
+    path = tmp_path / "run" / "step_000002.pt"
+    kit.atomic_save({"format": kit.CHECKPOINT_FORMAT, "version": kit.CHECKPOINT_VERSION, "run_id": run_id,
+                     "hyperparameters": hp}, path)
+    assert tg.parse_args(["--resume", str(path)]).run_name == expected
+    assert tg.parse_args(["--resume", str(path), "--run-name", "other"]).run_name == "other"

@@ -26,6 +26,7 @@ import pty
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -91,6 +92,18 @@ if args[:1] == ["run"] and "--print-config=shell" in args:
     sys.stdout.write(p["out"])
     sys.stderr.write(p["err"])
     sys.exit(p["rc"])
+if args[:1] == ["run"] and "train_gpt.py" in args and env.get("FAKE_DOCKER_TRAIN_SLEEP"):
+    import signal, time
+    def stopped(signum, frame):
+        with open(env["FAKE_DOCKER_LOG"] + ".signals", "a", encoding="utf-8") as f:
+            f.write(signal.Signals(signum).name + "\\n")
+        sys.exit(128 + signum)
+    signal.signal(signal.SIGTERM, stopped)
+    signal.signal(signal.SIGINT, stopped)
+    open(env["FAKE_DOCKER_LOG"] + ".training", "w").close()
+    time.sleep(float(env["FAKE_DOCKER_TRAIN_SLEEP"]))
+if args[:1] == ["run"] and "train_gpt.py" in args:
+    sys.exit(int(env.get("FAKE_DOCKER_TRAIN_RC", "0")))
 sys.exit(0)
 """
 
@@ -1477,6 +1490,63 @@ def test_hadolint():
     assert p.returncode == 0, p.stdout + p.stderr
 
 
+# --- train.sh --eval-hellaswag ---------------------------------------------------------------------------------------
+
+RUN_ID = re.compile(r"^\d{8}-\d{6}-tiny-[0-9a-f]{6}$")  # the trainer's form of a generated run name
+
+
+def test_eval_hellaswag_runs_after_training_on_the_run_s_checkpoint(kit):
+    opts, inner, p = kit.train("--preset", "tiny", "--eval-hellaswag", HELLASWAG_URL="http://mirror/hs.jsonl")
+    train, evaluation = kit.runs()
+    train_opts, train_inner = split_run(train)
+    name = train_inner[-1].removeprefix("--run-name=")
+    assert "train_gpt.py" in train_inner and RUN_ID.match(name), train_inner
+    assert inner == ["python", "eval_hellaswag.py", f"--checkpoint=checkpoints/{name}"]
+    assert dict(pairs(train_opts))["--gpus"] == "all" and dict(pairs(opts))["--gpus"] != "all"  # one GPU
+    assert ("-e", "HELLASWAG_URL") in pairs(opts)
+    assert f"run name:  {name}" in p.stdout and "then:      HellaSwag on the final checkpoint" in p.stdout
+    assert f"HellaSwag: evaluating checkpoints/{name}" in p.stdout
+
+
+def test_eval_hellaswag_keeps_a_given_run_name_and_the_cpu(kit):
+    _, inner, _ = kit.train("--cpu", "--preset", "tiny", "--run-name", "mine", "--eval-hellaswag")
+    train, _ = kit.runs()
+    assert "--run-name=mine" not in train and split_run(train)[1][-2:] == ["--run-name", "mine"]
+    assert inner == ["python", "eval_hellaswag.py", "--checkpoint=checkpoints/mine", "--device=cpu"]
+
+
+@pytest.mark.parametrize("flags, words", [(["--no-save-final"], "drop it or --no-save-final"),
+                                          (["--medium", "--preset", "medium"], "drop it or --medium")])
+def test_eval_hellaswag_refuses_what_leaves_nothing_to_evaluate(kit, flags, words):
+    p = kit.run(TRAIN_SH, "--preset", "tiny", "--eval-hellaswag", *flags) if "--medium" not in flags else \
+        kit.run(TRAIN_SH, "--eval-hellaswag", *flags)
+    assert p.returncode == 2 and words in p.stderr and not kit.runs(), p.stderr
+
+
+def test_a_failed_run_is_not_evaluated(kit):
+    p = kit.run(TRAIN_SH, "--preset", "tiny", "--eval-hellaswag", FAKE_DOCKER_TRAIN_RC="3")
+    assert p.returncode == 3 and len(kit.runs()) == 1 and "evaluating" not in p.stdout
+
+
+def test_a_signal_to_train_sh_stops_the_run_and_skips_the_evaluation(kit):
+    """train.sh stays to evaluate, so it is not the run itself: a SIGTERM sent to it reaches the run (which saves
+    and stops), and train.sh ends with the run's status."""
+    env = {**kit.env, "FAKE_DOCKER_TRAIN_SLEEP": "60"}
+    proc = subprocess.Popen([str(TRAIN_SH), "--preset", "tiny", "--eval-hellaswag"], cwd=kit.tmp, env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    training = Path(f"{kit.log}.training")
+    for _ in range(600):
+        if training.exists():
+            break
+        threading.Event().wait(0.05)
+    assert training.exists(), proc.communicate(timeout=30)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert Path(f"{kit.log}.signals").read_text(encoding="utf-8").split() == ["SIGTERM"]
+    assert len(kit.runs()) == 1 and "evaluating" not in out
+
+
 # --- end to end on CPU -----------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -1494,12 +1564,21 @@ def test_local_end_to_end(kit, synthetic_data, tmp_path):
     assert "step:3/3 val_loss:" in (work / "logs" / "e2e.txt").read_text(encoding="utf-8")
     run_dir = work / "checkpoints" / "e2e"
     assert list(run_dir.glob("step_*.pt"))
-    # resumed through the wrapper with no preset: the checkpoint's data, lengths and model, nothing downloaded
-    r = kit.run(TRAIN_SH, "--local", "--resume", str(run_dir), "--num-iterations", "4", OMP_NUM_THREADS="2")
+    # resumed through the wrapper with no preset: the checkpoint's data, lengths and model, nothing downloaded; then
+    # HellaSwag on its final checkpoint, from a file already in place
+    hellaswag = tmp_path / "hellaswag"
+    hellaswag.mkdir()
+    example = {"ctx": "The cat sat on the", "endings": ["mat.", "moon.", "idea.", "sofa."], "label": 0}
+    (hellaswag / "hellaswag_val.jsonl").write_text((json.dumps(example) + "\n") * 3, encoding="utf-8")
+    r = kit.run(TRAIN_SH, "--local", "--resume", str(run_dir), "--num-iterations", "4", "--eval-hellaswag",
+                OMP_NUM_THREADS="2", HELLASWAG_DIR=str(hellaswag), HELLASWAG_URL="http://127.0.0.1:9/unused")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "preset:    tiny (the checkpoint's settings; flags given override them)" in r.stdout
     assert "nothing to download" in r.stdout or "present" in r.stdout
     assert "step:4/4 val_loss:" in (work / "logs" / "e2e.txt").read_text(encoding="utf-8")
+    assert "run name:  e2e" in r.stdout and f"HellaSwag: evaluating {run_dir}" in r.stdout
+    assert re.search(r"^hellaswag acc_norm [01]\.\d{4} ± 0\.\d{4} \(\d/3\), acc .*step_000004\.pt step 4", r.stdout,
+                     re.M), r.stdout[-2000:]
     g = kit.run(GENERATE_SH, "--local", "--checkpoint", str(run_dir), "--max-tokens", "5", "--device", "cpu",
                 "--prompt", "Hello")
     assert g.returncode == 0, g.stdout[-3000:] + g.stderr[-3000:]
