@@ -1,13 +1,16 @@
 """Turn your own text into speedrun shards: GPT-2 tokens in a validation shard and train shards for train_gpt.py.
 
     python data/prepare.py PATH... --out-dir DIR [--name NAME] [--field text] [--val-tokens N] [--shard-tokens N]
-                           [--workers N] [--glob '*.txt,*.md'] [--skip-bad-lines] [--overwrite] [--quiet]
+                           [--workers N] [--glob '*.txt,*.md'] [--skip-bad-lines] [--skip-bad-files] [--overwrite]
+                           [--quiet]
 
 Inputs (PATH):
   FILE.jsonl  one JSON object per line, the document being the string in --field (default "text"). Blank lines are
               ignored. A line that is not a JSON object with a string --field stops the run with FILE:LINE in the
               message, unless --skip-bad-lines is given (then such lines are skipped and counted).
-  FILE        any other file is one plain-text document in UTF-8 (a leading byte-order mark is dropped).
+  FILE        any other file is one plain-text document in UTF-8 (a leading byte-order mark is dropped). A file
+              that is not UTF-8 stops the run, unless --skip-bad-files is given (then it is left out, with a
+              warning).
   DIRECTORY   searched recursively for files whose name matches one of the --glob patterns (comma-separated, case-
               insensitive, matched against the file name; default *.txt,*.md) and for *.jsonl files, which are always
               read as JSONL. Hidden files and directories (.name) are skipped; symbolic links to directories are not
@@ -18,16 +21,21 @@ directory name by directory name); a file reached twice is read once. Text is ta
 skipped and counted.
 
 Output, in --out-dir (--name defaults to that directory's name):
-  NAME_val_000000.bin           the first --val-tokens tokens of the stream, plus one (the last prediction's target)
-  NAME_train_000001.bin, ...    the rest, at most --shard-tokens tokens per shard
+  NAME_val_000000.bin           --val-tokens tokens plus one (the last prediction's target): whole documents drawn
+                                at random across the corpus (a fixed draw), at about the rate that fills the shard
+                                by the end of the input; the document that fills it continues in training as a
+                                document of its own, and a shard still short at the end takes the end of the corpus
+  NAME_train_000001.bin, ...    the rest, in reading order, at most --shard-tokens tokens per shard
   manifest.json                 the inputs, the counts, the tokenizer and the shards
+Without --val-tokens the validation shard takes 5% of the corpus's estimated tokens (its bytes / 4) in multiples of
+4,096, at least 4,096 and at most the trainer's 10,485,760.
 Each document is token 50256 (<|endoftext|>) followed by its GPT-2 tokens (encode_ordinary: text that looks like a
 special token is plain text). The shards are the same for any --workers. They are written to a hidden staging
 directory and moved into place once everything has succeeded, so a failed or interrupted run leaves the directory as
 it was. Exit status: 0 done, 2 bad arguments or input, 1 anything else (no tokenizer, disk full), 130 Ctrl-C.
 
-Then train on them:
-    python train_gpt.py --data-dir DIR --train-files 'NAME_train_*.bin' --val-files 'NAME_val_*.bin' --val-tokens N
+Then train on them with the commands it prints last, e.g. ./train.sh --local --preset tiny --data-dir DIR
+--val-tokens N: the trainer finds the shards of a prepared directory by its manifest.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import json
 import multiprocessing
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -57,10 +66,16 @@ from data.shards import PREPARED_MANIFEST as MANIFEST  # noqa: E402
 from data.shards import atomic_write, shard_glob, shard_name, write_shard  # noqa: E402
 from data.tokenizer import EOT_ID, TokenizerUnavailable, gpt2_tokenizer  # noqa: E402
 
-VAL_TOKENS = 10_485_760  # the trainer's default --val-tokens, so results compare with the public records
+VAL_TOKENS = 10_485_760  # the trainer's default --val-tokens: the most a default validation shard takes
+VAL_FRACTION = 0.05  # the default validation shard: this share of the corpus's estimated tokens, ...
+VAL_MIN_TOKENS = 4096  # ... in multiples of this (the tiny preset's --val-seq-len), at least one
+BYTES_PER_TOKEN = 4.0  # GPT-2 tokens of English text take about 4 bytes: the estimate before tokenising
+VAL_SPARE = 1.1  # documents are sampled 10% faster than the estimate needs, so that the shard fills in time
+VAL_SEED = 0x5EED  # the validation documents' draw
 SHARD_TOKENS = 100_000_000  # the FineWeb shards' size
 DEFAULT_GLOBS = ("*.txt", "*.md")
 MAX_SHARD_TOKENS = 2**31 - 1  # the shard header stores the count as an int32
+FLEX_BLOCK = 128  # the trainer's FlexAttention block: on GPUs it validates in chunks of whole blocks
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # no glob characters: the trainer finds shards by glob
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")
 
@@ -166,6 +181,36 @@ def safe_cut(text: str, lo: int = 0) -> int:
     return 0
 
 
+def decode_block(decoder, block: bytes, offset: int, path: Path) -> str:
+    """The text of the next block of a file (offset: where the block starts), or a PrepareError saying where the file
+    stops being UTF-8."""
+    held = len(decoder.getstate()[0])
+    try:
+        return decoder.decode(block, final=not block)
+    except UnicodeDecodeError as e:
+        hint = "decompress it first" if path.name.lower().endswith(COMPRESSED) else \
+            "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8), leave it out, or pass --skip-bad-files"
+        raise PrepareError(f"{path}: not UTF-8 text (invalid byte at offset {offset - held + e.start}); "
+                           f"{hint}") from None
+
+
+def utf8_problem(path: Path) -> str | None:
+    """The message decode_block gives for a plain-text file that is not UTF-8, or None: one read of the file."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(READ_BYTES):
+                decode_block(decoder, block, offset, path)
+                offset += len(block)
+            decode_block(decoder, b"", offset, path)
+    except PrepareError as e:
+        return str(e).split("; ")[0]
+    except OSError as e:
+        raise PrepareError(f"{path}: cannot read ({e.strerror})") from None
+    return None
+
+
 def text_pieces(path: Path):
     """A plain-text file's document as (piece, bytes it came from): one piece unless it is longer than PIECE_CHARS,
     then pieces cut at safe_cut points, so that a huge single-document file never becomes one huge token list.
@@ -176,14 +221,7 @@ def text_pieces(path: Path):
         with open(path, "rb") as f:
             while True:
                 block = f.read(READ_BYTES)
-                held = len(decoder.getstate()[0])
-                try:
-                    pending += decoder.decode(block, final=not block)
-                except UnicodeDecodeError as e:
-                    hint = "decompress it first" if path.name.lower().endswith(COMPRESSED) else \
-                        "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) or leave it out"
-                    raise PrepareError(f"{path}: not UTF-8 text (invalid byte at offset {offset - held + e.start}); "
-                                       f"{hint}") from None
+                pending += decode_block(decoder, block, offset, path)
                 offset += len(block)
                 if first and pending:
                     pending = pending[1:] if pending[0] == "\ufeff" else pending
@@ -339,39 +377,140 @@ def tokenised(batch_iter, workers: int, field: str):
 # Writing shards
 
 
+def default_val_tokens(input_bytes: int) -> int:
+    """The validation shard's size when --val-tokens is not given: VAL_FRACTION of the corpus's estimated tokens in
+    whole VAL_MIN_TOKENS, at least one of them and at most VAL_TOKENS (FineWeb's, for a corpus of FineWeb's size)."""
+    share = int(input_bytes / BYTES_PER_TOKEN * VAL_FRACTION) // VAL_MIN_TOKENS * VAL_MIN_TOKENS
+    return min(VAL_TOKENS, max(VAL_MIN_TOKENS, share))
+
+
+def with_bos(tokens: np.ndarray) -> np.ndarray:
+    """tokens as a document: BOS first (added when missing)."""
+    if tokens.size and tokens[0] == EOT_ID:
+        return tokens
+    return np.concatenate([np.array([EOT_ID], dtype=np.uint16), tokens])
+
+
+def sampled(ordinal: int, rate: float) -> bool:
+    """Whether document number `ordinal` (in reading order) goes to validation at this rate: a fixed pseudo-random
+    draw per document (splitmix64 of its number), so that a corpus splits the same way for any --workers."""
+    mask = (1 << 64) - 1
+    z = (ordinal + VAL_SEED) * 0x9E3779B97F4A7C15 & mask
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & mask
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB & mask
+    return (z ^ (z >> 31)) < rate * 2.0**64
+
+
 class ShardWriter:
-    """Fills the validation shard, then train shards of shard_tokens, from a stream of token arrays, writing each
-    shard as soon as it is full: memory holds one shard, never the corpus."""
+    """Splits a stream of documents (each starts with BOS) into a validation shard of val_tokens + 1 tokens (the
+    last prediction needs its target) made of documents sampled across the corpus, and train shards of shard_tokens
+    holding the rest, each written as soon as it is full. Memory holds one train shard, the validation shard and
+    the last val_tokens + 1 train tokens.
 
-    def __init__(self, directory: Path, name: str, val_tokens: int, shard_tokens: int):
-        self.directory, self.name, self.shard_tokens = directory, name, shard_tokens
-        # one token more than --val-tokens: the last of val_tokens predictions needs its target
-        self.buf = np.empty(val_tokens + 1, dtype=np.uint16)
-        self.fill, self.index, self.total = 0, 0, 0
-        self.written: list[tuple[str, int]] = []  # (file name, tokens)
+    Before each batch the sampling rate is what is left to fill over what the rest of the input should hold (its
+    bytes at the tokens per byte seen so far), VAL_SPARE faster. A sampled document that fills the shard goes on in
+    training as a document of its own (a BOS before its rest). Should the input end first, the shard is completed
+    from the end of the training stream, from the latest document start that gives enough (else with a BOS before
+    the last tokens): every validation and train document starts with BOS."""
 
-    def add(self, tokens: np.ndarray) -> None:
+    def __init__(self, directory: Path, name: str, val_tokens: int, shard_tokens: int, input_bytes: int):
+        self.directory, self.name, self.shard_tokens, self.input_bytes = directory, name, shard_tokens, input_bytes
+        self.val = np.empty(val_tokens + 1, dtype=np.uint16)
+        self.val_fill = 0
+        self.buf = np.empty(0, dtype=np.uint16)  # the train shard being filled (allocated on first use)
+        self.fill, self.index, self.total, self.bytes_done = 0, 1, 0, 0
+        self.held: deque = deque()  # the latest train tokens, up to val_tokens + 1, not yet in a shard
+        self.held_n = 0
+        self.doc, self.to_val, self.cut, self.rate = -1, False, False, 0.0
+        self.val_documents, self.val_tail_tokens = 0, 0
+        self.written: list[tuple[str, int]] = []  # (file name, tokens) of the train shards so far
+
+    def add(self, tokens: np.ndarray, nbytes: int = 0) -> None:
+        """One batch's tokens (documents or pieces of them, in order) and the input bytes they came from."""
+        need = self.val.size - self.val_fill
+        left = self.input_bytes - self.bytes_done
+        expected = left * (self.total / self.bytes_done if self.bytes_done else 1 / BYTES_PER_TOKEN)
+        self.rate = 1.0 if expected <= need else min(1.0, VAL_SPARE * need / expected)
+        starts = np.flatnonzero(tokens == EOT_ID).tolist()
+        for a, b in zip([0, *starts], [*starts, tokens.size]):
+            if b > a:
+                self._route(tokens[a:b], starts_document=bool(tokens[a] == EOT_ID))
+        self.total += tokens.size
+        self.bytes_done += nbytes
+
+    def _route(self, piece: np.ndarray, starts_document: bool) -> None:
+        if starts_document:
+            self.doc += 1
+            self.to_val, self.cut = self.val_fill < self.val.size and sampled(self.doc, self.rate), False
+            self.val_documents += self.to_val
+        elif self.cut:  # the rest of the document that filled the validation shard: a document of its own
+            piece, self.cut = with_bos(piece), False
+        if not self.to_val:
+            self._train(piece)
+            return
+        take = min(piece.size, self.val.size - self.val_fill)
+        self.val[self.val_fill:self.val_fill + take] = piece[:take]
+        self.val_fill += take
+        if self.val_fill == self.val.size:
+            self.to_val, self.cut = False, True
+            if take < piece.size:
+                self._route(piece[take:], starts_document=False)
+
+    def _train(self, tokens: np.ndarray) -> None:
+        self.held.append(tokens)
+        self.held_n += tokens.size
+        while self.held_n > self.val.size:  # keep the last val_tokens + 1 back, for completing the validation shard
+            first = self.held[0]
+            out = min(first.size, self.held_n - self.val.size)
+            self._to_shard(first[:out])
+            if out == first.size:
+                self.held.popleft()
+            else:
+                self.held[0] = first[out:]
+            self.held_n -= out
+
+    def _to_shard(self, tokens: np.ndarray) -> None:
         pos = 0
         while pos < tokens.size:
+            if self.buf.size == 0:  # np.empty commits no memory until written, so a big --shard-tokens costs nothing
+                self.buf = np.empty(self.shard_tokens, dtype=np.uint16)
             take = min(tokens.size - pos, self.buf.size - self.fill)
             self.buf[self.fill:self.fill + take] = tokens[pos:pos + take]
             self.fill, pos = self.fill + take, pos + take
             if self.fill == self.buf.size:
-                self.flush()
-        self.total += tokens.size
+                self._write_train()
 
-    def flush(self) -> None:
-        if self.fill == 0:
-            return
-        name = shard_name(self.name, "val" if self.index == 0 else "train", self.index)
+    def _write_train(self) -> None:
+        if self.fill:
+            self._write(shard_name(self.name, "train", self.index), self.buf[:self.fill])
+            self.index, self.fill = self.index + 1, 0
+
+    def _write(self, name: str, tokens: np.ndarray) -> None:
         try:
-            write_shard(self.directory / name, self.buf[:self.fill])
+            write_shard(self.directory / name, tokens)
         except OSError as e:
             raise OSError(f"{self.directory / name}: cannot write the shard ({e.strerror or e})") from e
-        self.written.append((name, self.fill))
-        if self.index == 0:  # np.empty commits no memory until written, so a big --shard-tokens costs nothing here
-            self.buf = np.empty(self.shard_tokens, dtype=np.uint16)
-        self.index, self.fill = self.index + 1, 0
+        self.written.append((name, tokens.size))
+
+    def finish(self) -> None:
+        """Complete the validation shard from the end of the training stream if need be, then write what is left:
+        the last train shard, then the validation shard (listed first in `written`)."""
+        need = self.val.size - self.val_fill
+        tail = np.concatenate(list(self.held)) if self.held else np.empty(0, dtype=np.uint16)
+        if need:
+            if tail.size < need:
+                raise PrepareError(f"the corpus has {self.total:,} tokens, too few for a validation shard of "
+                                   f"{self.val.size - 1:,} and as many to train on: lower --val-tokens or add text")
+            starts = np.flatnonzero(tail[:tail.size - need + 1] == EOT_ID)
+            cut = int(starts[-1]) if starts.size else tail.size - need + 1
+            self.val[self.val_fill:] = tail[cut:cut + need] if starts.size else with_bos(tail[cut:])
+            self.val_tail_tokens = need
+            rest = tail[cut + need:]
+            tail = np.concatenate([tail[:cut], with_bos(rest)]) if rest.size else tail[:cut]
+        self._to_shard(tail)
+        self._write_train()
+        self._write(shard_name(self.name, "val", 0), self.val)
+        self.written.insert(0, self.written.pop())
 
 
 def existing_shards(out: Path, name: str) -> list[Path]:
@@ -428,21 +567,24 @@ def _check_output(out: Path, name: str, overwrite: bool) -> None:
                            "choose another --out-dir")
 
 
-def prepare(paths, out_dir, name: str | None = None, field: str = "text", val_tokens: int = VAL_TOKENS,
+def prepare(paths, out_dir, name: str | None = None, field: str = "text", val_tokens: int | None = None,
             shard_tokens: int = SHARD_TOKENS, workers: int | None = None, globs=DEFAULT_GLOBS,
-            skip_bad_lines: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
+            skip_bad_lines: bool = False, skip_bad_files: bool = False, overwrite: bool = False,
+            quiet: bool = False) -> dict:
     """Tokenise the documents under paths into shards in out_dir (see the module docstring); returns the manifest,
-    plus out_dir. Raises PrepareError for bad arguments or input, before anything in out_dir has changed."""
+    plus out_dir. Raises PrepareError for bad arguments or input, before anything in out_dir has changed.
+    val_tokens None: default_val_tokens of the input's size."""
     # Check everything that can be checked before out_dir is touched, so that a mistake costs nothing.
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     out = Path(out_dir)
     name = out.resolve().name if name is None else name
     workers = default_workers() if workers is None else int(workers)
     globs = tuple(globs)
-    _check_arguments(name, field, val_tokens, shard_tokens, workers)
+    _check_arguments(name, field, VAL_MIN_TOKENS if val_tokens is None else val_tokens, shard_tokens, workers)
     if not paths:
         raise PrepareError("no input paths given")
-    files, summaries = _find_inputs(paths, globs, quiet)
+    files, summaries, bad_files = _find_inputs(paths, globs, quiet, skip_bad_files)
+    val_tokens = default_val_tokens(sum(f.size for f in files)) if val_tokens is None else val_tokens
     _check_output(out, name, overwrite)
     enc_source = gpt2_tokenizer()[1]  # loaded before the pool starts, so that forked workers inherit it
 
@@ -450,15 +592,17 @@ def prepare(paths, out_dir, name: str | None = None, field: str = "text", val_to
     # interrupted run leaves out_dir as it was.
     staging = _make_staging(out, name)
     try:
-        writer = ShardWriter(staging, name, val_tokens, shard_tokens)
+        writer = ShardWriter(staging, name, val_tokens, shard_tokens, sum(f.size for f in files))
         counts = _tokenise_all(files, summaries, writer, field, workers, skip_bad_lines, quiet)
         _check_corpus(counts, writer.total, len(files), val_tokens)
-        writer.flush()
+        writer.finish()
         manifest = {
-            "format": MANIFEST_FORMAT, "version": 1, "name": name, "tokenizer": enc_source, "bos_id": EOT_ID,
+            "format": MANIFEST_FORMAT, "version": 2, "name": name, "tokenizer": enc_source, "bos_id": EOT_ID,
             "inputs": summaries, "globs": list(globs), "field": field, "skip_bad_lines": skip_bad_lines,
-            "files": len(files), "bytes": sum(f.size for f in files), **counts,
-            "tokens": writer.total, "val_tokens": val_tokens, "train_tokens": writer.total - val_tokens - 1,
+            "skip_bad_files": skip_bad_files, "files": len(files), "bad_files": bad_files,
+            "bytes": sum(f.size for f in files), **counts, "tokens": writer.total, "val_tokens": val_tokens,
+            "val_documents": writer.val_documents, "val_tail_tokens": writer.val_tail_tokens,
+            "train_tokens": sum(k for _, k in writer.written[1:]),
             "shard_tokens": shard_tokens, "shards": [n for n, _ in writer.written],
             "shard_sizes": [k for _, k in writer.written],
             "train_files": shard_glob(name, "train"), "val_files": shard_glob(name, "val"),
@@ -471,18 +615,34 @@ def prepare(paths, out_dir, name: str | None = None, field: str = "text", val_to
     return dict(manifest, out_dir=str(out))
 
 
-def _find_inputs(paths, globs, quiet: bool) -> tuple[list[InputFile], list[dict]]:
+def _find_inputs(paths, globs, quiet: bool, skip_bad_files: bool) -> tuple[list[InputFile], list[dict], int]:
     """collect_inputs, with its warnings on stderr unless quiet; an error when no PATH yields any file at all (a
-    directory with no match is only a warning, as long as another PATH has files)."""
+    directory with no match is only a warning, as long as another PATH has files). With skip_bad_files, plain-text
+    files that are not UTF-8 are left out, each with a warning (a read of every text file before tokenising)."""
     def warn(message: str) -> None:
         if not quiet:
             print(f"prepare.py: warning: {message}", file=sys.stderr, flush=True)
 
     files, summaries = collect_inputs(paths, globs, warn)
+    bad = 0
+    if skip_bad_files:
+        kept = []
+        for f in files:
+            problem = utf8_problem(f.path) if f.kind == TEXT_START else None
+            if problem is None:
+                kept.append(f)
+                continue
+            warn(f"{problem}; skipped (--skip-bad-files)")
+            bad += 1
+            summaries[f.arg]["files"] -= 1
+            summaries[f.arg]["bytes"] -= f.size
+            summaries[f.arg]["bad_files"] = summaries[f.arg].get("bad_files", 0) + 1
+        files = kept
     if not files:
         raise PrepareError(f"no input files in {', '.join(map(str, paths))}: a directory is searched for "
-                           f"{','.join(globs) or '(no --glob)'} and *.jsonl files; check the paths or --glob")
-    return files, summaries
+                           f"{','.join(globs) or '(no --glob)'} and *.jsonl files; check the paths or --glob"
+                           + (f" ({bad} not UTF-8, skipped)" if bad else ""))
+    return files, summaries, bad
 
 
 def _make_staging(out: Path, name: str) -> Path:
@@ -509,7 +669,7 @@ def _check_corpus(counts: dict, tokens: int, num_files: int, val_tokens: int) ->
         suggest = tokens // 2 // 1024 * 1024 or tokens // 2
         raise PrepareError(
             f"the corpus has {tokens:,} tokens, fewer than twice --val-tokens {val_tokens:,} (the "
-            f"validation shard takes the first {val_tokens:,}; training needs at least as many): lower "
+            f"validation shard takes {val_tokens:,}; training needs at least as many): lower "
             f"--val-tokens (e.g. --val-tokens {suggest}; the trainer's --val-tokens must then be a multiple of its "
             "--val-seq-len and below the shard's size) or add text")
 
@@ -552,7 +712,7 @@ def _tokenise_all(files, summaries, writer: ShardWriter, field, workers, skip_ba
                         continue
                     counts[key] += 1
                     summary[key] += 1
-                writer.add(tokens)
+                writer.add(tokens, nbytes)
                 bar.update(min(nbytes, total - bar.n))
                 bar.set_postfix_str(f"{writer.total:,} tokens", refresh=False)
     finally:
@@ -560,18 +720,39 @@ def _tokenise_all(files, summaries, writer: ShardWriter, field, workers, skip_ba
     return counts
 
 
+def train_commands(out: Path, val_tokens: int) -> list[tuple[str, str]]:
+    """(what for, command) for training on the corpus, each runnable as printed: the trainer finds the shards by the
+    manifest, and --val-tokens is a multiple of what the preset validates in (the tiny preset's 4,096-token chunks;
+    on GPUs, --preset auto's chunks, multiples of FlexAttention's 128-token blocks)."""
+    where = shlex.quote(str(out))
+    tiny = val_tokens // VAL_MIN_TOKENS * VAL_MIN_TOKENS
+    flags = f"--val-tokens {tiny}" if tiny else f"--val-tokens {val_tokens} --val-seq-len {val_tokens}"
+    commands = [("the tiny model, minutes on a CPU", f"./train.sh --local --preset tiny --data-dir {where} {flags}"),
+                ("the same without the wrapper", f"python train_gpt.py --preset tiny --data-dir {where} {flags}")]
+    if val_tokens >= FLEX_BLOCK:
+        commands.append(("GPUs: the record's recipe fitted to them",
+                         f"./train.sh --data-dir {where} --val-tokens {val_tokens // FLEX_BLOCK * FLEX_BLOCK}"))
+    return commands
+
+
 def _print_summary(out: Path, m: dict) -> None:
     train = len(m["shards"]) - 1
     skipped = [f"{m['empty_documents']:,} empty documents"] if m["empty_documents"] else []
     skipped += [f"{m['bad_lines']:,} bad lines"] if m["bad_lines"] else []
+    skipped += [f"{m['bad_files']:,} non-UTF-8 file{'s' * (m['bad_files'] != 1)}"] if m["bad_files"] else []
     print(f"prepared {m['name']!r} in {out}: {m['documents']:,} documents from {m['files']:,} files "
           f"({m['bytes'] / 2**20:,.1f} MiB), {m['tokens']:,} tokens"
           + (f"; skipped {' and '.join(skipped)}" if skipped else ""))
-    print(f"  {m['shards'][0]}: {m['val_tokens']:,} validation tokens (plus the last one's target)")
+    tail = f", the last {m['val_tail_tokens']:,} from the end of the corpus" if m["val_tail_tokens"] else ""
+    print(f"  {m['shards'][0]}: {m['val_tokens']:,} validation tokens (plus the last one's target) from "
+          f"{m['val_documents']:,} document{'s' * (m['val_documents'] != 1)} sampled across the corpus{tail}")
     print(f"  {m['train_files']}: {m['train_tokens']:,} train tokens in {train} shard{'s' * (train != 1)}")
-    print(f"train with: python train_gpt.py --data-dir {out} --train-files '{m['train_files']}' "
-          f"--val-files '{m['val_files']}' --val-tokens N (at most {m['val_tokens']}, a multiple of --val-seq-len)",
-          flush=True)
+    print("train on it:")
+    commands = train_commands(out, m["val_tokens"])
+    width = max(len(what) for what, _ in commands)
+    for what, command in commands:
+        print(f"  {what + ':':<{width + 1}}  {command}")
+    sys.stdout.flush()
 
 
 def main(argv=None) -> int:
@@ -582,8 +763,10 @@ def main(argv=None) -> int:
     ap.add_argument("--name", metavar="NAME", help="corpus name, the shards' prefix (default: the --out-dir's name)")
     ap.add_argument("--field", default="text", metavar="FIELD",
                     help="JSONL field holding the document (default: %(default)s)")
-    ap.add_argument("--val-tokens", type=int, default=VAL_TOKENS, metavar="N",
-                    help="tokens in the validation shard (default: %(default)s, the trainer's default)")
+    ap.add_argument("--val-tokens", type=int, default=None, metavar="N",
+                    help=f"tokens in the validation shard, documents sampled across the corpus (default: "
+                         f"{VAL_FRACTION:.0%} of the corpus's estimated tokens in multiples of {VAL_MIN_TOKENS:,}, "
+                         f"at most {VAL_TOKENS:,}, the trainer's default)")
     ap.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, metavar="N",
                     help="most tokens in one train shard (default: %(default)s)")
     ap.add_argument("--workers", type=int, default=None, metavar="N",
@@ -593,6 +776,9 @@ def main(argv=None) -> int:
                          f"(default: {','.join(DEFAULT_GLOBS)}; *.jsonl is always included)")
     ap.add_argument("--skip-bad-lines", action="store_true",
                     help="skip (and count) JSONL lines that are not an object with a string --field")
+    ap.add_argument("--skip-bad-files", action="store_true",
+                    help="skip (with a warning, and count) plain-text files that are not UTF-8; each text file is "
+                         "then read once more, before tokenising")
     ap.add_argument("--overwrite", action="store_true", help="replace a corpus already in --out-dir")
     ap.add_argument("--quiet", action="store_true", help="no progress bar, warnings or summary")
     args = ap.parse_args(argv)
@@ -601,7 +787,8 @@ def main(argv=None) -> int:
     try:
         prepare(args.paths, args.out_dir, name=args.name, field=args.field, val_tokens=args.val_tokens,
                 shard_tokens=args.shard_tokens, workers=args.workers, globs=globs,
-                skip_bad_lines=args.skip_bad_lines, overwrite=args.overwrite, quiet=args.quiet)
+                skip_bad_lines=args.skip_bad_lines, skip_bad_files=args.skip_bad_files, overwrite=args.overwrite,
+                quiet=args.quiet)
     except PrepareError as e:
         print(f"prepare.py: error: {e}", file=sys.stderr)
         return 2

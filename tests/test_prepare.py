@@ -91,6 +91,41 @@ def expected_stream(texts) -> np.ndarray:
     return np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
 
 
+def documents(stream) -> list[tuple[int, ...]]:
+    """A shard stream's documents, each from its BOS; the stream must start with one."""
+    stream = np.asarray(stream)
+    starts = np.flatnonzero(stream == BOS)
+    assert stream.size == 0 or (starts.size and starts[0] == 0), "the shard does not start at a document"
+    return [tuple(d.tolist()) for d in np.split(stream, starts[1:])] if stream.size else []
+
+
+def check_split(val, trains, want) -> tuple[int, int]:
+    """The shards hold each document of the expected stream once: whole in the validation shard, or whole in the
+    train shards, which keep the reading order, or cut in two, its start in one and its rest (after a BOS of its
+    own) in the other (the document that filled the validation shard; one from the end of the corpus that
+    completed it). Returns (whole documents in validation, documents cut)."""
+    val_docs, train_docs = documents(val), documents(np.concatenate(trains) if trains else [])
+    left = list(val_docs)
+    t = whole = cut = 0
+    for doc in documents(want):
+        if t < len(train_docs) and train_docs[t] == doc:
+            t += 1
+        elif doc in left:
+            left.remove(doc)
+            whole += 1
+        else:
+            nxt = train_docs[t] if t < len(train_docs) else ()
+            head = next((v for v in left if doc[:len(v)] == v and (BOS, *doc[len(v):]) == nxt), None)  # val, train
+            tail = next((v for v in left if len(nxt) < len(doc) and nxt == doc[:len(nxt)]
+                         and v == (BOS, *doc[len(nxt):])), None)  # train, then val
+            assert head is not None or tail is not None, f"document {decode(doc[1:])[:60]!r} is not in the shards"
+            left.remove(head if head is not None else tail)
+            t, cut = t + 1, cut + 1
+    assert t == len(train_docs) and not left, "the shards hold tokens that are not the corpus's"
+    assert cut <= 2
+    return whole, cut
+
+
 def shard_files(out: Path, name: str) -> tuple[list[Path], list[Path]]:
     return sorted(out.glob(f"{name}_val_*.bin")), sorted(out.glob(f"{name}_train_*.bin"))
 
@@ -135,13 +170,13 @@ def test_shards_hold_the_documents_in_order_each_after_a_bos(corpus, tmp_path):
     val, trains = read_tokens(val_files)[0], read_tokens(train_files)
     assert val.size == 512 + 1  # val_tokens predictions need one more token for the last target
     assert all(t.size == 300 for t in trains[:-1]) and 0 < trains[-1].size <= 300
-    stream = np.concatenate([val, *trains])
-    np.testing.assert_array_equal(stream, want)
-
-    bos = np.flatnonzero(stream == BOS)  # "<|endoftext|>" inside a document is plain text, never token 50256
-    assert bos[0] == 0 and bos.size == len(texts)
-    docs = np.split(stream, bos[1:])
-    assert [decode(d[1:]) for d in docs] == texts
+    whole, cut = check_split(val, trains, want)
+    # "<|endoftext|>" inside a document is plain text, never token 50256: one BOS per document, one more per cut
+    assert sum(len(documents(x)) for x in [val, np.concatenate(trains)]) == len(texts) + cut
+    assert {decode(d[1:]) for d in documents(np.concatenate(trains))} < set(texts) | {""} or cut
+    # validation documents come from across the corpus, not from its start only
+    where = [texts.index(decode(d[1:])) for d in documents(val) if decode(d[1:]) in texts]
+    assert whole >= 3 and max(where) - min(where) > len(texts) // 2, where
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert result["out_dir"] == str(out) and {k: result[k] for k in manifest} == manifest
@@ -149,7 +184,8 @@ def test_shards_hold_the_documents_in_order_each_after_a_bos(corpus, tmp_path):
     assert manifest["documents"] == len(texts) and manifest["empty_documents"] == 1  # empty.txt
     assert manifest["files"] == 8  # a, b/one, b/two, b-c, c.jsonl, empty, z/deep/er, loose: not rst, not hidden
     assert manifest["tokens"] == want.size and manifest["val_tokens"] == 512
-    assert manifest["train_tokens"] == want.size - 513
+    assert manifest["train_tokens"] == want.size - 513 + cut  # a BOS before each cut document's rest
+    assert manifest["val_documents"] >= whole and manifest["val_tail_tokens"] == 0
     assert manifest["shards"] == [f.name for f in val_files + train_files]
     assert manifest["shard_sizes"] == [513] + [t.size for t in trains]
     assert [(i["type"], i["files"]) for i in manifest["inputs"]] == [("directory", 7), ("file", 1), ("file", 0)]
@@ -173,7 +209,7 @@ def test_output_is_identical_for_one_and_two_workers(corpus, tmp_path, monkeypat
     for name in one:
         assert one[name] == two[name], f"{name} differs between --workers 1 and 2"
     val_files, train_files = shard_files(outs[2], "corpus")
-    np.testing.assert_array_equal(np.concatenate(read_tokens(val_files + train_files)), expected_stream(texts))
+    check_split(read_tokens(val_files)[0], read_tokens(train_files), expected_stream(texts))
 
 
 def test_a_long_document_is_tokenised_in_pieces_with_the_same_tokens(tmp_path, monkeypatch):
@@ -192,9 +228,10 @@ def test_a_long_document_is_tokenised_in_pieces_with_the_same_tokens(tmp_path, m
     assert sum((encode(p) for p, _ in pieces), []) == encode(text)
 
     out = tmp_path / "out"
-    prep.prepare([path], out, val_tokens=100, shard_tokens=10_000, workers=2, quiet=True)
+    m = prep.prepare([path], out, val_tokens=100, shard_tokens=10_000, workers=2, quiet=True)
     val_files, train_files = shard_files(out, "out")
-    np.testing.assert_array_equal(np.concatenate(read_tokens(val_files + train_files)), [BOS] + encode(text))
+    assert check_split(read_tokens(val_files)[0], read_tokens(train_files), [BOS] + encode(text))[1] == 1
+    assert m["val_documents"] + (m["val_tail_tokens"] > 0) == 1  # one document: it gives the validation its part
 
 
 def test_safe_cut_only_between_non_space_characters():
@@ -218,7 +255,7 @@ def test_jsonl_with_a_custom_field(tmp_path):
     out = tmp_path / "out"
     m = prep.prepare([path], out, name="rows", field="body", val_tokens=128, workers=1, quiet=True)
     val_files, train_files = shard_files(out, "rows")
-    np.testing.assert_array_equal(np.concatenate(read_tokens(val_files + train_files)), expected_stream(texts))
+    check_split(read_tokens(val_files)[0], read_tokens(train_files), expected_stream(texts))
     assert (m["documents"], m["empty_documents"], m["bad_lines"], m["field"]) == (60, 1, 0, "body")
 
 
@@ -253,7 +290,7 @@ def test_skip_bad_lines_counts_them(tmp_path):
     assert (m["documents"], m["bad_lines"]) == (30, len(BAD_LINES))
     assert m["inputs"][0]["bad_lines"] == len(BAD_LINES)
     val_files, train_files = shard_files(out, "out")
-    np.testing.assert_array_equal(np.concatenate(read_tokens(val_files + train_files)), expected_stream(texts))
+    check_split(read_tokens(val_files)[0], read_tokens(train_files), expected_stream(texts))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -269,8 +306,91 @@ def test_command_line_run_matches_the_function(corpus, tmp_path):
     res = run_cli([*paths, "--out-dir", out, "--val-tokens", 512, "--shard-tokens", 300, "--workers", 2], tmp_path)
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr and "tokenising" in res.stderr  # the progress bar
-    assert f"{len(texts):,} documents" in res.stdout and "--train-files 'mine_train_*.bin'" in res.stdout
+    assert f"{len(texts):,} documents" in res.stdout and "documents sampled across the corpus" in res.stdout
     assert snapshot(out) == snapshot(ref)
+
+
+def printed_commands(stdout: str) -> dict[str, list[str]]:
+    """The commands prepare.py prints after "train on it:", by their first two words."""
+    lines = stdout.splitlines()
+    commands = [line.split(":  ", 1)[1].split() for line in lines[lines.index("train on it:") + 1:]]
+    return {" ".join(c[:2]) if c[0] == "python" else " ".join(c[:2]) + (" local" if "--local" in c else ""): c
+            for c in commands}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("val_tokens", [None, 1000])
+def test_the_printed_commands_run_as_printed(tmp_path, val_tokens):
+    """The printed trainer command trains on the corpus (here for 2 of its steps), the ./train.sh forms are the same
+    words, and the GPU form's --val-tokens suits --preset auto on any GPUs."""
+    paths, _ = make_corpus(tmp_path / "c", seed=4, jsonl_docs=700)
+    out = tmp_path / "my texts" / "mine"  # a space: the commands quote the path
+    flags = [] if val_tokens is None else ["--val-tokens", val_tokens]
+    res = run_cli([*paths, "--out-dir", out, "--workers", 1, *flags], tmp_path)
+    assert res.returncode == 0, res.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["val_tokens"] == (prep.VAL_MIN_TOKENS if val_tokens is None else val_tokens)
+    cmds = printed_commands(res.stdout.replace(f"'{out}'", "OUT"))
+    python = cmds["python train_gpt.py"]
+    assert cmds["./train.sh --local local"][1:] == ["--local", *python[2:]]
+    words = [str(out) if w == "OUT" else w for w in python[2:]]
+    run = subprocess.run([sys.executable, "train_gpt.py", *words, "--num-iterations", "2", "--log-dir",
+                          str(tmp_path / "logs"), "--checkpoint-dir", str(tmp_path / "ck"), "--run-name", "r"],
+                         cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "its manifest names" in run.stderr and "step:2/2 val_loss:" in run.stdout
+    gpu = [str(out) if w == "OUT" else w for w in cmds["./train.sh --data-dir"][1:]]
+    hp = tg.parse_args(["--preset", "auto", *gpu])
+    for count in (1, 8):
+        h100 = [tg.kit.GPUInfo("NVIDIA H100 80GB HBM3", 79.2, 78.6, (9, 0))] * count
+        tg.check_hyperparameters(tg.fit_to_gpus(hp, h100, count)[0], count)
+
+
+def test_default_val_tokens_follow_the_corpus_size():
+    assert prep.default_val_tokens(0) == prep.default_val_tokens(300_000) == 4096  # at least 4,096
+    assert prep.default_val_tokens(10 << 20) == 131_072 - 131_072 % 4096 == 131_072  # 10 MiB: ~2.6M tokens, 5%
+    assert prep.default_val_tokens(1 << 30) == prep.VAL_TOKENS  # at most the trainer's
+    for size in (1, 12345, 10**7, 10**9):
+        assert prep.default_val_tokens(size) % 4096 == 0
+
+
+def test_sampling_is_a_fixed_draw_at_the_rate():
+    n = 100_000
+    for rate in (0.0, 0.01, 0.3, 1.0):
+        picked = sum(prep.sampled(i, rate) for i in range(n))
+        # a binomial count: within 5 standard deviations of n x rate
+        assert abs(picked - n * rate) <= 5 * (n * rate * (1 - rate)) ** 0.5 + 1e-9, (rate, picked)
+    assert [prep.sampled(i, 0.5) for i in range(50)] == [prep.sampled(i, 0.5) for i in range(50)]
+
+
+def test_a_short_validation_shard_is_completed_from_the_end(corpus, tmp_path, monkeypatch):
+    """Sampling far too slowly (as a corpus much larger in tokens than its bytes suggest would): the shard takes
+    the end of the corpus, from a document start, and every document stays whole or cut once."""
+    monkeypatch.setattr(prep, "VAL_SPARE", 0.01)
+    paths, texts = corpus
+    m = prep.prepare(paths, tmp_path / "out", val_tokens=600, shard_tokens=400, workers=1, quiet=True)
+    val_files, train_files = shard_files(tmp_path / "out", "out")
+    val = read_tokens(val_files)[0]
+    assert val.size == 601 and m["val_tail_tokens"] > 0
+    check_split(val, read_tokens(train_files), expected_stream(texts))
+    assert decode(documents(val)[-1][1:]) in texts[-3:] or m["val_tail_tokens"] < 601  # the tail is the corpus's end
+
+
+def test_skip_bad_files_leaves_them_out_with_a_warning(corpus, tmp_path, capsys):
+    paths, texts = corpus
+    bad = put(tmp_path / "more" / "latin1.txt", "café crème".encode("latin-1"))
+    put(tmp_path / "more" / "fine.txt", "fine text")
+    args = [*map(str, paths), str(tmp_path / "more"), "--out-dir", str(tmp_path / "out"), "--val-tokens", "256"]
+    assert prep.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: not UTF-8 text (invalid byte at offset 3)" in err and "--skip-bad-files" in err
+    assert prep.main([*args, "--skip-bad-files"]) == 0
+    out, err = capsys.readouterr()
+    assert f"warning: {bad}: not UTF-8 text (invalid byte at offset 3); skipped (--skip-bad-files)" in err
+    assert "and 1 non-UTF-8 file" in out
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert (m["bad_files"], m["documents"], m["inputs"][-1]["bad_files"], m["inputs"][-1]["files"]) == \
+        (1, len(texts) + 1, 1, 1)
 
 
 @pytest.mark.slow
@@ -291,10 +411,11 @@ def test_missing_input_path_exits_2(tmp_path):
 def test_too_small_corpus_for_val_tokens_exits_2_with_a_hint(corpus, tmp_path, capsys):
     paths, _ = corpus
     out = tmp_path / "out"
-    assert prep.main([*map(str, paths), "--out-dir", str(out), "--quiet"]) == 2  # default: 10,485,760
-    err = capsys.readouterr().err
-    assert "fewer than twice --val-tokens 10,485,760" in err and "lower --val-tokens (e.g. --val-tokens " in err
-    assert list(out.iterdir()) == [], "a failed run must leave nothing behind"
+    for flags, asked in (([], "4,096"), (["--val-tokens", "10485760"], "10,485,760")):  # the default: 4,096 here
+        assert prep.main([*map(str, paths), "--out-dir", str(out), "--quiet", *flags]) == 2
+        err = capsys.readouterr().err
+        assert f"fewer than twice --val-tokens {asked}" in err and "lower --val-tokens (e.g. --val-tokens " in err
+        assert list(out.iterdir()) == [], "a failed run must leave nothing behind"
 
 
 def test_existing_output_is_refused_unless_overwrite(corpus, tmp_path, capsys):
