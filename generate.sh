@@ -93,6 +93,16 @@ resolve_device() {
   fi
 }
 
+# print_settings: what the wrapper chose; generate.py's first line then names the checkpoint it loaded (run, step)
+# and every sampling setting
+print_settings() {
+  local where
+  if [[ "$KIT_RUNTIME" == docker ]]; then where="docker image $KIT_IMAGE"; else where="local virtualenv $(venv_dir)"; fi
+  say "runtime:    $where; GPUs: ${KIT_GPU_SPEC/#none/none (CPU)}"
+  local default="the default of generate.py (the newest of the --run, else of any run)"
+  say "checkpoint: ${CHECKPOINT:-$default}"
+}
+
 main() {
   parse_args "$@"
   if [[ ! -f "$KIT_ROOT/generate.py" ]]; then
@@ -117,6 +127,7 @@ main() {
   if [[ "$KIT_RUNTIME" == docker ]]; then
     check_docker_mounts
   fi
+  print_settings >&2  # stderr: stdout is the text
   exec_in_runtime python generate.py "${checkpoint[@]+"${checkpoint[@]}"}" "${GEN_ARGS[@]+"${GEN_ARGS[@]}"}" \
     "${PASSTHROUGH[@]+"${PASSTHROUGH[@]}"}"
 }

@@ -955,6 +955,19 @@ def test_generate_cpu(kit, flags):
     assert parse_forwarded(generate.build_arg_parser(), inner[inner.index("generate.py") + 1:]).device == "cpu"
 
 
+def test_generate_prints_its_settings_on_stderr(kit, tmp_path):
+    """Its stdout is the sampled text, so the wrapper's lines go to stderr: runtime, GPUs, and the checkpoint."""
+    p = kit.run(GENERATE_SH, "--cpu", "--prompt", "Hi")
+    assert p.returncode == 0 and "generate.sh" not in p.stdout, p.stdout
+    assert f"generate.sh: runtime:    docker image {IMAGE}; GPUs: none (CPU)" in p.stderr
+    assert "generate.sh: checkpoint: the default of generate.py (the newest of the --run, else of any run)" in p.stderr
+    ckpt = tmp_path / "run" / "step_000001.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"")
+    p = kit.run(GENERATE_SH, "--checkpoint", str(ckpt), "--prompt", "Hi")
+    assert p.returncode == 0 and f"generate.sh: checkpoint: {ckpt}" in p.stderr and "GPUs: all" in p.stderr
+
+
 @pytest.mark.parametrize("flags", [["--device", "cuda"], ["--", "--device", "cuda:0"]])
 def test_generate_cpu_conflicts(kit, flags):
     line = usage_error_line(kit.run(GENERATE_SH, "--cpu", *flags), "generate.sh")
