@@ -193,9 +193,16 @@ stage_engine() {
   chmod 755 "$WORK"
   mkdir -p "$WORK/logs" "$WORK/bin"
   install_engine || { fail "Debian's docker.io installed"; return 1; }
-  # the client of the engine installed here: another docker client earlier on PATH may have no BuildKit
-  ln -s "$(dpkg -L docker.io | grep -m 1 -E '/bin/docker$' || command -v docker)" "$WORK/bin/docker"
+  # the client of the engine installed here: another docker client earlier on PATH may have no BuildKit (a client
+  # of 23 or newer without the buildx plugin). grep reads dpkg's whole list: stopping early (-m 1) would kill dpkg
+  # with SIGPIPE, which pipefail reports as a failure
+  local client
+  client=$(dpkg -L docker.io 2>/dev/null | grep -E '/bin/docker$') || true
+  client=${client%%$'\n'*}
+  [[ -x "$client" ]] || client=$(command -v docker)
+  ln -s "$client" "$WORK/bin/docker"
   export PATH="$WORK/bin:$PATH"
+  say "docker client: $client ($(docker version --format '{{.Client.Version}}' 2>/dev/null || true))"  # no daemon yet
   E2E_USER=kite2e$$
   UHOME=$WORK/home
   useradd --no-create-home --home-dir "$UHOME" --shell /bin/bash --user-group "$E2E_USER"
