@@ -154,8 +154,6 @@ def preset_hyperparameters(name: str, presets: dict[str, dict] | None = None) ->
     return CLI.preset(name, PRESETS if presets is None else presets)
 
 
-
-
 def fit_to_gpus(hp: Hyperparameters, gpus: list[kit.GPUInfo], world_size: int) -> tuple[Hyperparameters, str]:
     """--preset auto's choice for these GPUs, one per process (kit.fit_to_gpus), and why."""
     return kit.fit_to_gpus(hp, gpus, world_size, Hyperparameters(), PRESETS["tiny"], FLEX_BLOCK_SIZE)
