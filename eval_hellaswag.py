@@ -283,12 +283,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                     "checkpoint.",
         epilog="GPT-2 small (124M) scores acc_norm 0.2955 this way (karpathy/build-nanogpt, hellaswag.py).\n"
                f"${URL_ENV} replaces the download address ({VAL_URL}).")
-    p.add_argument("--checkpoint", metavar="PATH",
-                   help="checkpoint file or run directory (its newest step); default: --run's newest checkpoint, "
-                        "else the newest of any run (CHECKPOINT_DIR/latest)")
-    p.add_argument("--run", metavar="NAME", help="the newest checkpoint of this run in --checkpoint-dir")
-    p.add_argument("--checkpoint-dir", default="checkpoints", metavar="DIR",
-                   help="where runs keep their checkpoints (default: checkpoints)")
+    generate.add_checkpoint_flags(p)  # chosen as generate.py chooses it
     p.add_argument("--data-dir", default=os.environ.get(DIR_ENV) or "data/hellaswag", metavar="DIR",
                    help=f"where {FILE_NAME} is kept, downloaded on first use (default: ${DIR_ENV}, else "
                         "data/hellaswag)")

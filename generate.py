@@ -328,8 +328,8 @@ def generate(model: tg.GPT, window_blocks: int, prompt_ids: list[int], sc: Sampl
 # Command line
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="generate.py", description="Sample text from a train_gpt.py checkpoint.")
+def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
+    """--checkpoint PATH or --run NAME, and --checkpoint-dir: how load_model chooses the checkpoint."""
     which = p.add_mutually_exclusive_group()
     which.add_argument("--checkpoint", metavar="PATH",
                        help="checkpoint file, or a run directory (its newest step_*.pt) (default: the newest "
@@ -337,6 +337,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     which.add_argument("--run", metavar="NAME", help="the newest checkpoint of this run (checkpoints/NAME/)")
     p.add_argument("--checkpoint-dir", default="checkpoints", metavar="DIR",
                    help="where --run and latest are looked for (default: checkpoints)")
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="generate.py", description="Sample text from a train_gpt.py checkpoint.")
+    add_checkpoint_flags(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default="", help="prompt text; '-' reads it from stdin (default: empty: BOS alone)")
     src.add_argument("--prompt-file", metavar="PATH", help="read the prompt from this UTF-8 file")

@@ -435,7 +435,7 @@ plan_eval() {
     die_usage "--eval-hellaswag evaluates the checkpoint written at the end; drop it or --no-save-final"
   fi
   RUN_NAME=$(config_value run_name)
-  [[ -n "$RUN_NAME" || -z "$CONFIG" ]] || RUN_NAME=$(passthrough_value --run-name)
+  [[ -n "$RUN_NAME" || -n "$CONFIG" ]] || RUN_NAME=$(passthrough_value --run-name)  # a --dry-run without the runtime
   if [[ -z "$RUN_NAME" ]]; then
     RUN_NAME="$(date +%Y%m%d-%H%M%S)-$(config_value preset)-$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')"
     RUN_NAME=${RUN_NAME/--/-}  # no preset read (a --dry-run without the runtime)

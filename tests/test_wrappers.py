@@ -1536,6 +1536,17 @@ def test_eval_hellaswag_refuses_what_leaves_nothing_to_evaluate(kit, flags, word
     assert p.returncode == 2 and words in p.stderr and not kit.runs(), p.stderr
 
 
+def test_eval_hellaswag_in_a_dry_run_before_the_image_exists(kit):
+    """No image yet: the settings cannot be read, so the run name comes from the words (or is made here)."""
+    for flags, name in ((["--run-name", "foo"], "foo"), ([], None)):
+        p = kit.run(TRAIN_SH, "--dry-run", "--preset", "tiny", "--eval-hellaswag", *flags, FAKE_DOCKER_IMAGES="")
+        assert p.returncode == 0, p.stderr
+        evaluation = dry_run_commands(p.stdout)[-1]
+        checkpoint = evaluation[evaluation.index("eval_hellaswag.py") + 1].removeprefix("--checkpoint=checkpoints/")
+        assert checkpoint == name if name else re.match(r"^\d{8}-\d{6}-[0-9a-f]{6}$", checkpoint), evaluation
+        assert f"run name:  {checkpoint}" in p.stdout
+
+
 def test_a_failed_run_is_not_evaluated(kit):
     p = kit.run(TRAIN_SH, "--preset", "tiny", "--eval-hellaswag", FAKE_DOCKER_TRAIN_RC="3")
     assert p.returncode == 3 and len(kit.runs()) == 1 and "evaluating" not in p.stdout
