@@ -437,8 +437,9 @@ plan_eval() {
   RUN_NAME=$(config_value run_name)
   [[ -n "$RUN_NAME" || -n "$CONFIG" ]] || RUN_NAME=$(passthrough_value --run-name)  # a --dry-run without the runtime
   if [[ -z "$RUN_NAME" ]]; then
-    RUN_NAME="$(date +%Y%m%d-%H%M%S)-$(config_value preset)-$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')"
-    RUN_NAME=${RUN_NAME/--/-}  # no preset read (a --dry-run without the runtime)
+    local preset
+    preset=$(config_value preset)  # none read in a --dry-run without the runtime
+    RUN_NAME="$(date +%Y%m%d-%H%M%S)-${preset:+$preset-}$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')"
     TRAIN_ARGS+=("--run-name=$RUN_NAME")
   fi
   local dir
@@ -523,7 +524,7 @@ main() {
   launcher
   print_settings
   download_data
-  if ((EVAL_HELLASWAG)); then
+  if ((EVAL_HELLASWAG)); then  # it does not return
     train_then_eval "${LAUNCH[@]}" "${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}"
   fi
   exec_in_runtime "${LAUNCH[@]}" "${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}"

@@ -494,13 +494,11 @@ class ShardWriter:
 
     def finish(self) -> None:
         """Complete the validation shard from the end of the training stream if need be, then write what is left:
-        the last train shard, then the validation shard (listed first in `written`)."""
+        the last train shard, then the validation shard (listed first in `written`). For a corpus of at least twice
+        val_tokens + 1 tokens (_check_corpus) the held tail covers what the validation shard lacks."""
         need = self.val.size - self.val_fill
         tail = np.concatenate(list(self.held)) if self.held else np.empty(0, dtype=np.uint16)
         if need:
-            if tail.size < need:
-                raise PrepareError(f"the corpus has {self.total:,} tokens, too few for a validation shard of "
-                                   f"{self.val.size - 1:,} and as many to train on: lower --val-tokens or add text")
             starts = np.flatnonzero(tail[:tail.size - need + 1] == EOT_ID)
             cut = int(starts[-1]) if starts.size else tail.size - need + 1
             self.val[self.val_fill:] = tail[cut:cut + need] if starts.size else with_bos(tail[cut:])
@@ -584,7 +582,8 @@ def prepare(paths, out_dir, name: str | None = None, field: str = "text", val_to
     if not paths:
         raise PrepareError("no input paths given")
     files, summaries, bad_files = _find_inputs(paths, globs, quiet, skip_bad_files)
-    val_tokens = default_val_tokens(sum(f.size for f in files)) if val_tokens is None else val_tokens
+    input_bytes = sum(f.size for f in files)
+    val_tokens = default_val_tokens(input_bytes) if val_tokens is None else val_tokens
     _check_output(out, name, overwrite)
     enc_source = gpt2_tokenizer()[1]  # loaded before the pool starts, so that forked workers inherit it
 
@@ -592,7 +591,7 @@ def prepare(paths, out_dir, name: str | None = None, field: str = "text", val_to
     # interrupted run leaves out_dir as it was.
     staging = _make_staging(out, name)
     try:
-        writer = ShardWriter(staging, name, val_tokens, shard_tokens, sum(f.size for f in files))
+        writer = ShardWriter(staging, name, val_tokens, shard_tokens, input_bytes)
         counts = _tokenise_all(files, summaries, writer, field, workers, skip_bad_lines, quiet)
         _check_corpus(counts, writer.total, len(files), val_tokens)
         writer.finish()
@@ -600,7 +599,7 @@ def prepare(paths, out_dir, name: str | None = None, field: str = "text", val_to
             "format": MANIFEST_FORMAT, "version": 2, "name": name, "tokenizer": enc_source, "bos_id": EOT_ID,
             "inputs": summaries, "globs": list(globs), "field": field, "skip_bad_lines": skip_bad_lines,
             "skip_bad_files": skip_bad_files, "files": len(files), "bad_files": bad_files,
-            "bytes": sum(f.size for f in files), **counts, "tokens": writer.total, "val_tokens": val_tokens,
+            "bytes": input_bytes, **counts, "tokens": writer.total, "val_tokens": val_tokens,
             "val_documents": writer.val_documents, "val_tail_tokens": writer.val_tail_tokens,
             "train_tokens": sum(k for _, k in writer.written[1:]),
             "shard_tokens": shard_tokens, "shards": [n for n, _ in writer.written],
