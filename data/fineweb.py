@@ -9,14 +9,19 @@ Each data set is a Hub *dataset* repo of shards in the speedrun format (data/sha
 This module is the one implementation behind the three scripts: they only pass their data set's name to main().
 
 All network access goes through huggingface_hub.hf_hub_download, so HF_ENDPOINT (a mirror), HF_TOKEN (a login),
-HF_HOME (its cache) and HF_HUB_OFFLINE work as they do for any Hub download. On top of it this module:
+HF_HOME, HF_HUB_OFFLINE and the timeouts HF_HUB_ETAG_TIMEOUT (the lookup of each file) and HF_HUB_DOWNLOAD_TIMEOUT
+(each wait for data) work as they do for any Hub download. On top of it this module:
   * skips shards that are already complete on disk (header and size checked) without touching the network, so a
     second run costs nothing and works offline;
   * deletes a present but incomplete or corrupt shard and fetches it again;
   * checks every downloaded file the same way before counting it (hf_hub_download writes to a temporary file and
     renames it, so an interrupted transfer never leaves a half-written file under the final name);
   * retries transient failures (connection errors, timeouts, HTTP 5xx and 429, truncated transfers) with
-    exponential back-off, but reports a missing shard (404) or a refused repository (401/403) at once;
+    exponential back-off, but reports a missing shard (404), a refused repository (401/403) or a redirect loop at
+    once. These are the only retries after a request that got no answer: huggingface_hub's own (the lookup again
+    with a fixed 60 s timeout, the download resent up to 5 times) are turned off, so a server that never answers
+    costs an attempt one timeout. A transfer that breaks off midway is still resumed by huggingface_hub;
+  * draws its bars with data/progress.py: tqdm's bar on a terminal, whole lines (no carriage returns) in a log;
   * turns every expected failure into one DownloadError line that names the file, the repository, the endpoint and
     what to do next.
 """
@@ -24,16 +29,19 @@ HF_HOME (its cache) and HF_HUB_OFFLINE work as they do for any Hub download. On 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import shlex
 import sys
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+from data.progress import is_terminal, progress_bar, tqdm_class
 from data.shards import DataError, read_shard_header, shard_glob, shard_name
 
 DATA_ROOT = Path(__file__).resolve().parent
@@ -152,8 +160,6 @@ def download(dataset: str, num_train_shards: int, data_dir: str | Path | None = 
             f"shards are not in {out} (first: {missing[0].name}). Unset {offline_var} to download them from "
             f"{endpoint}, or copy the shards into {out} by hand.")
     hf_hub_download = _hf_hub_download()
-    from tqdm import tqdm  # a dependency of huggingface_hub
-
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -162,9 +168,9 @@ def download(dataset: str, num_train_shards: int, data_dir: str | Path | None = 
     _remove_stale_partials(out)
 
     # One shard at a time, in order: the bar counts shards (those already there included), not bytes.
-    bar = tqdm(total=len(paths), initial=len(paths) - len(missing), unit="shard", desc=dataset, dynamic_ncols=True,
-               disable=quiet)
-    file_bar = _silent_bar(tqdm) if quiet else None  # huggingface_hub's bar for each file
+    bar = progress_bar(total=len(paths), initial=len(paths) - len(missing), unit="shard", desc=dataset,
+                       dynamic_ncols=True, disable=quiet)
+    file_bar = _file_bar_class(quiet)  # huggingface_hub's bar for each file
     try:
         for path in missing:
             bar.set_postfix_str(path.name)
@@ -239,9 +245,7 @@ def _fetch(hf_hub_download, spec: Dataset, path: Path, endpoint: str, retries: i
     last_kind, last_detail = "", ""
     for attempt in range(1, attempts + 1):
         try:
-            got = Path(hf_hub_download(repo_id=spec.repo_id, filename=path.name, repo_type="dataset",
-                                       local_dir=path.parent, endpoint=endpoint,
-                                       tqdm_class=file_bar))
+            got = _attempt(hf_hub_download, spec, path, endpoint, file_bar)
             try:
                 read_shard_header(got)
                 return
@@ -263,32 +267,75 @@ def _fetch(hf_hub_download, spec: Dataset, path: Path, endpoint: str, retries: i
     raise DownloadError(_gave_up_message(last_kind, last_detail, spec, path, endpoint, attempts))
 
 
-_TRANSIENT = {"unreachable", "network", "http-transient", "truncated", "bad-shard"}
+def _attempt(hf_hub_download, spec: Dataset, path: Path, endpoint: str, file_bar) -> Path:
+    """One hf_hub_download of a shard, without the retries huggingface_hub would add on its own after a request
+    that got no answer: _fetch's are the only ones, so a server that never answers costs an attempt one timeout."""
+    # force_download: the shard is known to be absent (or was deleted as damaged), and it stops huggingface_hub from
+    # repeating a failed lookup with a fixed 60 s timeout and 5 back-off retries, which ignore HF_HUB_ETAG_TIMEOUT.
+    # (It also skips the copy from huggingface_hub's own cache in HF_HOME, where these shards are not put.)
+    with _no_resend_after_silence():
+        return Path(hf_hub_download(repo_id=spec.repo_id, filename=path.name, repo_type="dataset",
+                                    local_dir=path.parent, endpoint=endpoint, force_download=True,
+                                    tqdm_class=file_bar))
+
+
+class _NoAnswer(RuntimeError):
+    """Raised by _SilenceGuard in place of a request that huggingface_hub sends again after it got no answer."""
+
+
+class _SilenceGuard:
+    """Event hooks for huggingface_hub's HTTP client during one attempt: a request that got no answer (it timed out or
+    could not connect) is not sent again. huggingface_hub would resend a GET up to 5 times (its resume loop, one
+    HF_HUB_DOWNLOAD_TIMEOUT and 1 s each); here the attempt fails instead and _fetch's retries take over. A transfer
+    that was answered and then broke off is still resumed by huggingface_hub. The client is shared: requests from
+    other threads are left alone."""
+
+    def __init__(self):
+        self.thread = threading.get_ident()
+        self.sent: set[tuple[str, str]] = set()
+        self.answered: set[tuple[str, str]] = set()
+
+    def on_request(self, request) -> None:
+        if threading.get_ident() != self.thread:
+            return
+        key = (request.method, str(request.url))
+        if key in self.sent - self.answered:
+            raise _NoAnswer(f"no answer from {request.url.host} to the {request.method} request within "
+                            f"{_timeout_var(request.method)}, and huggingface_hub was about to send it again")
+        self.sent.add(key)
+
+    def on_response(self, response) -> None:
+        if threading.get_ident() == self.thread:
+            self.answered.add((response.request.method, str(response.request.url)))
+
+
+@contextlib.contextmanager
+def _no_resend_after_silence():
+    """_SilenceGuard's hooks on huggingface_hub's shared HTTP client, for the duration of the block."""
+    from huggingface_hub import get_session
+
+    guard, hooks = _SilenceGuard(), get_session().event_hooks  # the client's own dict of hook lists
+    hooks["request"].append(guard.on_request)
+    hooks["response"].append(guard.on_response)
+    try:
+        yield
+    finally:
+        for event, hook in (("request", guard.on_request), ("response", guard.on_response)):
+            if hook in hooks[event]:
+                hooks[event].remove(hook)
+
+
+_TRANSIENT = {"unreachable", "network", "timeout", "http-transient", "truncated", "bad-shard"}
 
 
 def _classify(exc: BaseException) -> tuple[str, str]:
     """(kind, detail) of an exception out of hf_hub_download; kind "" when it is not one this module expects.
-    huggingface_hub wraps the real cause (e.g. LocalEntryNotFoundError from a ConnectError), so the whole
-    __cause__/__context__ chain is looked at, outermost first."""
+    huggingface_hub wraps the real cause (e.g. a ValueError from a ConnectError), so the whole __cause__/__context__
+    chain is looked at, outermost first."""
     from huggingface_hub import errors as hf_errors
 
-    try:
-        import httpx2
-        connect_errors: tuple[type[BaseException], ...] = (httpx2.ConnectError, httpx2.ConnectTimeout,
-                                                           httpx2.ProxyError)
-        transport_errors: tuple[type[BaseException], ...] = (httpx2.TransportError,)
-        bad_url_errors: tuple[type[BaseException], ...] = (httpx2.UnsupportedProtocol, httpx2.InvalidURL)
-    except ImportError:  # another huggingface_hub release, on another HTTP client: fall back to the builtins
-        connect_errors, transport_errors, bad_url_errors = (ConnectionError,), (TimeoutError,), ()
-    chain, seen, todo = [], set(), [exc]
-    while todo:
-        e = todo.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        chain.append(e)
-        todo += [e.__cause__, e.__context__]
-
+    connect_errors, timeouts, transport_errors, bad_url_errors, redirect_errors = _http_client_errors()
+    chain = _exception_chain(exc)
     for e in chain:
         if isinstance(e, hf_errors.OfflineModeIsEnabled):
             return "offline", str(e)
@@ -298,29 +345,76 @@ def _classify(exc: BaseException) -> tuple[str, str]:
         if isinstance(e, (hf_errors.RemoteEntryNotFoundError, hf_errors.RevisionNotFoundError)):
             return "missing", _http_detail(e)
         if isinstance(e, hf_errors.HfHubHTTPError) and getattr(e, "response", None) is not None:
-            status = e.response.status_code
-            if status == 404:
-                return "missing", _http_detail(e)
-            if status in (401, 403):
-                return "denied", _http_detail(e)
-            if status >= 500 or status in (408, 429):
-                return "http-transient", _http_detail(e)
-            return "http", _http_detail(e)
+            return _http_status_kind(e.response.status_code), _http_detail(e)
         if isinstance(e, hf_errors.FileMetadataError):
             return "not-hub", str(e)
         if isinstance(e, bad_url_errors):
             return "bad-url", f"{type(e).__name__}: {e}"
+        if isinstance(e, redirect_errors):
+            return "redirects", f"{type(e).__name__}: {e}{_where(e)}"
         if isinstance(e, connect_errors) or isinstance(e, (ConnectionRefusedError, ConnectionAbortedError)):
             return "unreachable", f"{type(e).__name__}: {e}{_where(e)}"
+        if isinstance(e, timeouts):
+            return "timeout", _timeout_detail(e)
         if isinstance(e, transport_errors) or isinstance(e, (ConnectionError, TimeoutError)):
             return "network", f"{type(e).__name__}: {e}{_where(e)}"
         if isinstance(e, OSError) and "Consistency check failed" in str(e):
             return "truncated", "the transfer ended early (fewer bytes than announced)"
+    if isinstance(exc, _NoAnswer):  # raised outside the handling of the request's own error
+        return "timeout", str(exc)
     if isinstance(exc, hf_errors.LocalEntryNotFoundError):  # no cause given: huggingface_hub found no connection
         return "unreachable", _short(str(exc))
     if isinstance(exc, OSError) and exc.errno is not None:
         return "local", f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
     return "", ""
+
+
+def _http_client_errors() -> tuple[tuple[type[BaseException], ...], ...]:
+    """The HTTP client's exception types, sorted for _classify: (cannot connect, no answer in time, other transport
+    failures, bad URL, redirect loop)."""
+    try:
+        import httpx2 as h
+    except ImportError:  # another huggingface_hub release, on another HTTP client: fall back to the builtins
+        return (ConnectionError,), (), (TimeoutError,), (), ()
+    return ((h.ConnectError, h.ConnectTimeout, h.ProxyError), (h.TimeoutException,), (h.TransportError,),
+            (h.UnsupportedProtocol, h.InvalidURL), (h.TooManyRedirects,))
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    """exc and everything it was raised from or while handling, outermost first, each once."""
+    chain, seen, todo = [], set(), [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        chain.append(e)
+        todo += [e.__cause__, e.__context__]
+    return chain
+
+
+def _http_status_kind(status: int) -> str:
+    if status == 404:
+        return "missing"
+    if status in (401, 403):
+        return "denied"
+    return "http-transient" if status >= 500 or status in (408, 429) else "http"
+
+
+def _timeout_detail(e: BaseException) -> str:
+    """Which host did not answer which request, within how long, and which variable sets that."""
+    try:
+        request = e.request  # httpx raises RuntimeError when the error has no request
+        seconds = request.extensions["timeout"]["read"]
+    except Exception:
+        return f"{type(e).__name__}: {e}{_where(e)}"
+    return (f"no answer from {request.url.host} to the {request.method} request within {seconds:g} s "
+            f"({_timeout_var(request.method)})")
+
+
+def _timeout_var(method: str) -> str:
+    """The variable with huggingface_hub's timeout for a request: the lookup (HEAD) or the download."""
+    return "HF_HUB_ETAG_TIMEOUT" if method == "HEAD" else "HF_HUB_DOWNLOAD_TIMEOUT"
 
 
 def _where(e: BaseException) -> str:
@@ -358,6 +452,10 @@ def _fatal_message(kind: str, detail: str, spec: Dataset, path: Path, endpoint: 
         return (f"{endpoint} answered the request for {name} but does not look like a Hugging Face Hub (no commit or "
                 "ETag header). Check HF_ENDPOINT, a proxy or a captive portal; or copy the shards into "
                 f"{path.parent} by hand.")
+    if kind == "redirects":
+        return (f"the download of {name} from {endpoint} went round a redirect loop ({_short(detail).rstrip('.')}). "
+                "HF_ENDPOINT, the mirror behind it or a proxy is misconfigured: check them, or copy the shards into "
+                f"{path.parent} by hand.")
     if kind == "bad-url":
         return (f"cannot download {name} from {endpoint} ({_short(detail).rstrip('.')}): HF_ENDPOINT must be an "
                 "http:// or https:// URL such as https://huggingface.co or a mirror's address.")
@@ -377,6 +475,10 @@ def _gave_up_message(kind: str, detail: str, spec: Dataset, path: Path, endpoint
         return (f"the transfer of {name} from {repo} on {endpoint} kept breaking ({tries}; last error: "
                 f"{_short(detail)}). Check the network connection and run again (complete shards are kept), set "
                 f"HF_ENDPOINT to a mirror, or copy the shards into {path.parent} by hand.")
+    if kind == "timeout":
+        return (f"no answer while downloading {name} from {repo} on {endpoint} ({tries}; last: {_short(detail)}). "
+                "Check HF_ENDPOINT and any proxy, raise that timeout (in seconds) if the link is just slow, or copy "
+                f"the shards into {path.parent} by hand.")
     if kind == "bad-shard":
         return (f"{name} from {repo} on {endpoint} is not a valid shard after {tries} ({_short(detail)}). The copy "
                 f"there may be broken: try another HF_ENDPOINT, or copy the shard into {path.parent} by hand.")
@@ -439,13 +541,29 @@ def _say(quiet: bool, message: str) -> None:
         print(message, flush=True)
 
 
-def _silent_bar(tqdm):
-    """A tqdm class that never shows: huggingface_hub takes a class for its per-file bar, not a flag."""
-    class SilentBar(tqdm):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**kwargs, "disable": True})
+def _file_bar_class(quiet: bool):
+    """The tqdm class for huggingface_hub's bar of each file (it takes a class, not arguments): one that never shows
+    when quiet or when HF_HUB_DISABLE_PROGRESS_BARS is set (huggingface_hub honours it only for its own class), else
+    data/progress.py's choice for stderr, so that in a log this bar writes whole lines too."""
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from tqdm import tqdm  # a dependency of huggingface_hub
 
-    return SilentBar
+    if quiet or are_progress_bars_disabled():
+        return _with_arguments(tqdm, disable=True)
+    if is_terminal(sys.stderr):
+        return tqdm_class()
+    # A log has no bar positions: left to tqdm, this bar would sit below the shard bar (position 1) and move the
+    # cursor back up (ESC [A) after each of its lines.
+    return _with_arguments(tqdm_class(), position=0)
+
+
+def _with_arguments(bar_class, **fixed):
+    """bar_class, a tqdm class, with some of its arguments fixed."""
+    class Bar(bar_class):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, **fixed})
+
+    return Bar
 
 
 def build_arg_parser(dataset: str) -> argparse.ArgumentParser:
@@ -453,12 +571,13 @@ def build_arg_parser(dataset: str) -> argparse.ArgumentParser:
     default_n = min(shards_needed(SPEEDRUN_STEPS, SPEEDRUN_BATCH_TOKENS), spec.train_shards)
     count = f"{spec.train_shards}" if spec.exact else f"about {spec.train_shards}"
     parser = argparse.ArgumentParser(
-        prog=f"cached_{dataset}.py",
+        prog=f"cached_{dataset}.py", allow_abbrev=False,  # --retrie is a mistake, not --retries
         description=f"Download {dataset} ({spec.repo_id} on the Hugging Face Hub, {count} train shards of 100M "
                     f"GPT-2 tokens, about 200 MB each) into a data directory: the validation shard "
                     f"{spec.val_name()} and train shards {spec.train_name(1)} .. N. Shards already complete there "
                     "are kept without network access; incomplete ones are fetched again.",
-        epilog="HF_ENDPOINT (a mirror), HF_TOKEN, HF_HOME and HF_HUB_OFFLINE are honoured as by huggingface_hub. "
+        epilog="HF_ENDPOINT (a mirror), HF_TOKEN, HF_HOME, HF_HUB_OFFLINE and the timeouts in seconds "
+               "HF_HUB_ETAG_TIMEOUT and HF_HUB_DOWNLOAD_TIMEOUT (default 10 each) are honoured as by huggingface_hub. "
                "Exit status: 0 done, 1 download failed, 2 bad arguments.")
     parser.add_argument("num_train_shards", nargs="?", type=int, default=default_n, metavar="N",
                         help=f"train shards to fetch (default: {default_n}, what the speedrun preset reads: "
@@ -468,8 +587,8 @@ def build_arg_parser(dataset: str) -> argparse.ArgumentParser:
                         help=f"where the shards go (default: data/{dataset} in the repository)")
     parser.add_argument("--retries", type=int, default=5, metavar="K",
                         help="retries per shard after a transient failure, with back-off from 1 s doubling "
-                             "(default: %(default)s; 0 = try once). An attempt that cannot connect takes about 25 s "
-                             "on its own: huggingface_hub retries the lookup itself")
+                             "(default: %(default)s; 0 = try once). An attempt ends when a server sends nothing for "
+                             "HF_HUB_ETAG_TIMEOUT (the lookup) or HF_HUB_DOWNLOAD_TIMEOUT (the transfer) seconds")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary; errors only")
     return parser
 

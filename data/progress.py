@@ -18,13 +18,15 @@ LOG_INTERVAL_S = 30.0  # seconds between progress lines where stderr is not a te
 
 class LineStream(io.TextIOBase):
     """A text stream for tqdm that writes each of its redraws as one line: tqdm starts every redraw with a carriage
-    return (and pads it with spaces, or clears it with them); here each non-blank piece becomes a line of its own."""
+    return (pads it with spaces, or clears it with them, and moves the cursor between nested bars); here each
+    non-blank piece, without escape codes, becomes a line of its own."""
 
     def __init__(self, stream):
         super().__init__()
         self.stream = stream
 
     def write(self, text: str) -> int:
+        text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)  # the cursor moves of nested bars
         for piece in re.split(r"[\r\n]", text):
             if piece.strip():
                 self.stream.write(piece.rstrip() + "\n")

@@ -5,10 +5,12 @@ dataset repo, as the real Hub does for LFS files:
   HEAD {endpoint}/datasets/{repo}/resolve/main/{file}
       -> 302 to a CDN URL on another origin, with X-Repo-Commit, X-Linked-Etag (sha256) and X-Linked-Size;
          404 + X-Error-Code: EntryNotFound for a missing file; 401 + X-Error-Code: RepoNotFound when access is refused;
-  GET {cdn}/blobs/{sha256}  -> 200 with the bytes, or 206 + Content-Range for "Range: bytes=N-" (resume).
+  GET {cdn}/blobs/{sha256}  -> 200 with the bytes (and the file's name in Content-Disposition), or 206 +
+      Content-Range for "Range: bytes=N-" (resume).
 No X-Xet-* headers are sent, so huggingface_hub uses plain HTTP even with hf_xet installed. Faults (HTTP errors,
 a transfer cut off midway, a connection dropped after the headers) are queued per file and consumed by content GETs;
-every request is logged with its headers, so the tests can count them.
+a redirect loop can be switched on at either origin; every request is logged with its headers, so the tests can count
+them. SilentServer is the other stand-in: it accepts connections and never answers.
 
 huggingface_hub copies HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE into module constants when it is imported.
 data/fineweb.py reads HF_ENDPOINT and HF_HUB_OFFLINE again at call time, so in-process tests set them with
@@ -85,6 +87,8 @@ class FakeHub:
         self.faults: dict[str, list[str]] = defaultdict(list)  # file -> faults for its next content GETs
         self.deny = False  # answer every Hub request with 401 RepoNotFound
         self.on_range = None  # called with the file name when a Range request arrives
+        self.loop = None  # "hub-self", "hub-cycle" or "cdn-self": redirect every request there round a loop
+        self.blob_origin = None  # another origin (a SilentServer) for the Hub's redirects to send downloads to
         self.lock = threading.Lock()
         self.hub = self._serve("hub")
         self.cdn = self._serve("cdn")
@@ -102,7 +106,7 @@ class FakeHub:
 
     @property
     def cdn_url(self) -> str:
-        return f"http://127.0.0.1:{self.cdn.server_port}"
+        return self.blob_origin or f"http://127.0.0.1:{self.cdn.server_port}"
 
     def sha(self, name: str) -> str:
         return hashlib.sha256(self.files[name]).hexdigest()
@@ -152,6 +156,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _resolve(self, fake: FakeHub, path: str) -> None:
+        if fake.loop == "hub-self":
+            self._reply(302, {"Location": self.path})
+            return
+        if fake.loop == "hub-cycle":  # between the file's URL and the same with ?hop
+            self._reply(302, {"Location": path if "?" in self.path else f"{path}?hop"})
+            return
         prefix = f"/datasets/{fake.repo_id}/resolve/main/"
         if fake.deny or not path.startswith(prefix):
             self._reply(401, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"},
@@ -173,6 +183,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if name is None:
             self._reply(404, {}, b"no such blob")
             return
+        if fake.loop == "cdn-self":
+            self._reply(302, {"Location": self.path})
+            return
         data = fake.files[name]
         fault = None
         if with_body:
@@ -182,7 +195,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if fault is not None and fault.isdigit():
             self._reply(int(fault), {}, b"injected error")
             return
-        start, status, headers = 0, 200, {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        start, status, headers = 0, 200, {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream",
+                                          "Content-Disposition": f'inline; filename="{name}";'}
         rng = self.headers.get("Range")
         if rng:
             if fake.on_range is not None:
@@ -205,6 +219,43 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body[:cut_point(len(body))])
         self.wfile.flush()
         self.close_connection = True
+
+
+class SilentServer:
+    """Accepts TCP connections on 127.0.0.1, reads nothing, answers nothing, and closes each connection after
+    silence_s: a Hub behind a hung proxy or a firewall that swallows the traffic."""
+
+    def __init__(self, silence_s: float):
+        self.silence_s = silence_s
+        self.accepted = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        held: list[tuple[socket.socket, float]] = []
+        while not self.done.is_set():
+            try:
+                held.append((self.sock.accept()[0], time.monotonic()))
+                self.accepted += 1
+            except TimeoutError:
+                pass
+            for conn, since in [h for h in held if time.monotonic() - h[1] > self.silence_s]:
+                conn.close()
+                held.remove((conn, since))
+        for conn, _ in held:
+            conn.close()
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join()
+        self.sock.close()
 
 
 def cut_point(size: int) -> int:
@@ -483,7 +534,7 @@ def test_refused_repository_is_reported_at_once(hub, data_dir, capsys):
     assert len(hub.log) == 1
 
 
-def test_unreachable_endpoint_gives_the_offline_message(data_dir, monkeypatch, capsys):
+def test_unreachable_endpoint_gives_the_offline_message(data_dir, monkeypatch, capsys, sleeps):
     endpoint = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
     code = fineweb.main(["1", "--data-dir", str(data_dir), "--retries", "1"], "fineweb10B")
@@ -494,6 +545,7 @@ def test_unreachable_endpoint_gives_the_offline_message(data_dir, monkeypatch, c
     assert last.startswith(PROG_ERROR + "cannot reach the Hugging Face Hub at " + endpoint)
     assert "2 attempts" in last and "HF_ENDPOINT" in last and f"into {data_dir} by hand" in last
     assert "retrying in 1 s (attempt 2 of 2)" in err
+    assert sleeps == [fineweb.BACKOFF_FIRST_S]  # the one back-off asked for; huggingface_hub adds none of its own
     assert not (data_dir / VAL).exists()
 
 
@@ -513,6 +565,69 @@ def test_hf_hub_offline_refuses_missing_shards_but_accepts_complete_ones(hub, se
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert fineweb.main(args, "fineweb10B") == 0
     assert hub.log == [] and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("loop", ["hub-self", "hub-cycle", "cdn-self"])
+def test_redirect_loop_is_reported_at_once_and_leaves_nothing(loop, hub, data_dir, capsys, sleeps):
+    """Bounded by requests, not seconds: one way round the client's limit of 20 redirects, and no retry."""
+    hub.loop = loop
+    code = fineweb.main(["1", "--data-dir", str(data_dir), "--retries", "3", "--quiet"], "fineweb10B")
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith(PROG_ERROR + f"the download of {VAL} from {hub.url} went round a redirect loop")
+    assert err.count("\n") == 1 and "HF_ENDPOINT" in err
+    assert sleeps == [] and len(hub.log) <= 2 + 20
+    assert not (data_dir / VAL).exists() and partials(data_dir) == []
+
+
+def test_a_hub_that_never_answers_ends_each_attempt_after_the_etag_timeout(tmp_path, real_sleep):
+    """A fresh interpreter, so that huggingface_hub reads the timeouts from the environment as in real use. The
+    bound comes from the test's own timeouts: two attempts of one timeout each and the back-off between them, against
+    a server that stays silent twenty times that long; the run must end before half of the silence is over."""
+    timeout_s, retries = 1, 1
+    expected_s = (retries + 1) * timeout_s + fineweb.BACKOFF_FIRST_S
+    server = SilentServer(silence_s=20 * expected_s)
+    data_dir = tmp_path / "data"
+    # Telemetry off: huggingface_hub would first ask the endpoint for its list of AI agents (3 s, once per process).
+    env = script_env(HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / "hf_home_sub"), HF_HUB_DISABLE_TELEMETRY="1",
+                     HF_HUB_ETAG_TIMEOUT=str(timeout_s), HF_HUB_DOWNLOAD_TIMEOUT=str(timeout_s))
+    limit_s = server.silence_s / 2
+    try:
+        start = time.monotonic()
+        run = subprocess.run([sys.executable, str(ROOT / "data" / "cached_fineweb10B.py"), "1", "--data-dir",
+                              str(data_dir), "--retries", str(retries), "--quiet"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=limit_s)
+        elapsed_s = time.monotonic() - start
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"no result within {limit_s:g} s from a download with {timeout_s} s timeouts and {retries} retry")
+    finally:
+        server.close()
+    assert run.returncode == 1
+    assert run.stderr.startswith(PROG_ERROR + "no answer while downloading " + VAL) and run.stderr.count("\n") == 1
+    assert f"to the HEAD request within {timeout_s} s (HF_HUB_ETAG_TIMEOUT)" in run.stderr
+    assert "2 attempts" in run.stderr
+    assert server.accepted == retries + 1  # one lookup per attempt: huggingface_hub retried none of them itself
+    assert elapsed_s >= (retries + 1) * timeout_s  # the timeout was waited for, not skipped
+    assert not (data_dir / VAL).exists() and partials(data_dir) == []
+
+
+def test_a_cdn_that_never_answers_ends_each_attempt_after_one_download_timeout(hub, data_dir, monkeypatch, capsys,
+                                                                             sleeps):
+    """The Hub answers the lookup; the CDN it redirects to never answers. huggingface_hub would send each attempt's
+    GET 6 times (its resume loop); bounded by requests, so the test's speed does not matter."""
+    monkeypatch.setattr(hf_constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)  # read by huggingface_hub at each GET
+    silent = SilentServer(silence_s=60)
+    hub.blob_origin = silent.url
+    try:
+        code = fineweb.main(["1", "--data-dir", str(data_dir), "--retries", "1", "--quiet"], "fineweb10B")
+    finally:
+        silent.close()
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith(PROG_ERROR + "no answer while downloading " + VAL) and err.count("\n") == 1
+    assert "no answer from 127.0.0.1 to the GET request within 1 s (HF_HUB_DOWNLOAD_TIMEOUT)" in err
+    assert "2 attempts" in err
+    assert silent.accepted == 2  # one GET per attempt
+    assert not (data_dir / VAL).exists() and partials(data_dir) == []
 
 
 @pytest.mark.parametrize("endpoint", ["nonsense", "ftp://mirror.example", "http://[::1", "http://host:port"])
@@ -535,6 +650,16 @@ def test_bad_arguments_exit_2(argv, complaint, capsys, data_dir):
     assert fineweb.main(argv + ["--data-dir", str(data_dir)], "fineweb10B") == 2
     assert complaint in capsys.readouterr().err
     assert not data_dir.exists()
+
+
+@pytest.mark.parametrize("dataset", list(fineweb.DATASETS))
+@pytest.mark.parametrize("abbreviation", ["--retrie=1", "--data=elsewhere", "--qui"])
+def test_abbreviated_flags_are_refused(dataset, abbreviation, capsys, data_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # were it taken for the flag, the run would stop offline (exit 1)
+    assert fineweb.main([abbreviation, "--data-dir", str(data_dir)], dataset) == 2
+    assert f"unrecognized arguments: {abbreviation}" in capsys.readouterr().err
+    # The scripts parse nothing themselves: fineweb.main's parser is the only one.
+    assert "ArgumentParser" not in (ROOT / "data" / f"cached_{dataset}.py").read_text()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -562,6 +687,26 @@ def test_script_downloads_with_hf_endpoint_from_the_environment_and_fails_cleanl
     assert "Traceback" not in run.stderr
     assert run.stderr.startswith(PROG_ERROR + "HF_HUB_OFFLINE is set") and TRAIN3 in run.stderr
     assert hub.log == []
+
+
+def test_progress_written_to_a_log_is_whole_lines(hub, served, tmp_path, real_sleep):
+    """With stderr in a file, both bars (the shards', and huggingface_hub's for each file) and the note of a retry
+    write whole lines."""
+    data_dir, log = tmp_path / "elsewhere", tmp_path / "download.log"
+    hub.faults[TRAIN1] = ["500"]
+    env = script_env(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf_home_sub"))
+    with open(log, "w") as stderr:
+        run = subprocess.run([sys.executable, str(ROOT / "data" / "cached_fineweb10B.py"), "2", "--data-dir",
+                              str(data_dir)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=stderr,
+                             text=True, timeout=120)
+    assert run.returncode == 0
+    raw = log.read_bytes()  # not read_text, which would turn each "\r" into a line end
+    assert b"\r" not in raw and b"\x1b" not in raw  # no redraws, no cursor movements
+    lines = raw.decode().splitlines()
+    assert any(line.startswith("fineweb10B: 100%") and "3/3" in line for line in lines)
+    assert f"{TRAIN1}: HTTP 500; retrying in 1 s (attempt 2 of 6)" in lines
+    for name in served:
+        assert any(line.startswith(f"{name}: 100%") for line in lines)
 
 
 @pytest.mark.parametrize("dataset", list(fineweb.DATASETS))

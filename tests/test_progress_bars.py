@@ -52,3 +52,14 @@ def test_a_bar_that_clears_itself_leaves_no_blank_line():
     with progress.progress_bar(total=2, desc="work", file=out, leave=False) as bar:
         bar.update(2)
     assert all(line.strip() for line in out.getvalue().splitlines())
+
+
+def test_nested_bars_in_a_log_write_no_cursor_moves(monkeypatch):
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)
+    out = io.StringIO()
+    with progress.progress_bar(total=2, desc="outer", file=out) as outer:
+        with progress.progress_bar(total=3, desc="inner", file=out, leave=False) as inner:
+            inner.update(3)
+        outer.update(2)
+    assert "\x1b" not in out.getvalue() and "\r" not in out.getvalue()
+    assert {line.split(":")[0] for line in out.getvalue().splitlines()} == {"outer", "inner"}
