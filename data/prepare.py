@@ -7,7 +7,9 @@
 Inputs (PATH):
   FILE.jsonl  one JSON object per line, the document being the string in --field (default "text"). Blank lines are
               ignored. A line that is not a JSON object with a string --field stops the run with FILE:LINE in the
-              message, unless --skip-bad-lines is given (then such lines are skipped and counted).
+              message, unless --skip-bad-lines is given (then such lines are skipped and counted). A line is parsed
+              whole, so a line over 64 MiB (JSONL_LINE_BYTES) is such a bad line: it is read past in pieces, never
+              held whole; save a document that large as a plain-text file, which is read in pieces.
   FILE        any other file is one plain-text document in UTF-8 (a leading byte-order mark is dropped). A file
               that is not UTF-8 stops the run, unless --skip-bad-files is given (then it is left out, with a
               warning).
@@ -15,10 +17,18 @@ Inputs (PATH):
               insensitive, matched against the file name; default *.txt,*.md) and for *.jsonl files, which are always
               read as JSONL. Hidden files and directories (.name) are skipped; symbolic links to directories are not
               followed.
+A path that is not a regular file (a FIFO, a device, a socket, or a link to one), given or found in a directory, is
+skipped with a warning and counted: it could block or never end. A link to a regular file is read.
 
 Order: the PATH arguments in the order given; a directory's files sorted by their path relative to it (compared
 directory name by directory name); a file reached twice is read once. Text is taken verbatim. Empty documents are
 skipped and counted.
+
+Memory stays bounded whatever the files' size or line lengths: files are read 4 MiB at a time, and a document (a
+text file's, or a JSON line's text) is tokenised in pieces of at most 4 Mi characters (PIECE_CHARS), each ending at
+the last place where a cut leaves the tokens unchanged: just before a space or a newline that a non-space character
+follows (GPT-2's pre-tokeniser starts a piece there; a space joins the word after it). A stretch of 4 Mi characters
+with no such place (e.g. base64) is cut after exactly that many, where one merge may differ from reading it whole.
 
 Output, in --out-dir (--name defaults to that directory's name):
   NAME_val_000000.bin           --val-tokens tokens plus one (the last prediction's target): whole documents drawn
@@ -31,11 +41,15 @@ Without --val-tokens the validation shard takes 5% of the corpus's estimated tok
 4,096, at least 4,096 and at most the trainer's 10,485,760.
 Each document is token 50256 (<|endoftext|>) followed by its GPT-2 tokens (encode_ordinary: text that looks like a
 special token is plain text). The shards are the same for any --workers. They are written to a hidden staging
-directory and moved into place once everything has succeeded, so a failed or interrupted run leaves the directory as
-it was. Exit status: 0 done, 2 bad arguments or input, 1 anything else (no tokenizer, disk full), 130 Ctrl-C.
+directory and moved into place once everything has succeeded; the staging directory is removed on every way out
+(an error, Ctrl-C, SIGTERM), so a failed or interrupted run leaves the directory as it was. Exit status: 0 done, 2
+bad arguments or input, 1 anything else (no tokenizer, disk full), 130 Ctrl-C (SIGINT), 143 SIGTERM.
 
 Then train on them with the commands it prints last, e.g. ./train.sh --local --preset tiny --data-dir DIR
---val-tokens N: the trainer finds the shards of a prepared directory by its manifest.
+--val-tokens N: the trainer finds the shards of a prepared directory by its manifest. The tiny command validates on
+at most a tenth of the 409,600 tokens the tiny preset trains on (40,960, in its 4,096-token chunks; it validates 9
+times in its 200 steps), and on no more than the shard holds; the GPU command (--preset auto) on the whole shard,
+in whole FlexAttention blocks of 128 tokens.
 """
 
 from __future__ import annotations
@@ -43,6 +57,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import fnmatch
+import itertools
 import json
 import multiprocessing
 import os
@@ -50,7 +65,9 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import sys
+import threading
 from collections import deque
 from contextlib import closing
 from dataclasses import dataclass
@@ -61,6 +78,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data.progress import progress_bar  # noqa: E402
 from data.shards import PREPARED_FORMAT as MANIFEST_FORMAT  # noqa: E402
 from data.shards import PREPARED_MANIFEST as MANIFEST  # noqa: E402
 from data.shards import atomic_write, shard_glob, shard_name, write_shard  # noqa: E402
@@ -76,15 +94,20 @@ SHARD_TOKENS = 100_000_000  # the FineWeb shards' size
 DEFAULT_GLOBS = ("*.txt", "*.md")
 MAX_SHARD_TOKENS = 2**31 - 1  # the shard header stores the count as an int32
 FLEX_BLOCK = 128  # the trainer's FlexAttention block: on GPUs it validates in chunks of whole blocks
+TINY_TRAIN_TOKENS = 200 * 2 * 1024  # the tiny preset's num_iterations x seqs_per_step x train_seq_len (train_gpt.py's
+#                                     PRESETS["tiny"]; not imported: data tools import neither torch nor the trainer)
+TINY_VAL_SHARE = 0.1  # the printed tiny command validates on at most this share of the tokens its run trains on
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # no glob characters: the trainer finds shards by glob
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")
 
 # Tuning. Module-level so that tests can shrink them to exercise the same paths on a few kilobytes.
 READ_BYTES = 1 << 22  # text files are read in blocks of this many bytes, ...
-PIECE_CHARS = 1 << 22  # ... and a document longer than this is tokenised in pieces (see safe_cut)
+PIECE_CHARS = 1 << 22  # ... and a document longer than this is tokenised in pieces of at most this many (piece_end)
+JSONL_LINE_BYTES = 1 << 26  # the longest JSONL line (newline included) read: a JSON document is parsed whole
 BATCH_BYTES = 1 << 20  # text goes to the workers in batches of about this many bytes ...
 BATCH_ITEMS = 2048  # ... or this many documents, whichever comes first: big enough to amortise the pickling
-IN_FLIGHT_PER_WORKER = 4  # batches queued or running per worker: keeps them busy while bounding memory
+IN_FLIGHT_PER_WORKER = 4  # batches queued or running per worker: keeps them busy while bounding memory, ...
+IN_FLIGHT_BYTES = 1 << 27  # ... and their input bytes at most about this many, however large each batch is
 
 # Kinds of work item.
 JSONL = "jsonl"  # a raw JSONL line (parsed in the worker, so that JSON decoding runs in parallel too)
@@ -136,8 +159,24 @@ def _walk(root: Path, globs) -> list[Path]:
     return found
 
 
+def not_regular(mode: int) -> str | None:
+    """What a file of this st_mode is when it is not a regular file (reading a FIFO blocks until something writes to
+    it, a device such as /dev/zero never ends), else None."""
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+    return next((what for test, what in kinds if test(mode)), "not a regular file")
+
+
+def _shown(path: Path) -> str:
+    """path, and where it leads when it is a symbolic link (a link to /dev/zero named notes.txt is not obvious)."""
+    return f"{path} (a link to {os.path.realpath(path)})" if path.is_symlink() else str(path)
+
+
 def collect_inputs(paths, globs, warn=None) -> tuple[list[InputFile], list[dict]]:
-    """The input files in reading order, and a summary of each PATH argument for the manifest."""
+    """The input files in reading order, and a summary of each PATH argument for the manifest. Paths that are not
+    regular files (or links to one) are left out, each with a warning, and counted in non_regular_files."""
     files, seen, summaries = [], set(), []
     for i, given in enumerate(paths):
         path = Path(given)
@@ -145,40 +184,73 @@ def collect_inputs(paths, globs, warn=None) -> tuple[list[InputFile], list[dict]
             found, kind = _walk(path, globs), "directory"
             if not found and warn:
                 warn(f"{given}: no files match {','.join(globs) or '(no --glob)'} or *.jsonl in this directory")
-        elif path.is_file():
-            found, kind = [path], "file"
         elif path.exists():
-            raise PrepareError(f"{given}: not a regular file or a directory")
+            found, kind = [path], "file"
         else:
             raise PrepareError(f"{given}: no such file or directory")
         summary = {"path": str(given), "type": kind, "files": 0, "bytes": 0, "documents": 0, "empty_documents": 0,
-                   "bad_lines": 0}
+                   "bad_lines": 0, "non_regular_files": 0}
         for f in found:
             try:
-                key, size = f.resolve(), f.stat().st_size
+                key, st = f.resolve(), f.stat()
             except OSError as e:
                 raise PrepareError(f"{f}: cannot read ({e.strerror})") from None
             if key in seen:
                 continue
             seen.add(key)
-            files.append(InputFile(f, JSONL if f.name.lower().endswith(".jsonl") else TEXT_START, size, i))
+            what = not_regular(st.st_mode)
+            if what is not None:
+                if warn:
+                    warn(f"{_shown(f)}: {what}, not a regular file; skipped")
+                summary["non_regular_files"] += 1
+                continue
+            files.append(InputFile(f, JSONL if f.name.lower().endswith(".jsonl") else TEXT_START, st.st_size, i))
             summary["files"] += 1
-            summary["bytes"] += size
+            summary["bytes"] += st.st_size
         summaries.append(summary)
     return files, summaries
 
 
-def safe_cut(text: str, lo: int = 0) -> int:
-    """Where text may be cut so that tokenising the two parts separately gives exactly the tokens of the whole: just
-    after a newline that has a non-space character on both sides. GPT-2's pre-tokeniser always ends a piece there
-    (a lone newline between non-spaces is a piece of its own, and no pattern looks behind), so no BPE merge crosses
-    the cut. Returns the last such position whose newline lies at or after lo, or 0 if there is none."""
-    i = text.rfind("\n", lo, len(text) - 1)
-    while i > 0:
-        if not text[i - 1].isspace() and not text[i + 1].isspace():
-            return i + 1
-        i = text.rfind("\n", lo, i)
-    return 0
+def open_regular(path: Path):
+    """path opened for reading (binary), or a PrepareError if it is no longer a regular file: collect_inputs checked
+    it, but a FIFO put in its place since would block the open for ever. O_NONBLOCK lets that open return at once."""
+    nonblock = getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, os.O_RDONLY | nonblock)
+    except OSError as e:
+        raise PrepareError(f"{path}: cannot read ({e.strerror})") from None
+    what = not_regular(os.fstat(fd).st_mode)
+    if what is not None:
+        os.close(fd)
+        raise PrepareError(f"{path}: {what} now, not a regular file; leave it out of the inputs")
+    if nonblock:
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+_LAST_CUT = re.compile(r".*[ \n](?=\S)", re.DOTALL)  # .* runs to the end and backs off: finds the last one
+
+
+def safe_cut(text: str, lo: int = 0, hi: int | None = None) -> int:
+    r"""Where text may be cut so that tokenising the two parts separately gives exactly the tokens of the whole: just
+    before a space or a newline that a non-space character follows. GPT-2's pre-tokeniser always starts a piece
+    there: such a space begins the next word's piece (" word"), such a newline is a piece of its own, a run of
+    whitespace before either ends one character early (its \s+(?!\S)), a non-space character's piece stops at
+    whitespace, and no pattern looks behind. (Python's \S excludes every character the pattern's \s matches, and
+    four more: stricter, never wrong.) Returns the last such position in [lo, hi] (hi: the end), or 0 if none."""
+    end = len(text) if hi is None else min(hi + 2, len(text))  # a cut at hi looks at the character after it
+    m = _LAST_CUT.match(text, max(lo, 1), end)
+    return m.end() - 1 if m else 0
+
+
+def piece_end(text: str, start: int = 0) -> int:
+    """Where the piece of text that starts at `start` ends: at text's end if that is within PIECE_CHARS, else at the
+    last safe_cut within PIECE_CHARS, else (PIECE_CHARS characters with no space or newline before a non-space, such
+    as base64 or a script written without spaces) after exactly PIECE_CHARS: the one cut that may change a merge."""
+    end = start + PIECE_CHARS
+    if len(text) <= end:
+        return len(text)
+    return safe_cut(text, start + 1, end) or end
 
 
 def decode_block(decoder, block: bytes, offset: int, path: Path) -> str:
@@ -198,54 +270,63 @@ def utf8_problem(path: Path) -> str | None:
     """The message decode_block gives for a plain-text file that is not UTF-8, or None: one read of the file."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
-    try:
-        with open(path, "rb") as f:
+    with open_regular(path) as f:  # outside the try: a file that cannot be opened is an error, not a bad file
+        try:
             while block := f.read(READ_BYTES):
                 decode_block(decoder, block, offset, path)
                 offset += len(block)
             decode_block(decoder, b"", offset, path)
-    except PrepareError as e:
-        return str(e).split("; ")[0]
-    except OSError as e:
-        raise PrepareError(f"{path}: cannot read ({e.strerror})") from None
+        except PrepareError as e:
+            return str(e).split("; ")[0]
+        except OSError as e:
+            raise PrepareError(f"{path}: cannot read ({e.strerror})") from None
     return None
 
 
 def text_pieces(path: Path):
-    """A plain-text file's document as (piece, bytes it came from): one piece unless it is longer than PIECE_CHARS,
-    then pieces cut at safe_cut points, so that a huge single-document file never becomes one huge token list.
-    An empty file gives one empty piece."""
+    """A plain-text file's document as (piece, bytes it came from), read READ_BYTES at a time: one piece unless it is
+    longer than PIECE_CHARS, then pieces of at most PIECE_CHARS ending at piece_end, so that memory stays bounded
+    however long the file and its lines are. An empty file gives one empty piece."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    pending, scanned, offset, counted, first = "", 0, 0, 0, True
+    pending, offset, counted, first = "", 0, 0, True
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             while True:
                 block = f.read(READ_BYTES)
                 pending += decode_block(decoder, block, offset, path)
                 offset += len(block)
                 if first and pending:
-                    pending = pending[1:] if pending[0] == "\ufeff" else pending
-                    first = False
+                    pending, first = pending.removeprefix("\ufeff"), False
+                while len(pending) > PIECE_CHARS:
+                    cut = piece_end(pending)
+                    piece, pending = pending[:cut], pending[cut:]
+                    size = len(piece.encode("utf-8"))
+                    counted += size
+                    yield piece, size
                 if not block:
                     break
-                if len(pending) >= PIECE_CHARS:
-                    cut = safe_cut(pending, max(scanned - 2, 0))
-                    if cut:
-                        piece, pending = pending[:cut], pending[cut:]
-                        size = len(piece.encode("utf-8"))
-                        counted += size
-                        yield piece, size
-                    scanned = len(pending)  # no cut point left before here: do not search it again
     except OSError as e:
         raise PrepareError(f"{path}: cannot read ({e.strerror})") from None
     yield pending, max(offset - counted, 0)
 
 
 def jsonl_lines(path: Path):
-    """(line number, raw line) of a JSONL file; the lines are parsed by the workers."""
+    """(line number, raw line, its bytes) of a JSONL file, the lines parsed by the workers. A line longer than
+    JSONL_LINE_BYTES comes as None: its rest is read past, JSONL_LINE_BYTES at a time, never held whole."""
     try:
-        with open(path, "rb") as f:
-            yield from enumerate(f, 1)
+        with open_regular(path) as f:
+            for line_no in itertools.count(1):
+                line = f.readline(JSONL_LINE_BYTES)
+                if not line:
+                    return
+                size = len(line)
+                if size == JSONL_LINE_BYTES and not line.endswith(b"\n"):
+                    rest = f.readline(JSONL_LINE_BYTES)  # empty: the line was exactly the limit, at the end
+                    line = None if rest else line
+                    while rest:
+                        size += len(rest)
+                        rest = b"" if rest.endswith(b"\n") else f.readline(JSONL_LINE_BYTES)
+                yield line_no, line, size
     except OSError as e:
         raise PrepareError(f"{path}: cannot read ({e.strerror})") from None
 
@@ -255,11 +336,11 @@ def work_items(files: list[InputFile]):
     carry = 0  # bytes of blank lines, counted with the next item for the progress bar
     for fi, f in enumerate(files):
         if f.kind == JSONL:
-            for line_no, line in jsonl_lines(f.path):
-                if not line.strip():
-                    carry += len(line)
+            for line_no, line, size in jsonl_lines(f.path):
+                if line is not None and not line.strip():
+                    carry += size
                     continue
-                yield fi, line_no, JSONL, line, len(line) + carry
+                yield fi, line_no, JSONL, line, size + carry
                 carry = 0
         else:
             kind = TEXT_START
@@ -290,8 +371,12 @@ _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a num
                bool: "a boolean", type(None): "null"}
 
 
-def json_text(line: bytes, field: str) -> tuple[str | None, str | None]:
-    """(document text, None) from a JSONL line, or (None, what is wrong with the line)."""
+def json_text(line: bytes | None, field: str) -> tuple[str | None, str | None]:
+    """(document text, None) from a JSONL line, or (None, what is wrong with the line); line None: jsonl_lines found
+    it longer than JSONL_LINE_BYTES."""
+    if line is None:
+        return None, (f"longer than {JSONL_LINE_BYTES:,} bytes, the longest JSON line read (a JSON document is parsed "
+                      "whole; a plain-text file is read in pieces, so save a document that long as one)")
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -311,6 +396,19 @@ def json_text(line: bytes, field: str) -> tuple[str | None, str | None]:
     return text, None
 
 
+_BOS = np.array([EOT_ID], dtype=np.uint16)
+
+
+def encoded(enc, text: str):
+    """text's GPT-2 ids as uint16 arrays, PIECE_CHARS characters at a time (cut at piece_end): a long JSON document
+    never becomes one long list of Python ints, about 36 bytes a token."""
+    start = 0
+    while start < len(text):
+        end = piece_end(text, start)
+        yield np.array(enc.encode_ordinary(text[start:end]), dtype=np.uint16)
+        start = end
+
+
 def tokenise_batch(work, field: str) -> tuple[np.ndarray, list]:
     """Tokens of a batch (all its documents, each after a BOS, concatenated) and one outcome per item: its number of
     tokens, None for an empty document, or a message for a bad JSONL line."""
@@ -327,49 +425,47 @@ def tokenise_batch(work, field: str) -> tuple[np.ndarray, list]:
         if not text:
             outcomes.append(None)
             continue
-        ids = enc.encode_ordinary(text)
-        bos = int(kind != TEXT_MORE)
-        arr = np.empty(len(ids) + bos, dtype=np.uint16)
-        arr[:bos] = EOT_ID
-        arr[bos:] = ids
-        parts.append(arr)
-        outcomes.append(arr.size)
+        first = len(parts)
+        if kind != TEXT_MORE:
+            parts.append(_BOS)
+        parts.extend(encoded(enc, text))
+        outcomes.append(sum(p.size for p in parts[first:]))
     return (np.concatenate(parts) if parts else np.empty(0, dtype=np.uint16)), outcomes
 
 
 def _init_worker() -> None:
-    """Ctrl-C is the main process's to handle (it stops the pool); the tokenizer is loaded once per worker (a fork
-    inherits the parent's)."""
+    """Ctrl-C is the main process's to handle (it stops the pool), and SIGTERM (the pool's own way of stopping a
+    worker) ends a worker at once, without the main process's handler that a fork inherits; the tokenizer is loaded
+    once per worker (a fork inherits the parent's)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     gpt2_tokenizer()
 
 
 def tokenised(batch_iter, workers: int, field: str):
     """(tokens, outcomes, meta, bytes) for each batch, in input order whatever the number of workers. With several,
-    at most workers x IN_FLIGHT_PER_WORKER batches are out at a time (Pool.imap would keep reading ahead and let
-    results pile up while a slow document holds back the ones after it)."""
+    at most workers x IN_FLIGHT_PER_WORKER batches, and about IN_FLIGHT_BYTES of input, are out at a time (Pool.imap
+    would keep reading ahead and let results pile up while a slow document holds back the ones after it)."""
     if workers == 1:
         for work, meta, size in batch_iter:
             yield (*tokenise_batch(work, field), meta, size)
         return
     pool = multiprocessing.Pool(workers, initializer=_init_worker)
-    finished = False
     try:
         window: deque = deque()
+        out_bytes = 0
         for work, meta, size in batch_iter:
             window.append((pool.apply_async(tokenise_batch, (work, field)), meta, size))
-            if len(window) >= workers * IN_FLIGHT_PER_WORKER:
+            out_bytes += size
+            while len(window) >= workers * IN_FLIGHT_PER_WORKER or out_bytes > IN_FLIGHT_BYTES:
                 result, meta_, size_ = window.popleft()
+                out_bytes -= size_
                 yield (*result.get(), meta_, size_)
         while window:
             result, meta_, size_ = window.popleft()
             yield (*result.get(), meta_, size_)
-        finished = True
-    finally:
-        if finished:
-            pool.close()
-        else:  # an error, a bad line or Ctrl-C: drop the queued work
-            pool.terminate()
+    finally:  # every result is in, or an error, a bad line or a signal dropped the rest: nothing left to wait for
+        pool.terminate()
         pool.join()
 
 
@@ -599,6 +695,7 @@ def prepare(paths, out_dir, name: str | None = None, field: str = "text", val_to
             "format": MANIFEST_FORMAT, "version": 2, "name": name, "tokenizer": enc_source, "bos_id": EOT_ID,
             "inputs": summaries, "globs": list(globs), "field": field, "skip_bad_lines": skip_bad_lines,
             "skip_bad_files": skip_bad_files, "files": len(files), "bad_files": bad_files,
+            "non_regular_files": sum(s["non_regular_files"] for s in summaries),
             "bytes": input_bytes, **counts, "tokens": writer.total, "val_tokens": val_tokens,
             "val_documents": writer.val_documents, "val_tail_tokens": writer.val_tail_tokens,
             "train_tokens": sum(k for _, k in writer.written[1:]),
@@ -615,9 +712,10 @@ def prepare(paths, out_dir, name: str | None = None, field: str = "text", val_to
 
 
 def _find_inputs(paths, globs, quiet: bool, skip_bad_files: bool) -> tuple[list[InputFile], list[dict], int]:
-    """collect_inputs, with its warnings on stderr unless quiet; an error when no PATH yields any file at all (a
-    directory with no match is only a warning, as long as another PATH has files). With skip_bad_files, plain-text
-    files that are not UTF-8 are left out, each with a warning (a read of every text file before tokenising)."""
+    """collect_inputs, with its warnings on stderr unless quiet; an error when no PATH yields any file to read (a
+    directory with no match, or a path that is not a regular file, is only a warning, as long as another PATH has
+    files). With skip_bad_files, plain-text files that are not UTF-8 are left out, each with a warning (a read of
+    every text file before tokenising)."""
     def warn(message: str) -> None:
         if not quiet:
             print(f"prepare.py: warning: {message}", file=sys.stderr, flush=True)
@@ -638,9 +736,11 @@ def _find_inputs(paths, globs, quiet: bool, skip_bad_files: bool) -> tuple[list[
             summaries[f.arg]["bad_files"] = summaries[f.arg].get("bad_files", 0) + 1
         files = kept
     if not files:
+        non_regular = sum(s["non_regular_files"] for s in summaries)
+        skipped = [f"{bad} not UTF-8"] * bool(bad) + [f"{non_regular} not a regular file"] * bool(non_regular)
         raise PrepareError(f"no input files in {', '.join(map(str, paths))}: a directory is searched for "
                            f"{','.join(globs) or '(no --glob)'} and *.jsonl files; check the paths or --glob"
-                           + (f" ({bad} not UTF-8, skipped)" if bad else ""))
+                           + (f" ({' and '.join(skipped)}, skipped)" if skipped else ""))
     return files, summaries, bad
 
 
@@ -686,13 +786,12 @@ def _move_into_place(staging: Path, out: Path, manifest: dict) -> None:
 
 
 def _tokenise_all(files, summaries, writer: ShardWriter, field, workers, skip_bad_lines, quiet) -> dict:
-    """Run the documents through the workers into the writer; returns the document counts."""
-    from tqdm import tqdm
-
+    """Run the documents through the workers into the writer; returns the document counts. The progress bar redraws
+    itself on a terminal and writes whole lines elsewhere (data/progress.py)."""
     counts = {"documents": 0, "empty_documents": 0, "bad_lines": 0}
     total = sum(f.size for f in files)
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="tokenising", disable=quiet,
-               dynamic_ncols=True)
+    bar = progress_bar(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="tokenising", disable=quiet,
+                       dynamic_ncols=True)
     try:
         with closing(tokenised(batches(work_items(files)), workers, field)) as results:
             for tokens, outcomes, meta, nbytes in results:
@@ -719,12 +818,21 @@ def _tokenise_all(files, summaries, writer: ShardWriter, field, workers, skip_ba
     return counts
 
 
+def tiny_val_tokens(val_tokens: int) -> int:
+    """The tiny command's --val-tokens for a validation shard of val_tokens: at most TINY_VAL_SHARE of the tokens the
+    tiny run trains on (it validates on all of them 9 times in its 200 steps), in whole VAL_MIN_TOKENS chunks, at
+    least one, and no more than the shard holds (0 when it holds less than one chunk)."""
+    most = max(VAL_MIN_TOKENS, int(TINY_TRAIN_TOKENS * TINY_VAL_SHARE) // VAL_MIN_TOKENS * VAL_MIN_TOKENS)
+    return min(val_tokens, most) // VAL_MIN_TOKENS * VAL_MIN_TOKENS
+
+
 def train_commands(out: Path, val_tokens: int) -> list[tuple[str, str]]:
     """(what for, command) for training on the corpus, each runnable as printed: the trainer finds the shards by the
-    manifest, and --val-tokens is a multiple of what the preset validates in (the tiny preset's 4,096-token chunks;
-    on GPUs, --preset auto's chunks, multiples of FlexAttention's 128-token blocks)."""
+    manifest, and --val-tokens is a multiple of what the preset validates in (the tiny preset's 4,096-token chunks,
+    tiny_val_tokens of them; on GPUs, --preset auto's chunks, multiples of FlexAttention's 128-token blocks, the whole
+    shard)."""
     where = shlex.quote(str(out))
-    tiny = val_tokens // VAL_MIN_TOKENS * VAL_MIN_TOKENS
+    tiny = tiny_val_tokens(val_tokens)
     flags = f"--val-tokens {tiny}" if tiny else f"--val-tokens {val_tokens} --val-seq-len {val_tokens}"
     commands = [("the tiny model, minutes on a CPU", f"./train.sh --local --preset tiny --data-dir {where} {flags}"),
                 ("the same without the wrapper", f"python train_gpt.py --preset tiny --data-dir {where} {flags}")]
@@ -739,6 +847,8 @@ def _print_summary(out: Path, m: dict) -> None:
     skipped = [f"{m['empty_documents']:,} empty documents"] if m["empty_documents"] else []
     skipped += [f"{m['bad_lines']:,} bad lines"] if m["bad_lines"] else []
     skipped += [f"{m['bad_files']:,} non-UTF-8 file{'s' * (m['bad_files'] != 1)}"] if m["bad_files"] else []
+    n = m["non_regular_files"]
+    skipped += [f"{n:,} non-regular file{'s' * (n != 1)}"] if n else []
     print(f"prepared {m['name']!r} in {out}: {m['documents']:,} documents from {m['files']:,} files "
           f"({m['bytes'] / 2**20:,.1f} MiB), {m['tokens']:,} tokens"
           + (f"; skipped {' and '.join(skipped)}" if skipped else ""))
@@ -746,7 +856,10 @@ def _print_summary(out: Path, m: dict) -> None:
     print(f"  {m['shards'][0]}: {m['val_tokens']:,} validation tokens (plus the last one's target) from "
           f"{m['val_documents']:,} document{'s' * (m['val_documents'] != 1)} sampled across the corpus{tail}")
     print(f"  {m['train_files']}: {m['train_tokens']:,} train tokens in {train} shard{'s' * (train != 1)}")
-    print("train on it:")
+    tiny = tiny_val_tokens(m["val_tokens"])
+    print("train on it:" if tiny in (0, m["val_tokens"]) else
+          f"train on it (the tiny run validates on {tiny:,} of the {m['val_tokens']:,} validation tokens: at most a "
+          f"tenth of the {TINY_TRAIN_TOKENS:,} it trains on):")
     commands = train_commands(out, m["val_tokens"])
     width = max(len(what) for what, _ in commands)
     for what, command in commands:
@@ -754,18 +867,41 @@ def _print_summary(out: Path, m: dict) -> None:
     sys.stdout.flush()
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt, so that the way out removes the staging
+    directory. A BaseException, as KeyboardInterrupt is: no `except Exception` swallows it."""
+
+
+def _stop(signum, frame) -> None:
+    """SIGINT or SIGTERM: the first one stops the run; the ones after it are ignored, so that nothing interrupts the
+    removal of the staging directory on the way out (SIGKILL still ends the process)."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
+
+
+def _handle_stops() -> dict:
+    """Install _stop for SIGINT and SIGTERM, but not for one the process was started ignoring (a shell's `cmd &`
+    without job control ignores SIGINT); returns the handlers it replaced. Only the main thread may install
+    handlers: elsewhere, none."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)
+            if signal.getsignal(s) is not signal.SIG_IGN}
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="prepare.py", description=__doc__,
+    ap = argparse.ArgumentParser(prog="prepare.py", description=__doc__, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", nargs="+", metavar="PATH", help="text files, JSONL files or directories of them")
     ap.add_argument("--out-dir", required=True, metavar="DIR", help="directory for the shards and manifest.json")
     ap.add_argument("--name", metavar="NAME", help="corpus name, the shards' prefix (default: the --out-dir's name)")
     ap.add_argument("--field", default="text", metavar="FIELD",
                     help="JSONL field holding the document (default: %(default)s)")
-    ap.add_argument("--val-tokens", type=int, default=None, metavar="N",
+    ap.add_argument("--val-tokens", type=int, default=None, metavar="N",  # help: %% for %, as argparse %-formats it
                     help=f"tokens in the validation shard, documents sampled across the corpus (default: "
-                         f"{VAL_FRACTION:.0%} of the corpus's estimated tokens in multiples of {VAL_MIN_TOKENS:,}, "
-                         f"at most {VAL_TOKENS:,}, the trainer's default)")
+                         f"{VAL_FRACTION * 100:.0f}%% of the corpus's estimated tokens in multiples of "
+                         f"{VAL_MIN_TOKENS:,}, at most {VAL_TOKENS:,}, the trainer's default)")
     ap.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, metavar="N",
                     help="most tokens in one train shard (default: %(default)s)")
     ap.add_argument("--workers", type=int, default=None, metavar="N",
@@ -783,6 +919,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     globs = DEFAULT_GLOBS if args.glob is None else \
         tuple(g.strip() for spec in args.glob for g in spec.split(",") if g.strip())
+    replaced = _handle_stops()
     try:
         prepare(args.paths, args.out_dir, name=args.name, field=args.field, val_tokens=args.val_tokens,
                 shard_tokens=args.shard_tokens, workers=args.workers, globs=globs,
@@ -795,8 +932,14 @@ def main(argv=None) -> int:
         print(f"prepare.py: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("prepare.py: interrupted; the output directory was left as it was", file=sys.stderr)
+        print("prepare.py: interrupted (SIGINT); the output directory was left as it was", file=sys.stderr)
         return 130
+    except Terminated:
+        print("prepare.py: stopped by SIGTERM; the output directory was left as it was", file=sys.stderr)
+        return 143
+    finally:
+        for s, handler in replaced.items():
+            signal.signal(s, handler)
     return 0
 
 

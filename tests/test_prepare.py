@@ -5,11 +5,15 @@ compared with what the shards hold; the shards are then read with the trainer's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -138,12 +142,49 @@ def snapshot(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
 
 
-def run_cli(args, cwd) -> subprocess.CompletedProcess:
-    """The script as a user runs it: by path, from another directory, without the repository on PYTHONPATH."""
+def run_cli(args, cwd, text: bool = True) -> subprocess.CompletedProcess:
+    """The script as a user runs it: by path, from another directory, without the repository on PYTHONPATH. text
+    False: stdout and stderr as bytes, as written (text mode would turn a carriage return into a newline)."""
     env = subprocess_env()
     env.pop("PYTHONPATH", None)
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
+                          text=text, timeout=120)
+
+
+ADDRESS_SPACE = 2 << 30  # a wrapped run may map this much (a run that works maps under 1 GiB)
+
+
+def wrapped(prelude: str, args) -> list[str]:
+    """The command that runs prepare.main(args) in a fresh interpreter after `prelude` (code, with `prep` imported).
+    SIGINT gets Python's handler back: a suite started in the background (nohup ... &) ignores SIGINT, and its
+    children inherit that. The address space is limited, so that a run that reads without end (/dev/zero) fails with
+    MemoryError instead of filling the machine."""
+    code = "\n".join([
+        "import pathlib, resource, signal, sys",
+        "signal.signal(signal.SIGINT, signal.default_int_handler)",
+        f"resource.setrlimit(resource.RLIMIT_AS, ({ADDRESS_SPACE}, {ADDRESS_SPACE}))",
+        f"sys.path.insert(0, {str(ROOT)!r})",
+        "from data import prepare as prep",
+        prelude,
+        "sys.exit(prep.main(sys.argv[1:]))",
+    ])
+    return [sys.executable, "-c", code, *map(str, args)]
+
+
+HANG = 20  # a run that takes this many times cli_seconds is taken to hang
+
+
+@pytest.fixture(scope="module")
+def cli_seconds(tmp_path_factory) -> float:
+    """How long a whole wrapped run on a small corpus takes here (start-up, tokenizer, two workers): the unit of this
+    file's time bounds, so that they follow the machine and its load. A run that hangs takes many times this."""
+    root = tmp_path_factory.mktemp("timing")
+    paths, _ = make_corpus(root)
+    start = time.monotonic()
+    res = subprocess.run(wrapped("", [*paths, "--out-dir", root / "out", "--val-tokens", 256, "--workers", 2,
+                                      "--quiet"]), cwd=root, env=subprocess_env(), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return time.monotonic() - start
 
 
 @pytest.fixture(scope="module")
@@ -212,19 +253,26 @@ def test_output_is_identical_for_one_and_two_workers(corpus, tmp_path, monkeypat
     check_split(read_tokens(val_files)[0], read_tokens(train_files), expected_stream(texts))
 
 
+def cuts(pieces) -> list[int]:
+    """Where text_pieces cut the document: the character offsets between its pieces."""
+    ends = np.cumsum([len(p) for p, _ in pieces]).tolist()
+    return ends[:-1]
+
+
 def test_a_long_document_is_tokenised_in_pieces_with_the_same_tokens(tmp_path, monkeypatch):
-    monkeypatch.setattr(prep, "PIECE_CHARS", 40)
+    monkeypatch.setattr(prep, "PIECE_CHARS", 60)
     monkeypatch.setattr(prep, "READ_BYTES", 7)  # splits multi-byte characters across reads
     rng = random.Random(5)
     atoms = ["word", " word", "Word", "\n", "\n\n", "\r\n", " \n", "\n ", "\t", "don't", "'s", "\n's", "\u3000", "é",
-             "日本", "🙂", ".", "!!", "42", "\u00a0", "\u2028", "\x85"]
+             "日本", "🙂", ".", "!!", "42", "\u00a0", "\u2028", "\x85", "  ", " 's"]
     text = "".join(rng.choice(atoms) for _ in range(4000))
     path = put(tmp_path / "in" / "long.txt", BOM + text.encode("utf-8"))
 
     pieces = list(prep.text_pieces(path))
-    assert len(pieces) > 20
+    assert len(pieces) > 100 and max(len(p) for p, _ in pieces) <= 60
     assert "".join(p for p, _ in pieces) == text
     assert sum(n for _, n in pieces) == path.stat().st_size
+    assert all(text[c] in " \n" and not text[c + 1].isspace() for c in cuts(pieces))  # every cut a safe one
     assert sum((encode(p) for p, _ in pieces), []) == encode(text)
 
     out = tmp_path / "out"
@@ -234,12 +282,75 @@ def test_a_long_document_is_tokenised_in_pieces_with_the_same_tokens(tmp_path, m
     assert m["val_documents"] + (m["val_tail_tokens"] > 0) == 1  # one document: it gives the validation its part
 
 
-def test_safe_cut_only_between_non_space_characters():
-    assert prep.safe_cut("ab\ncd\nef") == 6
-    assert prep.safe_cut("ab\ncd\n ef") == 3  # a newline before a space joins the space's piece
-    assert prep.safe_cut("ab \ncd") == 0  # ... and one after a space belongs to a whitespace run
-    assert prep.safe_cut("abcd\n") == 0 and prep.safe_cut("ab\ncd\n") == 3  # nothing after the last one yet
-    assert prep.safe_cut("ab\ncd\nef", lo=4) == 6 and prep.safe_cut("ab\ncd ef", lo=3) == 0
+def prose_line(rng: random.Random, chars: int) -> str:
+    """One line of prose-like text, no newline: words (contractions, numbers, accents, CJK), punctuation, runs of
+    spaces, tabs and no-break spaces between them."""
+    words = ["the", "speedrun", "naïve", "don't", "it's", "we'll", "42", "3.14", "日本語", "🙂", "x=1;", "(see", "it)",
+             "—", "'quoted'", "end.", "Zürich", "<|endoftext|>"]
+    gaps = [" "] * 8 + ["  ", "   ", "\t", " \t", "\u00a0", ", ", ". "]
+    parts, n = [], 0
+    while n < chars:
+        parts += [rng.choice(words), rng.choice(gaps)]
+        n += len(parts[-2]) + len(parts[-1])
+    return "".join(parts)
+
+
+def test_a_line_without_end_is_cut_before_spaces_and_tokenises_as_read_whole(tmp_path, monkeypatch):
+    """One 40,000-character line read in pieces of at most 50: cut before a space, so each piece's tokens joined are
+    the tokens of the line read whole (GPT-2 joins a space to the word after it: the cut goes before it)."""
+    monkeypatch.setattr(prep, "PIECE_CHARS", 50)
+    monkeypatch.setattr(prep, "READ_BYTES", 7)
+    text = prose_line(random.Random(8), 40_000)
+    path = put(tmp_path / "in" / "line.txt", text)
+    pieces = list(prep.text_pieces(path))
+    assert "\n" not in text and len(pieces) > 40_000 // 50 and max(len(p) for p, _ in pieces) <= 50
+    assert "".join(p for p, _ in pieces) == text and sum(n for _, n in pieces) == path.stat().st_size
+    assert all(text[c] == " " for c in cuts(pieces))
+    assert sum((encode(p) for p, _ in pieces), []) == encode(text)
+
+
+def test_text_without_whitespace_is_cut_at_the_piece_size(tmp_path, monkeypatch):
+    """No space or newline anywhere: pieces of exactly PIECE_CHARS characters (never a split character), nothing
+    lost, and the document's tokens (one BOS, then its pieces') still decode to its text."""
+    monkeypatch.setattr(prep, "PIECE_CHARS", 50)
+    monkeypatch.setattr(prep, "READ_BYTES", 7)
+    text = "".join(random.Random(9).choice(["日本語", "🙂", "abc", "é", "-+", "42"]) for _ in range(2_000))
+    path = put(tmp_path / "in" / "blob.txt", text)
+    pieces = list(prep.text_pieces(path))
+    assert [len(p) for p, _ in pieces[:-1]] == [50] * (len(text) // 50 - (len(text) % 50 == 0))
+    assert "".join(p for p, _ in pieces) == text and sum(n for _, n in pieces) == path.stat().st_size
+    work = [(prep.TEXT_START if i == 0 else prep.TEXT_MORE, piece) for i, (piece, _) in enumerate(pieces)]
+    tokens, outcomes = prep.tokenise_batch(work, "text")
+    assert tokens[0] == BOS and BOS not in tokens[1:] and sum(outcomes) == tokens.size
+    assert gpt2_tokenizer()[0].decode_bytes(tokens[1:].tolist()) == text.encode("utf-8")
+
+
+def test_safe_cut_before_a_space_or_newline_that_a_non_space_follows():
+    assert prep.safe_cut("ab\ncd\nef") == 5  # the last newline before a non-space: the cut is just before it
+    assert prep.safe_cut("ab cd ef") == 5 and prep.safe_cut("ab  cd") == 3  # before the space that joins "cd"
+    assert prep.safe_cut("ab\ncd\n ef") == 6  # the space before "ef" (a newline before a space is not a cut)
+    assert prep.safe_cut("ab \t\ncd") == 4  # after any run of whitespace
+    assert prep.safe_cut("ab cd\t") == 2 and prep.safe_cut("abcd ") == 0  # nothing after the last space yet
+    assert prep.safe_cut(" ab") == 0 and prep.safe_cut("abcd") == 0  # never at 0, and none without whitespace
+    assert prep.safe_cut("ab cd ef", lo=3) == 5 and prep.safe_cut("ab cd ef", lo=6) == 0
+    assert prep.safe_cut("ab cd ef", hi=4) == 2 and prep.safe_cut("ab cd ef", hi=5) == 5  # a cut at hi counts
+
+
+def test_safe_cuts_keep_the_tokens():
+    """At every position safe_cut allows, the two parts' tokens are the whole's, over texts of whitespace of all
+    kinds, contractions and punctuation; and it allows the last such position."""
+    rng = random.Random(11)
+    atoms = ["word", " word", "\n", "\n\n", "\r\n", " \n", "\t", "  ", " ", "'s", " 's", "'ll", "don't", "\u3000",
+             "\u00a0", "\x85", "\x1c", ".", " .", "42", " 42", "日本", "🙂", "\x0b", "\x0c", "\r"]
+    checked = 0
+    for _ in range(400):
+        text = "".join(rng.choice(atoms) for _ in range(rng.randint(2, 25)))
+        allowed = [c for c in range(1, len(text)) if prep.safe_cut(text, c, c) == c]
+        assert prep.safe_cut(text) == max(allowed, default=0)
+        for c in allowed:
+            assert encode(text[:c]) + encode(text[c:]) == encode(text), (text, c)
+        checked += len(allowed)
+    assert checked > 1000
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -293,6 +404,54 @@ def test_skip_bad_lines_counts_them(tmp_path):
     check_split(read_tokens(val_files)[0], read_tokens(train_files), expected_stream(texts))
 
 
+def test_a_jsonl_line_over_the_limit_is_a_bad_line_read_past_in_pieces(tmp_path, monkeypatch, capsys):
+    """A JSON line is parsed whole, so one longer than JSONL_LINE_BYTES is refused, naming file and line; with
+    --skip-bad-lines it is skipped and counted, and the lines after it are read as usual. The reader never holds
+    more than the limit of it."""
+    monkeypatch.setattr(prep, "JSONL_LINE_BYTES", 64)
+    texts = ["short one", "x" * 40, "after the long line"]
+    lines = [json.dumps({"text": texts[0]}), json.dumps({"text": "y" * 1000}), json.dumps({"text": texts[1]}),
+             json.dumps({"text": "z" * 200}), json.dumps({"text": texts[2]})]
+    path = put(tmp_path / "rows.jsonl", "\n".join(lines) + "\n")
+    read = list(prep.jsonl_lines(path))
+    assert [(n, line is None) for n, line, _ in read] == [(1, False), (2, True), (3, False), (4, True), (5, False)]
+    assert sum(size for _, _, size in read) == path.stat().st_size
+
+    args = [str(path), "--out-dir", str(tmp_path / "out"), "--val-tokens", "4", "--workers", "1"]
+    assert prep.main([*args, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path}:2: longer than 64 bytes, the longest JSON line read" in err
+    assert "save a document that long as one" in err and "--skip-bad-lines" in err
+    assert prep.main([*args, "--skip-bad-lines"]) == 0
+    assert "3 documents" in capsys.readouterr().out
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert (m["documents"], m["bad_lines"]) == (3, 2)
+    val_files, train_files = shard_files(tmp_path / "out", "out")
+    check_split(read_tokens(val_files)[0], read_tokens(train_files), expected_stream(texts))
+
+
+@pytest.mark.parametrize("tail", [b"", b"\n", b"\r\n"])
+def test_a_jsonl_line_at_the_limit_is_read(tmp_path, monkeypatch, tail):
+    """The limit counts the line's bytes with its line end: a line of exactly JSONL_LINE_BYTES is read, one byte
+    more is too long, whether or not the file ends there."""
+    line = json.dumps({"text": "a" * 40}).encode("utf-8") + tail
+    lines = [line, line] if tail else [line]  # without a line end, the last line of the file
+    path = put(tmp_path / "rows.jsonl", b"".join(lines))
+    monkeypatch.setattr(prep, "JSONL_LINE_BYTES", len(line))
+    assert [text for _, text, _ in prep.jsonl_lines(path)] == lines
+    monkeypatch.setattr(prep, "JSONL_LINE_BYTES", len(line) - 1)
+    assert [(text, size) for _, text, size in prep.jsonl_lines(path)] == [(None, len(line))] * len(lines)
+
+
+def test_a_long_json_document_is_tokenised_in_pieces_with_the_same_tokens(monkeypatch):
+    """A JSON line's text is tokenised PIECE_CHARS at a time in the worker (never one long list of ints), with the
+    tokens of the whole."""
+    monkeypatch.setattr(prep, "PIECE_CHARS", 50)
+    text = prose_line(random.Random(12), 5_000)
+    tokens, outcomes = prep.tokenise_batch([(prep.JSONL, json.dumps({"text": text}).encode("utf-8"))], "text")
+    assert tokens.tolist() == [BOS] + encode(text) and outcomes == [tokens.size]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The command line and its errors
 
@@ -311,9 +470,10 @@ def test_command_line_run_matches_the_function(corpus, tmp_path):
 
 
 def printed_commands(stdout: str) -> dict[str, list[str]]:
-    """The commands prepare.py prints after "train on it:", by their first two words."""
+    """The commands prepare.py prints after "train on it", by their first two words."""
     lines = stdout.splitlines()
-    commands = [line.split(":  ", 1)[1].split() for line in lines[lines.index("train on it:") + 1:]]
+    start = next(i for i, line in enumerate(lines) if line.startswith("train on it"))
+    commands = [line.split(":  ", 1)[1].split() for line in lines[start + 1:]]
     return {" ".join(c[:2]) if c[0] == "python" else " ".join(c[:2]) + (" local" if "--local" in c else ""): c
             for c in commands}
 
@@ -344,6 +504,70 @@ def test_the_printed_commands_run_as_printed(tmp_path, val_tokens):
     for count in (1, 8):
         h100 = [tg.kit.GPUInfo("NVIDIA H100 80GB HBM3", 79.2, 78.6, (9, 0))] * count
         tg.check_hyperparameters(tg.fit_to_gpus(hp, h100, count)[0], count)
+
+
+def test_the_tiny_training_tokens_are_the_presets():
+    """prepare.py does not import the trainer: its copy of the tiny preset's numbers must agree with the preset."""
+    hp = tg.preset_hyperparameters("tiny")
+    assert prep.TINY_TRAIN_TOKENS == hp.num_iterations * hp.global_batch_tokens == 409_600
+    assert prep.VAL_MIN_TOKENS == hp.val_seq_len
+
+
+@pytest.mark.parametrize("shard,tiny", [
+    (prep.default_val_tokens(int(3.8 * 2**20)), 40_960),  # a 3.8 MiB corpus: a shard of 49,152, validated 9 times
+    (prep.VAL_TOKENS, 40_960),  # the most: a tenth of 409,600 in 4,096-token chunks
+    (40_960, 40_960), (12_288, 12_288), (10_000, 8_192), (4_096, 4_096),  # no more than the shard holds
+])
+def test_the_tiny_command_validates_on_at_most_a_tenth_of_its_training(tmp_path, shard, tiny):
+    cmds = dict(prep.train_commands(tmp_path, shard))
+    local, gpu = cmds["the tiny model, minutes on a CPU"], cmds["GPUs: the record's recipe fitted to them"]
+    assert local.endswith(f"--preset tiny --data-dir {tmp_path} --val-tokens {tiny}")
+    assert tiny <= shard and tiny % 4096 == 0 and tiny <= 0.1 * prep.TINY_TRAIN_TOKENS
+    assert gpu.endswith(f"--val-tokens {shard // 128 * 128}")  # on GPUs: the whole shard, as before
+
+
+def test_a_shard_below_one_tiny_chunk_validates_in_one_chunk_of_its_size(tmp_path):
+    cmds = dict(prep.train_commands(tmp_path, 1000))
+    assert cmds["the tiny model, minutes on a CPU"].endswith("--val-tokens 1000 --val-seq-len 1000")
+
+
+def test_the_summary_says_why_the_tiny_run_validates_on_less(tmp_path, capsys):
+    put(tmp_path / "in" / "a.txt", prose_line(random.Random(14), 250_000))  # about 130,000 tokens
+    assert prep.main([str(tmp_path / "in"), "--out-dir", str(tmp_path / "out"), "--val-tokens", "8192"]) == 0
+    assert "train on it:" in capsys.readouterr().out  # the whole shard: nothing to explain
+    assert prep.main([str(tmp_path / "in"), "--out-dir", str(tmp_path / "out"), "--val-tokens", "49152",
+                      "--overwrite"]) == 0
+    out = capsys.readouterr().out
+    assert "train on it (the tiny run validates on 40,960 of the 49,152 validation tokens: at most a tenth of the " \
+           "409,600 it trains on):" in out
+    assert printed_commands(out)["python train_gpt.py"][-2:] == ["--val-tokens", "40960"]
+
+
+def test_progress_on_a_pipe_is_whole_lines(tmp_path):
+    """Where stderr is not a terminal (a pipe here, a log file), the progress bar writes whole lines: no carriage
+    return redraws."""
+    paths, _ = make_corpus(tmp_path / "c", seed=15)
+    res = run_cli([*paths, "--out-dir", tmp_path / "out", "--val-tokens", 256, "--workers", 1], tmp_path, text=False)
+    assert res.returncode == 0, res.stderr
+    assert b"tokenising" in res.stderr and b"\r" not in res.stderr
+    assert all(line.startswith(b"tokenising") for line in res.stderr.splitlines())
+
+
+def test_help_prints_the_docstring_and_the_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        prep.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and out.startswith("usage: prepare.py")
+    assert prep.__doc__.splitlines()[0] in out and "(default: 5% of the corpus's estimated tokens" in out
+
+
+def test_abbreviated_flags_are_errors(tmp_path, capsys):
+    """--val-token is not silently --val-tokens."""
+    path = put(tmp_path / "a.txt", "some text " * 50)
+    with pytest.raises(SystemExit) as exit_info:
+        prep.main([str(path), "--out-dir", str(tmp_path / "out"), "--val-token", "8"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --val-token" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_default_val_tokens_follow_the_corpus_size():
@@ -472,6 +696,185 @@ def test_bad_arguments_and_inputs_exit_2(tmp_path, capsys, make_inputs, flags, w
     for w in words:
         assert w in err
     assert not list(out.glob("*.bin")) and not (out / "manifest.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inputs that are not regular files, signals, and memory
+
+
+def special_files(where: Path) -> list[Path]:
+    """A FIFO, a link to /dev/zero and a socket, each named like text: read, the first would block for ever and the
+    second never end."""
+    where.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(where / "fifo.txt")
+    (where / "zero.txt").symlink_to("/dev/zero")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(where / "sock.txt"))
+    sock.close()  # the socket file stays
+    return [where / "fifo.txt", where / "zero.txt", where / "sock.txt"]
+
+
+def test_files_found_that_are_not_regular_are_skipped_with_a_warning(tmp_path, cli_seconds):
+    """In a directory, a FIFO, a link to /dev/zero and a socket named *.txt are skipped with one warning line each
+    and counted (before, the FIFO blocked the run for ever); links to regular files are read; no staging directory
+    is left."""
+    paths, texts = make_corpus(tmp_path / "c", seed=6)
+    more = special_files(tmp_path / "more")
+    (tmp_path / "more" / "link.txt").symlink_to(paths[1])  # the loose file again, by a link: read once
+    (tmp_path / "more" / "other.txt").symlink_to(put(tmp_path / "elsewhere" / "other.txt", "a linked document"))
+    out = tmp_path / "out"
+    res = subprocess.run(wrapped("", [*paths, tmp_path / "more", "--out-dir", out, "--val-tokens", 256, "--workers",
+                                      2]),
+                         cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=HANG * cli_seconds)
+    assert res.returncode == 0, res.stderr
+    warnings = [line for line in res.stderr.splitlines() if line.startswith("prepare.py: warning: ")]
+    assert warnings == [f"prepare.py: warning: {more[0]}: a FIFO, not a regular file; skipped",
+                        f"prepare.py: warning: {more[2]}: a socket, not a regular file; skipped",
+                        f"prepare.py: warning: {more[1]} (a link to /dev/zero): a character device, not a regular "
+                        "file; skipped"]
+    assert f"{len(texts) + 1:,} documents" in res.stdout and "and 3 non-regular files" in res.stdout
+    m = json.loads((out / "manifest.json").read_text())
+    assert (m["documents"], m["non_regular_files"]) == (len(texts) + 1, 3)
+    assert (m["inputs"][-1]["files"], m["inputs"][-1]["non_regular_files"]) == (1, 3)  # other.txt; link.txt: seen
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_given_paths_that_are_not_regular_files_are_skipped_too(tmp_path, cli_seconds):
+    fifo, zero, _ = special_files(tmp_path / "in")
+    text = put(tmp_path / "a.txt", "some text " * 500)
+    res = subprocess.run(wrapped("", [fifo, text, zero, "--out-dir", tmp_path / "out", "--val-tokens", 64]),
+                         cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=HANG * cli_seconds)
+    assert res.returncode == 0, res.stderr
+    assert [line for line in res.stderr.splitlines() if "warning" in line] == [
+        f"prepare.py: warning: {fifo}: a FIFO, not a regular file; skipped",
+        f"prepare.py: warning: {zero} (a link to /dev/zero): a character device, not a regular file; skipped"]
+    assert "1 documents from 1 files" in res.stdout and "skipped 2 non-regular files" in res.stdout
+
+
+def test_only_paths_that_are_not_regular_files_is_the_usual_error(tmp_path, cli_seconds):
+    given = special_files(tmp_path / "in")
+    out = tmp_path / "out"
+    res = subprocess.run(wrapped("", [tmp_path / "in", given[0], "--out-dir", out, "--quiet"]), cwd=tmp_path,
+                         env=subprocess_env(), capture_output=True, text=True, timeout=HANG * cli_seconds)
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == [
+        f"prepare.py: error: no input files in {tmp_path / 'in'}, {given[0]}: a directory is searched for "
+        "*.txt,*.md and *.jsonl files; check the paths or --glob (3 not a regular file, skipped)"]
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+@contextlib.contextmanager
+def within(seconds: float):
+    """Fail instead of hanging when the block takes longer: the timer's signal interrupts a blocking open or read."""
+    def expire(signum, frame):
+        raise TimeoutError(f"still blocked after {seconds:.1f} s")
+    before = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+
+
+def test_a_file_that_stops_being_regular_is_an_error_not_a_hang(tmp_path, cli_seconds):
+    """collect_inputs saw a regular file; a FIFO put in its place by the time it is read is refused at once."""
+    path = put(tmp_path / "a.txt", "text")
+    files, _ = prep.collect_inputs([path], prep.DEFAULT_GLOBS)
+    path.unlink()
+    os.mkfifo(path)
+    with within(HANG * cli_seconds), pytest.raises(prep.PrepareError, match=r"a\.txt: a FIFO now, not a regular "
+                                                                          "file; leave it out"):
+        list(prep.work_items(files))
+
+
+HOLD = """
+def hold(self, tokens, nbytes=0):  # the first batch: say where the staging directory is, then wait for a signal
+    pathlib.Path({marker!r}).with_suffix(".tmp").write_text(str(self.directory))
+    pathlib.Path({marker!r}).with_suffix(".tmp").replace({marker!r})
+    signal.pause()
+prep.ShardWriter.add = hold
+"""
+
+
+@pytest.mark.parametrize("sig,code,words", [(signal.SIGINT, 130, "interrupted (SIGINT)"),
+                                            (signal.SIGTERM, 143, "stopped by SIGTERM")])
+def test_a_signal_removes_the_staging_directory_and_exits_with_its_status(tmp_path, cli_seconds, sig, code, words):
+    """Ctrl-C or SIGTERM while the workers tokenise: the staging directory is removed, the output directory is as it
+    was, one line says so, and the exit status is 128 + the signal's number."""
+    paths, _ = make_corpus(tmp_path / "c", seed=7)
+    out, marker = tmp_path / "out", tmp_path / "staging"
+    proc = subprocess.Popen(wrapped(HOLD.format(marker=str(marker)), [*paths, "--out-dir", out, "--val-tokens", 256,
+                                                                     "--workers", 2, "--quiet"]),
+                            cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + HANG * cli_seconds
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert marker.exists(), proc.communicate() if proc.poll() is not None else "no batch in time"
+        staging = Path(marker.read_text())
+        assert staging.is_dir() and staging.parent == out and staging.name.startswith(".out.partial-")
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=HANG * cli_seconds)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert (proc.returncode, err.splitlines()) == (code, [f"prepare.py: {words}; the output directory was left as "
+                                                          "it was"])
+    assert list(out.iterdir()) == []
+
+
+MEASURE = """
+import json
+def kib(field):  # VmHWM, not ru_maxrss: that one keeps the peak from before the exec, the forking pytest's
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
+prep.READ_BYTES = prep.PIECE_CHARS = {piece}
+prep.gpt2_tokenizer()[0].encode_ordinary("warm up")  # the tokenizer and numpy loaded: what any run holds
+base = kib("VmRSS")
+_main = prep.main
+def main(argv):
+    rc = _main(argv)
+    print(json.dumps({{"growth": (kib("VmHWM") - base) * 1024}}))
+    return rc
+prep.main = main
+"""
+
+
+def peak_growth(path: Path, out: Path, piece: int, shard_tokens: int) -> int:
+    """How much a run on path, in one process, grows its peak resident memory beyond what it holds once started."""
+    res = subprocess.run(wrapped(MEASURE.format(piece=piece), [path, "--out-dir", out, "--workers", 1, "--val-tokens",
+                                                             4096, "--shard-tokens", shard_tokens, "--quiet"]),
+                         cwd=out.parent, env=subprocess_env(), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((out / "manifest.json").read_text())["bytes"] == path.stat().st_size
+    return json.loads(res.stdout.splitlines()[-1])["growth"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_memory_stays_bounded_for_a_file_of_one_long_line(tmp_path):
+    """A 64 MiB file of one line, read and tokenised in 256 KiB pieces: its peak memory grows no more than a 4 MiB
+    file's, give or take what the piece size bounds, and stays far below the file's size (read whole, it would take
+    several times its size)."""
+    piece, shard_tokens = 1 << 18, 1 << 18
+    chunk = prose_line(random.Random(13), 1 << 20).replace("\t", " ").encode("utf-8")[:1 << 20]
+    sizes = {"small": 4 << 20, "large": 64 << 20}
+    growth = {}
+    for name, size in sizes.items():
+        path = tmp_path / f"{name}.txt"
+        with open(path, "wb") as f:
+            for _ in range(size // len(chunk)):
+                f.write(chunk)
+        growth[name] = peak_growth(path, tmp_path / name, piece, shard_tokens)
+        path.unlink()
+    # what the piece size bounds: the block read and decoded, the text pending (up to a piece and a block) and its
+    # copy when cut, the piece and its UTF-8 bytes, about a byte a character here; the piece's tokens, at most one a
+    # character, 8 bytes of list and a 32-byte int each, then 2 bytes in an array
+    pieces = 8 * piece + (8 + 32 + 2) * piece
+    assert growth["large"] < growth["small"] + pieces, growth
+    assert growth["large"] < sizes["large"] / 2, growth
 
 
 # ----------------------------------------------------------------------------------------------------------------------
