@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import datetime
 import difflib
+import errno
 import inspect
 import json
 import math
@@ -24,6 +25,7 @@ import textwrap
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,7 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from data.shards import DataError, DiskFullError, atomic_write
+from data.shards import DataError, DiskFullError, atomic_write, remove_partial_writes
 
 try:
     import fcntl  # run locks (POSIX); elsewhere runs are not locked
@@ -80,8 +82,10 @@ class CheckpointError(ValueError):
     """A missing, unreadable or incompatible checkpoint."""
 
 
-class Interrupted(Exception):
-    """The run stopped at a signal, its checkpoint saved: the message says where and how to resume."""
+class Interrupted(BaseException):
+    """The run stopped at a signal (or because its log cannot be written): the message, said already on the terminal
+    and in the log, tells what was saved and the command that goes on. A BaseException, so that nothing on the way
+    up (torch.compile wraps the exceptions of the code it traces) takes it for a failure."""
 
     def __init__(self, message: str, code: int):
         super().__init__(message)
@@ -130,6 +134,38 @@ def resolve_device(spec: str | None, local_rank: int = 0, train: bool = True) ->
                 "FlexAttention (A100, A10, L4, RTX 3090/4090, H100). generate.py still samples on it in fp32; "
                 "--device cpu trains slowly")
     return device
+
+
+def busy_cores(interval_s: float = 0.25) -> float | None:
+    """How many of this machine's cores other processes keep busy now, from two reads of /proc/stat interval_s apart
+    (None where there is no /proc/stat). This process sleeps meanwhile, so it counts nothing of its own."""
+    def ticks() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+        return sum(fields), fields[3] + fields[4]  # all, idle and waiting for I/O
+
+    try:
+        (total0, idle0), _, (total1, idle1) = ticks(), time.sleep(interval_s), ticks()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
+def choose_cpu_threads(cores: int) -> tuple[int, str]:
+    """torch's thread count for training on the CPU, and why: OMP_NUM_THREADS when set, else this process's cores
+    (its affinity) less those other processes keep busy now. Threads that share a core with other work wait for each
+    other at every operation: on 2 cores with the other one busy, 1 thread ran the tiny preset 2.5 times faster than
+    2. Thread counts change fp32 summation order: OMP_NUM_THREADS fixes the count for runs to compare bit for bit."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), "OMP_NUM_THREADS"
+    busy = busy_cores()
+    if busy is None:
+        return torch.get_num_threads(), "torch's default"
+    threads = max(1, min(cores, round(cores - busy)))
+    return threads, (f"{cores} core(s), {busy:.1f} busy with other work; OMP_NUM_THREADS=N chooses" if threads < cores
+                     else f"{cores} core(s) free; OMP_NUM_THREADS=N chooses")
 
 
 def synchronize(device: torch.device) -> None:
@@ -218,9 +254,9 @@ def fit_to_gpus(hp: Hyperparameters, gpus: list[GPUInfo], world_size: int, recor
     settings still hold the record's."""
     if all(getattr(hp, n) for n in FIT_FIELDS):
         return hp, ""
-    if not gpus:
+    if not gpus:  # named for what it runs (a run id, a log's preset line): tiny, not auto
         tiny = {k: v for k, v in tiny.items() if getattr(hp, k) in (getattr(record, k), 0)}
-        return dataclasses.replace(hp, **tiny), "no GPU: the tiny preset's settings, on the CPU"
+        return dataclasses.replace(hp, preset="tiny", **tiny), "no GPU: the tiny preset's settings, on the CPU"
     gpu = min(gpus, key=lambda g: g.free_gib)
     if gpu.capability < MIN_TRAIN_CAPABILITY:
         raise DeviceError(f"{gpu.name} has compute capability {gpu.capability[0]}.{gpu.capability[1]}; training "
@@ -308,6 +344,12 @@ def resolve_checkpoint(spec: str, run_name: str | None = None, checkpoint_dir: s
             raise CheckpointError(f"{path} holds no step_*.pt checkpoint")
         return found
     if not path.exists():
+        if path.name == "latest" and path.is_symlink():
+            runs = sorted(d.name for d in path.parent.iterdir() if d.is_dir() and newest_step_file(d))
+            raise CheckpointError(
+                f"{path} points at {os.readlink(path)}, which no longer exists; "
+                + (f"runs with checkpoints in {path.parent}: {', '.join(runs)} (resume one with --resume "
+                   f"{path.parent / runs[0]})" if runs else f"no run in {path.parent} has a checkpoint"))
         raise CheckpointError(f"checkpoint {path} does not exist" +
                               ("; no run has saved one yet (train with --save-every or let a run finish)"
                                if path.name == "latest" else ""))
@@ -400,26 +442,44 @@ def set_rng_state(state: dict, path: Path | None = None) -> None:
         raise CheckpointError(f"{path}: its random-number state is unusable ({e})") from e
 
 
-ROLLING_CHECK_EVERY = 5  # steps between checks of the rolling checkpoint's clock (a broadcast when distributed)
+# ----------------------------------------------------------------------------------------------------------------------
+# Stopping: signals, and the commands that go on from a stop
 
 
 class StopRequest:
-    """SIGINT (Ctrl-C) and SIGTERM while training, as a request: the first one sets `signal` (the loop saves a
-    checkpoint and stops), a second one ends the process at once (KeyboardInterrupt). Under torchrun the terminal's
-    Ctrl-C reaches every process and torchrun forwards one more: a second signal within GRACE_S of the first is the
-    same request. The handlers before are restored on exit; outside the main thread nothing is installed."""
+    """SIGINT (Ctrl-C) and SIGTERM for the whole run. While nothing new could be saved (start-up, data, compile
+    warm-up, the summary after the last checkpoint) a signal stops at once: the handler raises Interrupted, whose
+    message says what is on disk (`state()`) and how to go on. While the loop trains (`deferred`) the first signal is
+    a request: `asked` turns true and the loop stops at the end of the step (or of the validation chunk), saving a
+    checkpoint. A second signal then ends the process at once, without saving: one line, the temporary files of saves
+    under way removed, exit 128 + the signal. Under torchrun the terminal's Ctrl-C reaches every process and torchrun
+    forwards one more: a second signal within GRACE_S of the first is the same request. The handlers before are
+    restored on exit; outside the main thread nothing is installed."""
 
     GRACE_S = 3.0
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, prog: str | None = None):
+        self.prog = prog or program_name()
         self.signal: str | None = None
+        self.deferred = False  # True while a stop can wait for the end of the step
+        self.where = "while starting"  # what the run was doing, for an immediate stop's message
+        self.state = lambda: "nothing was saved"  # what is on disk and how to go on (set as the run goes)
+        self.log = None  # writes a line to the run's log once there is one
+        self.exit = os._exit  # the second signal's way out: no finally block can wait for anything
         self._at = 0.0
         self._before = {}
 
+    @property
+    def asked(self) -> bool:
+        return self.signal is not None
+
     def __enter__(self) -> "StopRequest":
+        # a signal ignored from the start stays ignored (a script's background job: the terminal's Ctrl-C is not
+        # meant for it)
         if threading.current_thread() is threading.main_thread():
-            self._before = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            self._before = {s: signal.signal(s, self._handle)
+                            for s in self.SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
         return self
 
     def __exit__(self, *exc) -> None:
@@ -427,43 +487,156 @@ class StopRequest:
             signal.signal(s, handler)
         self._before = {}
 
+    def say(self, message: str) -> None:
+        """The message on process 0's terminal (stderr) and in the run's log, if it has one."""
+        if int(os.environ.get("RANK", 0)) != 0:
+            return
+        print(f"{self.prog}: {message}", file=sys.stderr, flush=True)
+        if self.log is not None:
+            try:
+                self.log(message, console=False)
+            except OSError:
+                pass
+
     def _handle(self, signum, frame) -> None:
+        name, code = signal.Signals(signum).name, 128 + signum
         if self.signal is None:
-            self.signal, self._at = signal.Signals(signum).name, time.monotonic()
-            if int(os.environ.get("RANK", 0)) == 0:
-                print(f"\n{self.signal}: saving a checkpoint at the end of this step, then stopping (again to stop "
-                      "at once, without saving)", file=sys.stderr, flush=True)
+            self.signal, self._at = name, time.monotonic()
+            if not self.deferred:
+                message = f"stopped by {name} {self.where}; {self.state()}"
+                self.say(message)
+                raise Interrupted(message, code)
+            self.say(f"{name}: stopping at the end of this step or validation chunk (again to stop at once, "
+                     "without saving)")
         elif time.monotonic() - self._at > self.GRACE_S:
-            self.__exit__()
-            raise KeyboardInterrupt
+            self.say(f"{name} again: stopped at once, without saving; {self.state()}")
+            remove_partial_writes()
+            sys.stdout.flush()
+            self.exit(code)
 
 
-def rolling_save_due(hp: Hyperparameters, step: int, last_save: float, device: torch.device, world_size: int,
-                     stop: StopRequest | None = None) -> tuple[bool, bool]:
-    """(whether a rolling checkpoint is due at this step: hp.save_every_minutes since the last save by process 0's
-    clock; whether a stop was asked). Saving is collective, so process 0 decides for all: when distributed it is asked
-    every ROLLING_CHECK_EVERY steps only (a broadcast), alone every step."""
-    asked = stop is not None and stop.signal is not None
-    if world_size > 1 and step % ROLLING_CHECK_EVERY:
-        return False, False
-    due = (hp.save_every_minutes > 0 and step % ROLLING_CHECK_EVERY == 0
-           and time.monotonic() - last_save >= 60 * hp.save_every_minutes)
-    if world_size == 1:
-        return due, asked
-    flags = torch.tensor([due, asked], device=device)  # a device tensor: NCCL broadcasts only those
-    dist.broadcast(flags, src=0)
-    return bool(flags[0].item()), bool(flags[1].item())
+def program_name() -> str:
+    """This program's name for messages: the script that was started (train_gpt.py when it is not a script)."""
+    return Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else "train_gpt.py"
 
 
-def checkpoint_kind(hp: Hyperparameters, step: int, start_step: int, rolling_due) -> str | None:
+def python_command() -> str:
+    """How to name this interpreter in a command to type: python when that is the one PATH finds, else its path."""
+    found = shutil.which("python")
+    return "python" if found and os.path.abspath(found) == os.path.abspath(sys.executable) else sys.executable
+
+
+def launched_as() -> list[str]:
+    """The words that started this program, less its own arguments: the wrapper and its runtime flags
+    ($KIT_LAUNCH, set by train.sh), torchrun with its process counts, or python and the script."""
+    if os.environ.get("KIT_LAUNCH"):
+        return shlex.split(os.environ["KIT_LAUNCH"])
+    script = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else program_name()
+    if "LOCAL_WORLD_SIZE" not in os.environ:
+        return [python_command(), script]
+    per_node, world = os.environ["LOCAL_WORLD_SIZE"], os.environ.get("WORLD_SIZE", os.environ["LOCAL_WORLD_SIZE"])
+    if per_node == world:
+        return ["torchrun", "--standalone", f"--nproc_per_node={per_node}", script]
+    nodes = int(world) // max(1, int(per_node))
+    return ["torchrun", f"--nnodes={nodes}", f"--nproc_per_node={per_node}", "--node_rank=RANK_OF_THIS_NODE",
+            f"--master_addr={os.environ.get('MASTER_ADDR', 'HOST')}",
+            f"--master_port={os.environ.get('MASTER_PORT', '29500')}", script]
+
+
+def host_path(path: Path | str) -> str:
+    """A path of this process as the person who started the run types it. Under a wrapper ($KIT_HOST_ROOT, the
+    repository on the host, and $KIT_HOST_CWD, where the wrapper was started) this process runs in the repository
+    root, in Docker a mount of it: a path under it is shown from the host's current directory, any other as it is."""
+    path = Path(path)
+    root, cwd = os.environ.get("KIT_HOST_ROOT"), os.environ.get("KIT_HOST_CWD")
+    if not (root and cwd):
+        return str(path)
+    here = Path.cwd()
+    full = path if path.is_absolute() else here / path
+    try:
+        full = Path(root) / full.relative_to(here)
+    except ValueError:
+        return str(path)
+    rel = os.path.relpath(full, cwd)
+    return rel if not rel.startswith("..") else str(full)
+
+
+def command_line(words: list[str]) -> str:
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def resume_command(target: Path, run_name: str | None = None) -> str:
+    """The one command that resumes from target (a run directory or checkpoint file) the way the run was started."""
+    words = [*launched_as(), "--resume", host_path(target)]
+    if run_name is not None and target.name != run_name:  # a checkpoint of another run, continued under this name
+        words += ["--run-name", run_name]
+    return command_line(words)
+
+
+def restart_command() -> str:
+    """The command that started this run, to start it again ($KIT_COMMAND under a wrapper)."""
+    if os.environ.get("KIT_COMMAND"):
+        return os.environ["KIT_COMMAND"]
+    return command_line([*launched_as(), *sys.argv[1:]])
+
+
+def on_disk(run_dir: Path | None, run_name: str | None, resumed_from: Path | None) -> str:
+    """What a stopped run leaves to go on from, and the command that does: its newest checkpoint, else the one it
+    resumed from, else nothing (the command that started it)."""
+    newest = newest_step_file(run_dir) if run_dir is not None else None
+    if newest is not None:
+        return f"its newest checkpoint is {host_path(newest)}. Resume with: {resume_command(run_dir, run_name)}"
+    if resumed_from is not None:
+        return (f"the checkpoint it resumed from is unchanged, {host_path(resumed_from)}. Resume with: "
+                f"{resume_command(resumed_from, run_name)}")
+    return f"nothing was saved (no step had finished). Start again with: {restart_command()}"
+
+
+class RunFlags:
+    """What every process must act on at the same step: a stop asked (a signal to any process), a rolling checkpoint
+    due (process 0's clock) and the run log failing (process 0 writes it). Alone, the flags are read as they are.
+    Distributed, each step's flags are combined (one all-reduce of three numbers) and, on GPUs, read LAG steps later:
+    no step then waits for the device to finish the one before, and every process reads the same step's result."""
+
+    LAG = 2
+
+    def __init__(self, device: torch.device, world_size: int):
+        self.device, self.world_size = device, world_size
+        self.lag = self.LAG if device.type == "cuda" else 0
+        self.pending: deque = deque()  # (exchange number, device tensor) not read yet
+        self.sent = 0
+        self.rolling_from = 0  # rolling requests of exchanges before this one are stale: a save came since
+
+    def exchange(self, stop: bool, rolling: bool = False, log_failed: bool = False,
+                 now: bool = False) -> tuple[bool, bool, bool]:
+        """(stop, rolling, log_failed) as every process takes them at this step; now: all that was sent, at once."""
+        if self.world_size == 1:
+            return stop, rolling, log_failed
+        flags = torch.zeros(3, dtype=torch.int32, device=self.device)
+        for i, value in enumerate((stop, rolling, log_failed)):
+            if value:
+                flags[i] = 1  # a fill on the device: no copy from the host
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self.pending.append((self.sent, flags))
+        self.sent += 1
+        ready = len(self.pending) if now else len(self.pending) - self.lag
+        out = [False, False, False]
+        for _ in range(max(0, ready)):
+            number, values = self.pending.popleft()
+            for i, v in enumerate(values.tolist()):
+                out[i] = out[i] or (bool(v) and (i != 1 or number >= self.rolling_from))
+        return out[0], out[1], out[2]
+
+    def saved(self) -> None:
+        """A checkpoint was just written: rolling requests sent before now are answered."""
+        self.rolling_from = self.sent
+
+
+def checkpoint_kind(hp: Hyperparameters, step: int, start_step: int, rolling: bool) -> str | None:
     """The checkpoint the loop writes on reaching step: "kept" (the final one, every --save-every steps), "rolling"
-    (when the clock asks for one; the next save of any kind replaces it), "stop" (a signal asked the run to stop: a
-    kept checkpoint, then the run ends) or None. rolling_due() is collective: (rolling due, stop asked). None at the
-    step a run starts or resumes at (that state is on disk already), but for a stop."""
+    (when the clock asks for one; the next save of any kind replaces it) or None. None at the step a run starts or
+    resumes at: that state is on disk already."""
     last = step == hp.num_iterations
-    rolling, stop = rolling_due()
-    if stop and not last:
-        return "stop"
     if step <= start_step:
         return None
     if (last and hp.save_final) or (hp.save_every > 0 and step % hp.save_every == 0):
@@ -510,31 +683,22 @@ def new_run_id(hp: Hyperparameters) -> str:
 
 
 class RunLock:
-    """An exclusive lock on a run name for as long as the run trains (<log_dir>/.<run>.lock), so that a second run
-    with the same name is refused instead of interleaving its log and overwriting its checkpoints. The kernel
-    releases it when the process ends, however it ends (flock), so a killed run can always be resumed. Taking it
-    also removes the temporary files that a save interrupted by a kill left behind: no other process of this run
-    name writes meanwhile."""
+    """An exclusive lock on a run for as long as it trains, so that a second run of the same name is refused instead
+    of overwriting its checkpoints or interleaving its log: one lock beside the run's checkpoint directory
+    (<checkpoint_dir>/.<run>.lock, what must never be shared) and one beside its log (<log_dir>/.<run>.lock). The
+    kernel releases them when the process ends, however it ends (flock), so a killed run can always be resumed.
+    Taking them also removes the temporary files that a save interrupted by a kill left behind: no other process of
+    this run writes meanwhile."""
 
-    def __init__(self, log_dir: Path, run_dir: Path):
-        path = log_dir / f".{run_dir.name}.lock"
+    def __init__(self, run_dir: Path, log_dir: Path):
+        self.files = []
         try:
-            log_dir.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "a+", encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"cannot write run logs in {log_dir} ({e.strerror}): check --log-dir") from e
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "?"
-            self.file.close()
-            raise ConfigError(f"run {run_dir.name!r} is already training (process {holder} holds {path}): give "
-                              "this run another --run-name, or wait for that one to end") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"{os.getpid()}\n")
-        self.file.flush()
+            for path, flag in ((run_dir.parent / f".{run_dir.name}.lock", "--checkpoint-dir"),
+                               (log_dir / f".{run_dir.name}.lock", "--log-dir")):
+                self.files.append(self._take(path, run_dir.name, flag))
+        except ConfigError:
+            self.release()
+            raise
         self.removed = [p for p in run_dir.glob(".step_*.pt.tmp-*") if p.is_file()]
         # the checkpoint root's latest link is shared by all runs: only the leftovers of processes no longer alive
         self.removed += [p for p in run_dir.parent.glob(".latest.tmp-*")
@@ -542,8 +706,31 @@ class RunLock:
         for p in self.removed:
             p.unlink(missing_ok=True)
 
+    @staticmethod
+    def _take(path: Path, run: str, flag: str):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(path, "a+", encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot write in {path.parent} ({e.strerror}): check {flag}") from e
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            raise ConfigError(f"run {run!r} is already training (process {holder} holds {path}): give this run "
+                              "another --run-name, or wait for that one to end") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        return f
+
     def release(self) -> None:
-        self.file.close()
+        for f in self.files:
+            f.close()
+        self.files = []
 
 
 def process_alive(pid: str) -> bool:
@@ -556,16 +743,47 @@ def process_alive(pid: str) -> bool:
     return True
 
 
-def claim_run(run_dir: Path, log_dir: Path, rank: int) -> RunLock | None:
-    """On process 0, lock the run name and make sure the log directory can be written; every process raises the
-    same ConfigError when either fails (so none waits for the others in a collective)."""
-    lock, problem = None, None
+def earlier_log(log_path: Path) -> Path:
+    """Where the log of an earlier run of the same name goes when a new run takes the name: beside it, named by the
+    time it was last written (logs/NAME.earlier-YYYYmmdd-HHMMSS.txt)."""
+    stamp = datetime.datetime.fromtimestamp(log_path.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
+    target, n = log_path.with_name(f"{log_path.stem}.earlier-{stamp}{log_path.suffix}"), 1
+    while target.exists():
+        n += 1
+        target = log_path.with_name(f"{log_path.stem}.earlier-{stamp}-{n}{log_path.suffix}")
+    return target
+
+
+def take_name(run_dir: Path, log_path: Path, fresh: bool) -> str:
+    """A fresh run may not take the name of a run that has checkpoints (it would overwrite them: resume it, or pick
+    another name). The log of an earlier run of the name without checkpoints is kept under earlier_log's name, and
+    this run starts a new log; returns the line that says so (empty when there was none). A resumed run appends."""
+    if not fresh:
+        return ""
+    newest = newest_step_file(run_dir)
+    if newest is not None:
+        raise ConfigError(f"run {run_dir.name!r} already has checkpoints in {host_path(run_dir)} (newest "
+                          f"{newest.name}): continue it with --resume {host_path(run_dir)}, or give this run another "
+                          "--run-name")
+    if not log_path.exists():
+        return ""
+    kept = earlier_log(log_path)
+    os.replace(log_path, kept)
+    return (f"{host_path(log_path)} held an earlier run of this name, which saved no checkpoint: kept as "
+            f"{host_path(kept)}; this run writes a new {host_path(log_path)}")
+
+
+def claim_run(run_dir: Path, log_path: Path, rank: int, fresh: bool) -> tuple[RunLock | None, str]:
+    """On process 0: lock the run, check that its checkpoints and log can be written, and take its name (take_name).
+    Every process raises the same ConfigError when any of it fails (so none waits for the others in a collective).
+    Returns the lock (None elsewhere, or where flock does not exist) and take_name's line."""
+    lock, problem, note = None, None, ""
     if rank == 0:
         try:
             if fcntl is not None:
-                lock = RunLock(log_dir, run_dir)
+                lock = RunLock(run_dir, log_path.parent)
             else:
-                log_dir.mkdir(parents=True, exist_ok=True)
+                log_path.parent.mkdir(parents=True, exist_ok=True)
             try:  # fail now, not at the first save after hours of training
                 run_dir.parent.mkdir(parents=True, exist_ok=True)
                 usable = (run_dir.is_dir() or not run_dir.exists()) and os.access(run_dir.parent, os.W_OK)
@@ -574,12 +792,16 @@ def claim_run(run_dir: Path, log_dir: Path, rank: int) -> RunLock | None:
             if not usable:
                 raise ConfigError(f"cannot keep checkpoints in {run_dir} (not a writable directory): check "
                                   "--checkpoint-dir")
+            note = take_name(run_dir, log_path, fresh)
         except (ConfigError, OSError) as e:
-            problem = str(e) if isinstance(e, ConfigError) else f"cannot write run logs in {log_dir} ({e})"
+            problem = str(e) if isinstance(e, ConfigError) else f"cannot write run logs in {log_path.parent} ({e})"
+            if lock is not None:
+                lock.release()
+                lock = None
     problem = broadcast_object(problem)
     if problem:
         raise ConfigError(problem)
-    return lock
+    return lock, note
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -587,10 +809,13 @@ def claim_run(run_dir: Path, log_dir: Path, rank: int) -> RunLock | None:
 
 
 class RunLog:
-    """Prints on process 0 and appends to logs/<run_id>.txt."""
+    """Prints on process 0 and appends to logs/<run_id>.txt. A write that fails (a full disk, a file system gone)
+    is not an exception in the middle of a step: the log keeps the first problem in `failed`, stops writing to the
+    file, and the loop stops the run at the end of the step with a checkpoint (run_steps)."""
 
     def __init__(self, path: Path | None):
         self.path = path
+        self.failed: str | None = None  # why the file could not be written, once it could not
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -599,8 +824,15 @@ class RunLog:
             return
         if console:
             print(text, flush=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(text + "\n")
+        if self.failed is not None:
+            return
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(text + "\n")
+        except OSError as e:
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            self.failed = (f"the run log {host_path(self.path)} cannot be written "
+                           f"({'its disk is full' if full else e.strerror or type(e).__name__})")
 
 
 def environment_report(device: torch.device) -> str:
@@ -657,30 +889,48 @@ class Checkpointer:
     at it. Saving is collective (the optimiser state is gathered); process 0 writes."""
 
     def __init__(self, hp: Hyperparameters, run_id: str, start_step: int, device: torch.device, rank: int,
-                 world_size: int):
+                 world_size: int, resumed_from: Path | None = None):
         self.hp, self.run_id, self.start_step = hp, run_id, start_step
         self.device, self.rank, self.world_size = device, rank, world_size
         self.root = Path(hp.checkpoint_dir)
         self.run_dir = self.root / run_id
+        self.resumed_from = resumed_from
         self.rolling: Path | None = None  # the rolling checkpoint on disk
+        self.saved_step = start_step  # the newest step whose state is on disk
         self.last_save = time.monotonic()
-        self.stop: StopRequest | None = None  # set by the loop while it runs
+        self.flags: RunFlags | None = None  # the loop's, told of every save
 
-    def due(self, step: int) -> str | None:
-        return checkpoint_kind(self.hp, step, self.start_step, lambda: rolling_save_due(
-            self.hp, step, self.last_save, self.device, self.world_size, self.stop))
+    def rolling_due(self) -> bool:
+        """Whether --save-every-minutes have passed since the last save, by this process's clock (process 0's decides
+        for all: RunFlags)."""
+        return self.hp.save_every_minutes > 0 and time.monotonic() - self.last_save >= 60 * self.hp.save_every_minutes
 
-    def stopped(self, trainer, step: int, log: RunLog) -> Interrupted:
-        """Save at a stop (unless the step's state is on disk already) and say how to resume."""
-        if step > self.start_step:
-            self.save(trainer, step, "kept", log)
-        prog = Path(sys.argv[0]).name if sys.argv[0].endswith(".py") else "train_gpt.py"
-        wrapper = "./train.sh --medium" if prog == "train_gpt_medium.py" else "./train.sh"
-        run_dir = shlex.quote(str(self.run_dir))
-        how = (f"stopped by {self.stop.signal} at step {step} of {self.hp.num_iterations}; its checkpoint is in "
-               f"{run_dir}/. Resume with: python {prog} --resume {run_dir} (or {wrapper} --resume {run_dir})")
-        log.write(how)
-        return Interrupted(how, 130 if self.stop.signal == "SIGINT" else 143)
+    def on_disk(self) -> str:
+        """What the run has saved and the command that goes on from it (kit.on_disk)."""
+        return on_disk(self.run_dir, self.run_id, self.resumed_from)
+
+    def stopped(self, trainer, step: int, log: RunLog, signal_name: str | None, log_problem: str | None = None
+                ) -> Interrupted:
+        """Save at a stop (unless this step's state is on disk already) and say what was saved and how to resume:
+        for a signal (exit 128 + its number) or for a run log that cannot be written (exit 2)."""
+        at = f"at step {step} of {self.hp.num_iterations}"
+        why = f"stopped by {signal_name} {at}" if log_problem is None else f"stopped {at}: {log_problem}"
+        then = self.on_disk()
+        if step > self.saved_step:
+            try:
+                self.save(trainer, step, "kept", log)
+                then = (f"saved {host_path(self.run_dir / f'step_{step:06d}.pt')}. Resume with: "
+                        f"{resume_command(self.run_dir, self.run_id)}")
+            except DiskFullError as e:
+                if log_problem is None:
+                    raise
+                then = f"no checkpoint of step {step} could be saved either ({e.strerror}); {then}"
+        how = f"{why}; {then}"
+        if self.rank == 0:
+            print(f"{program_name()}: {how}", file=sys.stderr, flush=True)
+            log.write(how, console=False)
+        code = 2 if log_problem is not None else 130 if signal_name == "SIGINT" else 143
+        return Interrupted(how, code)
 
     def check(self, trainer, log: RunLog, val_loss: float | None = None, state: dict | None = None) -> None:
         """DivergedError (also written to the log) when a training loss so far, the validation loss or the state
@@ -707,14 +957,21 @@ class Checkpointer:
         self.check(trainer, log)
         state = trainer.state_dict(self.run_id)
         self.check(trainer, log, state=state)
+        full = None  # a disk-full message, which every process raises (none waits for the others in vain)
         if self.rank == 0:
-            path, self.rolling = save_checkpoint(state, self.root, self.run_id, step, kind, self.rolling)
-            log.write(f"saved checkpoint {path}" + (" (rolling: replaced by the next save)" if kind == "rolling"
-                                                   else ""))
+            try:
+                path, self.rolling = save_checkpoint(state, self.root, self.run_id, step, kind, self.rolling)
+                log.write(f"saved checkpoint {path}" + (" (rolling: replaced by the next save)" if kind == "rolling"
+                                                       else ""))
+            except DiskFullError as e:
+                full = e.strerror
         del state
-        if self.world_size > 1:
-            dist.barrier()
-        self.last_save = time.monotonic()
+        full = broadcast_object(full)  # also the barrier: no process runs ahead of the write
+        if full is not None:
+            raise DiskFullError(errno.ENOSPC, full)
+        self.saved_step, self.last_save = step, time.monotonic()
+        if self.flags is not None:
+            self.flags.saved()
 
 
 def duration(seconds: float) -> str:
@@ -760,11 +1017,14 @@ class RunReport:
     def write(self, text: str, console: bool = True) -> None:
         self.log.write(text, console)
 
-    def start(self, source, device: torch.device, resumed_from: str | None, removed: int) -> None:
-        """source: the trainer's code, or a callable that reads it (only a new log file gets it)."""
+    def start(self, source, device: torch.device, resumed_from: str | None, removed: int, note: str = "") -> None:
+        """source: the trainer's code, or a callable that reads it (only a new log file gets it). note: a line for
+        the terminal and the log before the run's own (claim_run's)."""
         rule = self.RULE
         if self.log.path is not None and not self.log.path.exists():
             self.write(source() if callable(source) else source, console=False)
+        if note:
+            self.write(note)
         if resumed_from:
             self.write(f"{rule}\n{resumed_from}")
         if removed:
@@ -850,9 +1110,27 @@ class RunReport:
 
 
 class OneLineParser(argparse.ArgumentParser):
+    """argparse with one-line errors (its usage of some 25 flags would bury the message), that names the flag a
+    mistyped one was probably meant to be, and takes no abbreviations: --num-iteration 5 is a mistake, not
+    --num-iterations."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):
-        # one line: argparse's usage of some 25 flags would bury the message
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        hint = "" if " is --set " in message else self.did_you_mean(message)  # SettingsCLI.unknown said it
+        self.exit(2, f"{self.prog}: error: {message}{hint} (see --help)\n")
+
+    def did_you_mean(self, message: str) -> str:
+        """"; did you mean --x?" for the first unrecognised flag of an argparse message that is close to one."""
+        words = re.findall(r"(?<![\w-])--?[\w-]+", message.partition("unrecognized arguments:")[2])
+        flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        for word in words:
+            close = difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.75)
+            if close:
+                return f"; did you mean {close[0]}?"
+        return ""
 
 
 def help_width() -> int:
@@ -1111,7 +1389,10 @@ def run_processes(train, hp, source: str | None, prog: str) -> int:
     """train(hp, source) in this process, inside a process group when torchrun started it; the errors a user can
     act on become one line (exit 2; a diverged run: 3), said once unless a process's own device is the cause."""
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    stop = StopRequest(prog)  # until train() takes over: a signal stops at once, with nothing saved
+    stop.state = lambda: f"nothing was saved. Start again with: {restart_command()}"
     try:
+        stop.__enter__()
         if distributed:
             backend = "nccl" if torch.cuda.is_available() and hp.device != "cpu" else "gloo"
             if backend == "nccl":
@@ -1126,10 +1407,6 @@ def run_processes(train, hp, source: str | None, prog: str) -> int:
             dist.barrier()  # no rank tears its connections down while another still finishes (not after an error)
     except Interrupted as e:  # said in the log and on the terminal already
         return e.code
-    except KeyboardInterrupt:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"{prog}: stopped at once, nothing saved since the last checkpoint", file=sys.stderr)
-        return 130
     except (ConfigError, DataError, CheckpointError, DiskFullError, DivergedError) as e:
         # every process meets these together, from the same settings, files and (collective) checks
         if int(os.environ.get("RANK", 0)) == 0 or isinstance(e, DeviceError):
@@ -1138,4 +1415,5 @@ def run_processes(train, hp, source: str | None, prog: str) -> int:
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
+        stop.__exit__()
     return 0

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import glob
 import math
 import os
@@ -54,8 +55,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from data.shards import (DataError, find_shards, prepared_globs, read_shard, read_shard_header, read_tokens,
-                         shard_glob)
+from data.shards import (DataError, DiskFullError, find_shards, prepared_globs, read_shard, read_shard_header,
+                         read_tokens, shard_glob)
 import kit
 from kit import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, TRACK1_TARGET, CheckpointError, Checkpointer, Clock,
                  ConfigError, DivergedError, RunReport, SettingsCLI, check_fields, check_model_config, claim_run,
@@ -126,6 +127,7 @@ class Hyperparameters:
     attention: str = "auto"  # flex (FlexAttention, CUDA), dense (explicit mask, any device), auto
     warmup_steps: int = -1  # compile warm-up steps before the timed run (-1: 3 when compiling, else 0)
     seed: int = 0  # initial weights; data order is fixed by the shards
+    cpu_ok: bool = False  # train on the CPU even a run estimated to take more than a day there
 
     @property
     def global_batch_tokens(self) -> int:
@@ -164,9 +166,10 @@ def fit_to_gpus(hp: Hyperparameters, gpus: list[kit.GPUInfo], world_size: int) -
 FLAG_FIELDS = ("preset", "data_dir", "train_files", "val_files", "val_tokens", "train_seq_len", "val_seq_len",
                "num_iterations", "muon_lr", "adam_lr", "val_loss_every", "train_loss_every", "save_every",
                "save_every_minutes", "save_final", "log_dir", "checkpoint_dir", "run_name", "resume", "wandb",
-               "device", "compile", "fp8", "seed")
+               "device", "compile", "fp8", "seed", "cpu_ok")
 CLI = SettingsCLI(Hyperparameters, FLAG_FIELDS, {"compile": "--no-compile", "fp8": "--no-fp8",
-                                                 "save_final": "--no-save-final", "wandb": "--wandb"})
+                                                 "save_final": "--no-save-final", "wandb": "--wandb",
+                                                 "cpu_ok": "--yes"})
 spelled = CLI.spelled
 
 LEARNING_RATES = ("muon_lr", "adam_lr", "head_lr", "scalar_lr")
@@ -1049,7 +1052,12 @@ class ValidationSet:
         self.num_chunks = val_tokens // seq_len
 
     def batches(self, device: torch.device):
-        for k in range(self.rank, self.num_chunks, self.world_size):
+        """This process's (inputs, targets), one per round of world_size chunks; (None, None) in a last round that
+        has no chunk left for it, so that every process takes the same number of rounds."""
+        for k in range(self.rank, -(-self.num_chunks // self.world_size) * self.world_size, self.world_size):
+            if k >= self.num_chunks:
+                yield None, None
+                continue
             chunk = self.tokens[k * self.seq_len:(k + 1) * self.seq_len + 1]
             buf = torch.from_numpy(chunk.astype(np.int64)).to(device)
             yield buf[:-1].to(torch.int32), buf[1:]
@@ -1126,8 +1134,7 @@ class Trainer:
             raise DivergedError(f"the training loss of step {step} was not finite")
 
     def matmul_flops_per_token(self) -> float:
-        """Training FLOPs per token of the matmuls (6 x the blocks' matrices and the head), attention not counted."""
-        return 6.0 * sum(p.numel() for _, p in self.model.param_groups()["muon"] + self.model.param_groups()["head"])
+        return matmul_flops_per_token(self.cfg)
 
     def describe(self, run_id: str) -> str:
         hp, m = self.hp, self.model
@@ -1144,15 +1151,19 @@ class Trainer:
                 "window_blocks": window_blocks(step, hp)}
 
     @torch.no_grad()
-    def validate(self, val: ValidationSet) -> float:
+    def validate(self, val: ValidationSet, stop=None) -> float | None:
         """Mean loss over the validation tokens, in eval mode (the head in bf16, not FP8, as in the record), with the
-        window of the current step."""
+        window of the current step. stop(): asked before each round of chunks (one per process), collectively; when
+        it says so the validation ends there and returns None."""
         window = self.window_tensor(self.step)
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         self.model.eval()
         try:
             for inputs, targets in val.batches(self.device):
-                total += self.compiled(inputs, targets, window).double() * inputs.numel()
+                if stop is not None and stop():
+                    return None
+                if inputs is not None:  # a process with fewer chunks than the others waits out the last round
+                    total += self.compiled(inputs, targets, window).double() * inputs.numel()
         finally:
             self.model.train()
         if self.world_size > 1:
@@ -1199,9 +1210,10 @@ def loss_scale(hp: Hyperparameters, world_size: int) -> float:
     return world_size * hp.loss_sum_tokens / hp.global_batch_tokens
 
 
-def setup_device(hp: Hyperparameters, world_size: int) -> tuple[torch.device, Hyperparameters, str]:
+def setup_device(hp: Hyperparameters, world_size: int) -> tuple[torch.device, Hyperparameters, list[str]]:
     """This process's device, the settings with attention "auto" and any --preset auto choice resolved for it (the
-    most sequences any process needs, so that all agree), checked, and why the choice."""
+    most sequences any process needs, so that all agree), checked, and lines that say what was chosen and why (the
+    --preset auto fit; on the CPU, the thread count)."""
     device = resolve_device(hp.device, int(os.environ.get("LOCAL_RANK", 0)))
     hp = dataclasses.replace(hp, attention=attention_impl(device, hp.attention))
     asked, gpus = hp, kit.visible_gpus(device.index) if device.type == "cuda" else []
@@ -1212,9 +1224,43 @@ def setup_device(hp: Hyperparameters, world_size: int) -> tuple[torch.device, Hy
         if seqs.item() != hp.seqs_per_step:
             hp, why = fit_to_gpus(dataclasses.replace(asked, seqs_per_step=int(seqs.item())), gpus, world_size)
     check_hyperparameters(hp, world_size)
+    notes = [f"--preset auto: {why}"] if why else []
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    return device, hp, why
+    else:
+        check_cpu_budget(hp, cpu_cores())
+        threads, because = kit.choose_cpu_threads(cpu_cores())
+        torch.set_num_threads(threads)
+        notes.append(f"CPU threads: {threads} ({because})")
+    return device, hp, notes
+
+
+CPU_FLOPS_PER_CORE = 35e9  # matmul FLOP/s of one CPU core in fp32, generously: the tiny preset ran at about 34 on 2
+CPU_DAY_S = 24 * 3600  # a run estimated to take longer than this on the CPU needs --yes
+
+
+def matmul_flops_per_token(cfg: GPTConfig) -> float:
+    """Training FLOPs per token of the matmuls (6 x the blocks' matrices and the head), attention not counted."""
+    with torch.device("meta"):  # the sizes only: nothing is allocated
+        groups = GPT(cfg).param_groups()
+    return 6.0 * sum(p.numel() for _, p in groups["muon"] + groups["head"])
+
+
+def check_cpu_budget(hp: Hyperparameters, cores: int) -> None:
+    """A run that would take more than CPU_DAY_S on this machine's CPU cores is refused, unless --yes: the default
+    preset on a laptop would start downloading shards for weeks of training."""
+    seconds = hp.num_iterations * hp.global_batch_tokens * matmul_flops_per_token(
+        GPTConfig.from_hyperparameters(hp)) / (cores * CPU_FLOPS_PER_CORE)
+    if hp.cpu_ok or seconds <= CPU_DAY_S:
+        return
+    raise ConfigError(f"--preset {hp.preset} on the CPU: {hp.num_iterations:,} steps of {hp.global_batch_tokens:,} "
+                      f"tokens would take about {seconds / CPU_DAY_S:.0f} days on {cores} core(s), even at a generous "
+                      f"{CPU_FLOPS_PER_CORE / 1e9:.0f} GFLOP/s each; --preset tiny trains in minutes, a GPU runs "
+                      "this preset, and --yes starts it on the CPU anyway")
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def open_data(hp: Hyperparameters, rank: int, world_size: int) -> tuple[list[str], list[str]]:
@@ -1251,25 +1297,33 @@ def warm_up(trainer: Trainer, train_files: list[str], val_files: list[str], repo
                  "weights and optimisers reset)")
 
 
-def run_steps(trainer: Trainer, val: ValidationSet, saver: Checkpointer, report: RunReport) -> tuple[float, int]:
+def run_steps(trainer: Trainer, val: ValidationSet, saver: Checkpointer, report: RunReport,
+              stop: kit.StopRequest) -> tuple[float, int]:
     """The loop from the trainer's step to the last: validations and saves on the stopped clock, the record's step
-    lines. Non-finite losses are looked for only where the loop syncs anyway. Returns the last val loss and its step."""
+    lines. A stop (a signal, or a run log that cannot be written) ends it at the next step or validation chunk, with a
+    checkpoint. Non-finite losses are looked for only where the loop syncs anyway. Returns the last val loss and its
+    step."""
     hp, N = trainer.hp, trainer.hp.num_iterations
     val_loss, val_step = float("nan"), -1
     clock = Clock(trainer.device, trainer.train_time_ms)
     first_step, first_ms = trainer.step, trainer.train_time_ms  # this session's, for the terminal's pace
+    flags = saver.flags = kit.RunFlags(trainer.device, trainer.world_size)
     for step in range(trainer.step, N + 1):
         last = step == N
         if last or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0):
             trainer.train_time_ms = clock.stop()
-            val_loss, val_step = trainer.validate(val), step
+            val_loss = trainer.validate(val, stop=lambda: flags.exchange(stop.asked, now=True)[0])
+            if val_loss is None:  # a stop cut the validation short
+                raise saver.stopped(trainer, step, report.log, stop.signal)
+            val_step = step
             report.val(step, val_loss, trainer.train_time_ms)
             saver.check(trainer, report.log, val_loss=val_loss)
             clock.start()
-        kind = saver.due(step)
-        if kind == "stop":
+        asked, rolling, log_failed = flags.exchange(stop.asked, saver.rolling_due(), report.log.failed is not None)
+        if (asked or log_failed) and not last:
             trainer.train_time_ms = clock.stop()
-            raise saver.stopped(trainer, step, report.log)
+            raise saver.stopped(trainer, step, report.log, stop.signal, report.log.failed if log_failed else None)
+        kind = kit.checkpoint_kind(hp, step, saver.start_step, rolling)
         if kind:
             trainer.train_time_ms = clock.stop()
             saver.save(trainer, step, kind, report.log)
@@ -1293,32 +1347,48 @@ def run_steps(trainer: Trainer, val: ValidationSet, saver: Checkpointer, report:
 
 
 def train(hp: Hyperparameters, source: str | None = None) -> dict:
-    """Run (or resume) a training run; returns the summary. Expects the process group to be set up if distributed."""
+    """Run (or resume) a training run; returns the summary. Expects the process group to be set up if distributed.
+    A signal before the loop stops at once (nothing new to save); in the loop, at the end of the step, saving."""
     rank, world_size = dist_info()
-    device, hp, fitted = setup_device(hp, world_size)
-    train_files, val_files = open_data(hp, rank, world_size)
-    val = ValidationSet(val_files, hp.val_tokens, hp.val_seq_len, rank, world_size, hp.vocab_size)
-    run_id, ckpt, ckpt_path = open_run(hp)
-    lock = claim_run(Path(hp.checkpoint_dir) / run_id, Path(hp.log_dir), rank)
-    report = RunReport(hp, run_id, rank, resumed=ckpt is not None)
-    report.start(source if source is not None else lambda: Path(__file__).read_text(encoding="utf-8"), device,
-                 f"resumed from {ckpt_path} at step {ckpt['step']}" if ckpt else None,
-                 len(lock.removed) if lock is not None else 0)
-    trainer = Trainer(hp, device, rank, world_size, train_files)
-    report.write(trainer.describe(run_id) + (f"\n--preset auto: {fitted}" if fitted else ""))
-    report.set_throughput(device, world_size, trainer.matmul_flops_per_token())
-    warm_up(trainer, train_files, val_files, report)
-    torch.manual_seed(hp.seed)
-    if ckpt is not None:
-        trainer.restore(ckpt, ckpt_path)
-        del ckpt
-    saver = Checkpointer(hp, run_id, trainer.step, device, rank, world_size)
-    with kit.StopRequest() as saver.stop:
-        val_loss, val_step = run_steps(trainer, val, saver, report)
-    summary = report.finish(val_loss, val_step, trainer.train_time_ms, device, world_size,
-                            trainer.loader.unaligned_steps, trainer.matmul_flops_per_token())
-    if lock is not None:
-        lock.release()
+    with kit.StopRequest() as stop:
+        device, hp, notes = setup_device(hp, world_size)
+        train_files, val_files = open_data(hp, rank, world_size)
+        val = ValidationSet(val_files, hp.val_tokens, hp.val_seq_len, rank, world_size, hp.vocab_size)
+        run_id, ckpt, ckpt_path = open_run(hp)
+        run_dir = Path(hp.checkpoint_dir) / run_id
+        stop.state = lambda: kit.on_disk(run_dir, run_id, ckpt_path)
+        lock, note = claim_run(run_dir, Path(hp.log_dir) / f"{run_id}.txt", rank, fresh=ckpt is None)
+        try:
+            trainer = Trainer(hp, device, rank, world_size, train_files)
+            if ckpt is not None:
+                trainer.restore(ckpt, ckpt_path)  # refused before the run's log gets a line
+            report = RunReport(hp, run_id, rank, resumed=ckpt is not None)
+            report.start(source if source is not None else lambda: Path(__file__).read_text(encoding="utf-8"),
+                         device, f"resumed from {ckpt_path} at step {ckpt['step']}" if ckpt else None,
+                         len(lock.removed) if lock is not None else 0, note)
+            if report.log.failed:
+                raise ConfigError(f"{report.log.failed}: free some space, or choose another --log-dir")
+            stop.log = report.write
+            report.write("\n".join([trainer.describe(run_id), *notes]))
+            report.set_throughput(device, world_size, trainer.matmul_flops_per_token())
+            stop.where = "during the compile warm-up"
+            warm_up(trainer, train_files, val_files, report)
+            torch.manual_seed(hp.seed)
+            if ckpt is not None:
+                trainer.restore(ckpt, ckpt_path)
+                del ckpt
+            saver = Checkpointer(hp, run_id, trainer.step, device, rank, world_size, ckpt_path)
+            stop.state, stop.deferred = saver.on_disk, True
+            val_loss, val_step = run_steps(trainer, val, saver, report, stop)
+            stop.deferred, stop.where = False, "after the last step"
+            summary = report.finish(val_loss, val_step, trainer.train_time_ms, device, world_size,
+                                    trainer.loader.unaligned_steps, trainer.matmul_flops_per_token())
+            if report.log.failed:  # the run finished; its log lacks what came after the failure
+                raise DiskFullError(errno.EIO, f"{report.log.failed}; the run itself finished (final val_loss "
+                                    f"{val_loss:.4f}); {saver.on_disk()}")
+        finally:
+            if lock is not None:
+                lock.release()
     return summary
 
 
@@ -1390,8 +1460,15 @@ def main(argv: list[str] | None = None, presets: dict[str, dict] | None = None, 
             gpus = kit.visible_gpus() if any(getattr(hp, n) == 0 for n in kit.FIT_FIELDS) and hp.device != "cpu" else []
             world_size = int(os.environ.get("WORLD_SIZE", len(gpus) or 1))
             hp, why = fit_to_gpus(hp, gpus[:world_size], world_size)
-            check_hyperparameters(hp, 1)  # the checks that need no devices: a wrapper stops before it starts any
-            print(format_config(hp, form, {"fit": why} if why else {}))
+            check_hyperparameters(hp, world_size)  # those that need no devices: a wrapper stops before it starts any
+            extra = {"fit": why} if why else {}
+            if not gpus and (hp.device == "cpu" or not torch.cuda.is_available()):
+                extra["cpu_refusal"] = ""  # a wrapper refuses before it downloads shards; the settings still show
+                try:
+                    check_cpu_budget(hp, cpu_cores())
+                except ConfigError as e:
+                    extra["cpu_refusal"] = str(e)
+            print(format_config(hp, form, extra))
             return 0
     except (ConfigError, CheckpointError) as e:
         print(f"train_gpt.py: error: {e}", file=sys.stderr)

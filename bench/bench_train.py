@@ -227,7 +227,8 @@ def validation_memory(trainer, hp: tg.Hyperparameters, device: torch.device, win
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--preset", default="tiny", choices=list(all_presets()),
                     help="the trainer's preset to measure (default tiny; auto fits the GPU found)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default: 50 on GPU, 5 on CPU)")
@@ -248,7 +249,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def settings(args: argparse.Namespace) -> tuple[tg.Hyperparameters, torch.device]:
     """The preset with the benchmark's overrides, checked, and the device it runs on."""
-    over = {"device": args.device}
+    over = {"device": args.device, "cpu_ok": True}  # a few timed steps, not the preset's whole run
     if args.no_compile:
         over["compile"] = False
     if args.no_fp8:
@@ -258,9 +259,9 @@ def settings(args: argparse.Namespace) -> tuple[tg.Hyperparameters, torch.device
     if args.train_files:
         over["train_files"] = args.train_files
     hp = dataclasses.replace(tg.preset_hyperparameters(args.preset, all_presets()), **over)
-    device, hp, fitted = tg.setup_device(hp, 1)  # the trainer's own: device, attention, --preset auto, checks
-    if fitted:
-        print(f"--preset auto: {fitted}", flush=True)
+    device, hp, notes = tg.setup_device(hp, 1)  # the trainer's own: device, attention, --preset auto, checks
+    for note in notes:
+        print(note, flush=True)
     return hp, device
 
 

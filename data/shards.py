@@ -22,6 +22,7 @@ SHARD_VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 DISK_FULL_FREE_BYTES = 64 << 20  # a write that fails with less than this left beside it ran out of space
+WRITING: set[Path] = set()  # this process's atomic_write temporary files not yet renamed or removed
 
 
 class DataError(ValueError):
@@ -52,6 +53,7 @@ def atomic_write(path: str | Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    WRITING.add(tmp)
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -67,6 +69,18 @@ def atomic_write(path: str | Path, write) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+        WRITING.discard(tmp)
+
+
+def remove_partial_writes() -> None:
+    """Remove the temporary files of the atomic writes this process has under way, for a process about to end at
+    once (os._exit, which runs no finally block): nothing half-written is left, and no final name was touched."""
+    for tmp in list(WRITING):
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        WRITING.discard(tmp)
 
 
 def write_shard(path: str | Path, tokens) -> None:

@@ -8,6 +8,7 @@ import dataclasses
 import importlib.util
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -177,6 +178,12 @@ def parse_log(path) -> tuple[dict[int, float], dict[int, float]]:
         if m and m.group(3) is not None:
             train[int(m.group(1))] = float(m.group(3))
     return train, val
+
+
+def default_sigint() -> None:
+    """preexec_fn for a subprocess that a test sends SIGINT to: SIGINT as an interactive shell leaves it (a suite
+    started with nohup ... & ignores SIGINT, children inherit that, and the trainer keeps an ignored signal so)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def subprocess_env(**extra) -> dict:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,7 +21,7 @@ import torch
 
 import kit
 import train_gpt as tg
-from conftest import ROOT, parse_log, subprocess_env, tiny_flags, tiny_hp
+from conftest import ROOT, default_sigint, parse_log, subprocess_env, tiny_flags, tiny_hp
 from data.shards import DiskFullError
 
 N = 12
@@ -54,21 +56,21 @@ def test_checkpoint_files_and_latest_symlink(run_b):
     assert latest.is_symlink()
     assert not os.path.isabs(os.readlink(latest))  # relative, so the directory can be moved
     assert latest.resolve() == ckpt_path(hp, N).resolve()
-    assert {p.name for p in Path(hp.checkpoint_dir).iterdir()} == {"B", "latest"}
+    assert {p.name for p in Path(hp.checkpoint_dir).iterdir()} == {"B", "latest", ".B.lock"}  # the run's lock
     assert summary["steps"] == N and summary["run_id"] == "B"
 
 
-def schedule(hp, start_step: int = 0, due_every: int = kit.ROLLING_CHECK_EVERY) -> list[tuple[int, str]]:
+def schedule(hp, start_step: int = 0, due_every: int = 5) -> list[tuple[int, str]]:
     """(step, kind) of every checkpoint a run writes, the rolling clock due at every due_every-th step."""
-    kinds = [(step, kit.checkpoint_kind(hp, step, start_step, lambda step=step: (step % due_every == 0, False)))
+    kinds = [(step, kit.checkpoint_kind(hp, step, start_step, step % due_every == 0))
              for step in range(start_step, hp.num_iterations + 1)]
     return [(step, kind) for step, kind in kinds if kind]
 
 
 @pytest.mark.parametrize("save_final,kept", [(True, [15, 25]), (False, [15, 20])])
 def test_rolling_checkpoints_replace_each_other_as_a_rule(tmp_path, save_final, kept):
-    """The rule alone, on small files: a rolling checkpoint at every check of a clock always due (steps 5, 10, 20;
-    15 is a --save-every one), each save removing the rolling one before it, the kept ones staying."""
+    """The rule alone, on small files: a rolling checkpoint whenever the clock is due (steps 5, 10, 20; 15 is a
+    --save-every one), each save removing the rolling one before it, the kept ones staying."""
     hp = dataclasses.replace(tg.Hyperparameters(), num_iterations=25, save_every=15, save_final=save_final)
     plan = schedule(hp)
     assert plan == [(5, "rolling"), (10, "rolling"), (15, "kept"), (20, "rolling")] + (
@@ -90,54 +92,142 @@ def test_no_checkpoint_at_the_step_a_run_resumes_at():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("save_final,kept", [(True, [15, 25])])
-def test_rolling_checkpoints_replace_each_other(shared_synthetic_data, tmp_path, save_final, kept):
-    """In a real run: with the clock always due, a rolling checkpoint is written at every check and each save
-    removes the rolling one before it; the kept ones stay."""
-    hp = tiny_hp(shared_synthetic_data, tmp_path, num_iterations=25, save_every=15, save_every_minutes=1e-9,
-                 save_final=save_final, val_loss_every=0, run_name="roll")
+def test_rolling_checkpoints_replace_each_other(shared_synthetic_data, tmp_path):
+    """In a real run: with the clock always due, a rolling checkpoint at every step, each save removing the rolling
+    one before it; the kept ones stay."""
+    hp = tiny_hp(shared_synthetic_data, tmp_path, num_iterations=8, save_every=5, save_every_minutes=1e-9,
+                 val_loss_every=0, run_name="roll")
     tg.train(hp)
     run_dir = Path(hp.checkpoint_dir) / "roll"
-    assert sorted(p.name for p in run_dir.iterdir()) == [f"step_{s:06d}.pt" for s in kept]
-    assert (Path(hp.checkpoint_dir) / "latest").resolve() == ckpt_path(hp, kept[-1]).resolve()
+    assert sorted(p.name for p in run_dir.iterdir()) == [f"step_{s:06d}.pt" for s in (5, 8)]
+    assert (Path(hp.checkpoint_dir) / "latest").resolve() == ckpt_path(hp, 8).resolve()
     log = (Path(hp.log_dir) / "roll.txt").read_text()
     saved = re.findall(r"saved checkpoint \S+step_(\d+)\.pt( \(rolling)?", log)
-    expected = [(5, True), (10, True), (15, False), (20, True)] + ([(25, False)] if save_final else [])
-    assert [(int(step), bool(r)) for step, r in saved] == expected
-    assert kit.load_checkpoint(ckpt_path(hp, kept[-1]))["step"] == kept[-1]  # a rolling one resumes like any other
+    assert [(int(step), bool(r)) for step, r in saved] == [(s, s not in (5, 8)) for s in range(1, 9)]
 
 
-def test_rolling_save_due_follows_process_zero_clock(monkeypatch):
+def test_the_rolling_clock_is_the_time_since_the_last_save(monkeypatch):
     hp = dataclasses.replace(tg.Hyperparameters(), save_every_minutes=2.0)
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(tg.time, "monotonic", lambda: 1000.0)
-    assert kit.rolling_save_due(hp, 2 * kit.ROLLING_CHECK_EVERY, 1000.0 - 120, cpu, 1) == (True, False)
-    assert not kit.rolling_save_due(hp, 2 * kit.ROLLING_CHECK_EVERY, 1000.0 - 119, cpu, 1)[0]  # not yet 2 minutes
-    assert not kit.rolling_save_due(hp, 2 * kit.ROLLING_CHECK_EVERY + 1, 0.0, cpu, 1)[0]  # checked on a fixed cadence
-    assert not kit.rolling_save_due(dataclasses.replace(hp, save_every_minutes=0), 2 * kit.ROLLING_CHECK_EVERY, 0.0,
-                                   cpu, 1)[0]  # 0: off
-    stop = kit.StopRequest()
-    assert kit.rolling_save_due(hp, 3, 0.0, cpu, 1, stop) == (False, False)
-    stop.signal = "SIGINT"
-    assert kit.rolling_save_due(hp, 3, 0.0, cpu, 1, stop) == (False, True)  # alone: looked at every step
+    saver = kit.Checkpointer(hp, "r", 0, torch.device("cpu"), 0, 1)
+    saver.last_save = 1000.0
+    monkeypatch.setattr(kit.time, "monotonic", lambda: 1119.0)
+    assert not saver.rolling_due()  # not yet 2 minutes
+    monkeypatch.setattr(kit.time, "monotonic", lambda: 1120.0)
+    assert saver.rolling_due()
+    saver.hp = dataclasses.replace(hp, save_every_minutes=0)
+    assert not saver.rolling_due()  # 0: off
 
 
-def test_a_stop_is_a_checkpoint_at_any_step_but_the_last():
-    hp = dataclasses.replace(tg.Hyperparameters(), num_iterations=25, save_every=15)
-    for step, start in ((7, 0), (10, 10), (15, 0)):  # at a resumed run's first step too; over a --save-every one
-        assert kit.checkpoint_kind(hp, step, start, lambda: (True, True)) == "stop"
-    assert kit.checkpoint_kind(hp, 25, 0, lambda: (False, True)) == "kept"  # the last step: the run ends anyway
+def test_run_flags_alone_are_read_at_once():
+    flags = kit.RunFlags(torch.device("cpu"), 1)
+    assert flags.exchange(True, False, True) == (True, False, True)
+    assert flags.exchange(False, True) == (False, True, False)
 
 
-def test_stop_request_first_signal_asks_a_second_one_stops(monkeypatch):
-    with kit.StopRequest() as stop:
+def test_run_flags_across_processes_are_read_lag_steps_late_and_a_save_answers_rolling_requests(monkeypatch):
+    """Distributed (a process group of one, gloo): each step's flags come back LAG steps later, the same step on
+    every process; now=True reads everything sent; a save makes earlier rolling requests stale."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(29400 + os.getpid() % 500))
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        flags = kit.RunFlags(torch.device("cpu"), 2)
+        flags.lag = 2  # a GPU's: cuda reads late, the CPU at once
+        assert flags.exchange(True) == (False, False, False)  # step 0's stop: read at step 2
+        assert flags.exchange(False, rolling=True) == (False, False, False)
+        assert flags.exchange(False) == (True, False, False)
+        flags.saved()  # a save at step 2 answers step 1's rolling request
+        assert flags.exchange(False) == (False, False, False)
+        assert flags.exchange(False, log_failed=True) == (False, False, False)
+        assert flags.exchange(False, rolling=True, now=True) == (False, True, True)  # all that was sent, at once
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture
+def int_handler(monkeypatch):
+    """SIGINT as an interactive shell leaves it (a suite started with nohup ... & ignores it)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_a_signal_before_the_loop_stops_at_once_saying_what_is_on_disk(int_handler, capsys):
+    with kit.StopRequest("train_gpt.py") as stop:
+        stop.where, stop.state = "during the compile warm-up", lambda: "nothing was saved. Start again with: X"
+        with pytest.raises(kit.Interrupted) as exc:
+            signal.raise_signal(signal.SIGTERM)
+    assert exc.value.code == 143
+    assert str(exc.value) == "stopped by SIGTERM during the compile warm-up; nothing was saved. Start again with: X"
+    assert capsys.readouterr().err == f"train_gpt.py: {exc.value}\n"
+
+
+def test_in_the_loop_a_first_signal_asks_and_a_second_stops_at_once(int_handler, monkeypatch, tmp_path, capsys):
+    exits = []
+    with kit.StopRequest("train_gpt.py") as stop:
+        stop.deferred, stop.state, stop.exit = True, lambda: "the newest checkpoint is C", exits.append
         signal.raise_signal(signal.SIGTERM)
-        assert stop.signal == "SIGTERM"
+        assert stop.asked and stop.signal == "SIGTERM" and not exits
         signal.raise_signal(signal.SIGINT)  # within GRACE_S: torchrun forwarding the same request
-        monkeypatch.setattr(kit.StopRequest, "GRACE_S", -1.0)
-        with pytest.raises(KeyboardInterrupt):
+        assert not exits
+
+        def write(f):  # a save under way when the second signal comes
+            f.write(b"partial")
+            monkeypatch.setattr(kit.StopRequest, "GRACE_S", -1.0)
             signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's handler is back
+
+        from data.shards import atomic_write
+        with pytest.raises(FileNotFoundError):  # stop.exit returns here, and the write finds its file removed
+            atomic_write(tmp_path / "step_000001.pt", write)
+        assert exits == [130] and list(tmp_path.iterdir()) == []
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == ("train_gpt.py: SIGINT again: stopped at once, without saving; the newest "
+                                    "checkpoint is C")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler before is back
+
+
+def test_a_signal_ignored_from_the_start_stays_ignored():
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with kit.StopRequest():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_a_second_signal_during_a_slow_save_leaves_nothing_half_written(tmp_path):
+    """In a process of its own: the second signal ends it at once (os._exit) in the middle of an atomic write, with
+    one line and exit 143; neither the final file nor the temporary one is there."""
+    script = textwrap.dedent(f"""
+        import os, signal, sys, time
+        import kit
+        from data.shards import atomic_write
+        def write(f):
+            f.write(b"x" * 1000)
+            f.flush()
+            print("writing", flush=True)
+            time.sleep(60)
+        with kit.StopRequest("train_gpt.py") as stop:
+            stop.deferred, stop.state = True, lambda: "the newest checkpoint is C"
+            os.kill(os.getpid(), signal.SIGTERM)
+            kit.StopRequest.GRACE_S = -1.0
+            atomic_write({str(tmp_path / "step_000002.pt")!r}, write)
+        """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "writing\n"
+        assert list(tmp_path.iterdir())  # the temporary file is there, half-written
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 143
+    finally:
+        proc.kill()
+    err = proc.stderr.read()
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == ("train_gpt.py: SIGTERM again: stopped at once, without saving; the newest "
+                                    "checkpoint is C")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow
@@ -240,6 +330,19 @@ def test_resolve_checkpoint_errors(tmp_path):
     with pytest.raises(kit.CheckpointError, match="step_") as exc:
         kit.resolve_checkpoint(str(tmp_path / "empty_run"), None, str(tmp_path))
     assert "empty_run" in str(exc.value)
+
+
+def test_a_dangling_latest_is_called_so_with_the_runs_that_have_checkpoints(tmp_path):
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "step_000004.pt").write_bytes(b"4")
+    os.symlink(os.path.join("gone", "step_000010.pt"), tmp_path / "latest")
+    with pytest.raises(kit.CheckpointError) as exc:
+        kit.resolve_checkpoint("auto", None, str(tmp_path))
+    assert str(exc.value) == (f"{tmp_path / 'latest'} points at gone/step_000010.pt, which no longer exists; runs "
+                              f"with checkpoints in {tmp_path}: kept (resume one with --resume {tmp_path / 'kept'})")
+    shutil.rmtree(tmp_path / "kept")
+    with pytest.raises(kit.CheckpointError, match=f"which no longer exists; no run in {tmp_path} has a checkpoint"):
+        kit.resolve_checkpoint("auto", None, str(tmp_path))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -363,7 +466,7 @@ def test_atomic_save_failure_leaves_no_partial_file(shared_synthetic_data, tmp_p
     run_dir = tmp_path / "checkpoints" / "atomic"
     assert sorted(p.name for p in run_dir.iterdir()) == ["step_000002.pt"]  # no step 4, no temp file
     root = tmp_path / "checkpoints"
-    assert sorted(p.name for p in root.iterdir()) == ["atomic", "latest"]
+    assert sorted(p.name for p in root.iterdir()) == [".atomic.lock", "atomic", "latest"]
     assert (root / "latest").resolve() == (run_dir / "step_000002.pt").resolve()
     monkeypatch.setattr(torch, "save", real_save)
     assert kit.load_checkpoint(run_dir / "step_000002.pt")["step"] == 2
@@ -409,7 +512,7 @@ def test_resume_in_process_matches_an_uninterrupted_run(run_b, shared_synthetic_
     hp_a = tiny_hp(shared_synthetic_data, tmp_path / "a", num_iterations=N, save_every=0, save_final=False,
                    train_loss_every=1, val_loss_every=0, run_name="A")
     summary_a = tg.train(hp_a)
-    assert not (tmp_path / "a" / "checkpoints").exists() or not any((tmp_path / "a" / "checkpoints").iterdir())
+    assert [p.name for p in (tmp_path / "a" / "checkpoints").iterdir()] == [".A.lock"]  # no checkpoint
     train_a, val_a = parse_log(tmp_path / "a" / "logs" / "A.txt")
     assert sorted(train_a) == list(range(1, N + 1)) and sorted(val_a) == [N]
     # saving checkpoints does not change the run
@@ -442,7 +545,7 @@ def _launch(flags, log_path):
     env = subprocess_env(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40), OMP_NUM_THREADS="1")
     out = open(log_path, "wb")
     return subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py"), *flags], cwd=ROOT, env=env, stdout=out,
-                            stderr=subprocess.STDOUT), out
+                            stderr=subprocess.STDOUT, preexec_fn=default_sigint), out
 
 
 @pytest.mark.slow
@@ -532,17 +635,89 @@ def test_a_signal_saves_a_checkpoint_and_prints_the_resume_command(shared_synthe
         out.close()
     text = (tmp_path / "stop.out").read_text()
     assert "Traceback" not in text
-    (line,) = [x for x in text.splitlines() if x.startswith(f"stopped by {sig.name} at step ")]
+    (line,) = [x for x in text.splitlines() if x.startswith(f"train_gpt.py: stopped by {sig.name} at step ")]
     step = int(line.split(" at step ")[1].split()[0])
     run_dir = tmp_path / "checkpoints" / "stop"
     assert kit.load_checkpoint(run_dir / f"step_{step:06d}.pt")["step"] == step and 3 <= step < 200
-    command = line.split("Resume with: ")[1].split(" (or ")[0]
-    assert command == f"python train_gpt.py --resume {run_dir}"
-    assert line.endswith(f"(or ./train.sh --resume {run_dir})")
-    res = subprocess.run([sys.executable, *command.split()[1:], "--num-iterations", str(step + 2)], cwd=ROOT,
+    assert f"; saved {run_dir / f'step_{step:06d}.pt'}. Resume with: " in line
+    command = line.split("Resume with: ")[1]
+    assert shlex.split(command) == [sys.executable, str(ROOT / "train_gpt.py"), "--resume", str(run_dir)]
+    assert line.split("train_gpt.py: ", 1)[1] in log.read_text().splitlines()  # the log says it too
+    res = subprocess.run([*shlex.split(command), "--num-iterations", str(step + 2)], cwd=ROOT,
                          env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"at step {step}" in res.stdout and f"step:{step + 2}/{step + 2} val_loss:" in res.stdout
+
+
+def _wait_for(path: Path, text: str, proc, limit_s: float = 300) -> float:
+    """Waits until the file at path holds text (the process still running); returns when, by time.monotonic."""
+    deadline = time.monotonic() + limit_s
+    while text not in (path.read_text() if path.exists() else ""):
+        assert proc.poll() is None, path.read_text()
+        assert time.monotonic() < deadline, f"{text!r} not in {path} after {limit_s} s"
+        time.sleep(0.02)
+    return time.monotonic()
+
+
+def _long_validation_flags(data, tmp_path, **overrides) -> list[str]:
+    """The tiny model validating 38,912 tokens in 38 chunks of 1,024: a validation of some seconds."""
+    values = dict(run_name="val", num_iterations=200, val_tokens=38912, val_seq_len=1024, save_every_minutes=0)
+    values.update(overrides)
+    return tiny_flags(data, tmp_path, **values)
+
+
+@pytest.mark.slow
+def test_a_stop_during_the_first_validation_says_nothing_was_saved_and_how_to_start_again(shared_synthetic_data,
+                                                                                         tmp_path):
+    """A stop before the first step: no checkpoint is claimed, and the command printed starts the run again (it
+    then takes the name: the earlier log, which has no checkpoint, is kept beside the new one)."""
+    flags = _long_validation_flags(shared_synthetic_data, tmp_path)
+    proc, out = _launch(flags, tmp_path / "val.out")
+    try:
+        _wait_for(tmp_path / "val.out", "run val: ", proc)  # the last line before the step-0 validation
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143
+    finally:
+        proc.kill()
+        out.close()
+    text = (tmp_path / "val.out").read_text()
+    assert "Traceback" not in text and "step:0/200 val_loss" not in text
+    (line,) = [x for x in text.splitlines() if x.startswith("train_gpt.py: stopped by SIGTERM at step 0 of 200; ")]
+    assert "nothing was saved" in line and "checkpoint" not in line.split("; ", 1)[1].split("Start again")[0]
+    command = line.split("Start again with: ")[1]
+    assert shlex.split(command) == [sys.executable, str(ROOT / "train_gpt.py"), *flags]
+    assert not (tmp_path / "checkpoints" / "val").exists()
+    again = shlex.split(command) + ["--num-iterations", "2", "--val-tokens", "1024"]
+    res = subprocess.run(again, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    kept = [p.name for p in (tmp_path / "logs").glob("val.earlier-*.txt")]
+    assert len(kept) == 1 and f"logs/{kept[0]}; this run writes a new " in res.stdout
+    assert "step:0/200" not in (tmp_path / "logs" / "val.txt").read_text()  # a log of its own
+
+
+@pytest.mark.slow
+def test_a_signal_during_a_validation_stops_within_a_chunk(shared_synthetic_data, tmp_path):
+    """A stop asked in the middle of a validation takes effect at the next chunk, not after the validation: bound by
+    the run's own first validation (38 chunks), the stop takes well under half of one; the step reached is saved."""
+    flags = _long_validation_flags(shared_synthetic_data, tmp_path, val_loss_every=2)
+    proc, out = _launch(flags, tmp_path / "val.out")
+    try:
+        started = _wait_for(tmp_path / "val.out", "run val: ", proc)
+        validation_s = _wait_for(tmp_path / "val.out", "step:0/200 val_loss:", proc) - started
+        _wait_for(tmp_path / "val.out", "step:2/200 train_time", proc)  # the second validation begins
+        time.sleep(validation_s / 4)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+        took = time.monotonic() - sent
+    finally:
+        proc.kill()
+        out.close()
+    text = (tmp_path / "val.out").read_text()
+    assert "step:2/200 val_loss" not in text  # the validation was cut short
+    assert took < validation_s / 2, (took, validation_s)
+    assert "train_gpt.py: stopped by SIGINT at step 2 of 200; saved " in text
+    assert kit.load_checkpoint(tmp_path / "checkpoints" / "val" / "step_000002.pt")["step"] == 2
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -586,6 +761,34 @@ def test_hollow_or_partial_checkpoints_are_refused_in_one_line(run_b, shared_syn
     assert err.startswith(f"train_gpt.py: error: {path}") and words in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not list((tmp_path / "checkpoints").glob("again/step_*.pt"))
+    assert not (tmp_path / "logs" / "again.txt").exists()  # a refused resume writes no log
+
+
+@pytest.mark.slow
+def test_a_refused_resume_leaves_the_runs_log_as_it_was(run_b, shared_synthetic_data, tmp_path, capsys):
+    """Resuming run B under its own name with another model size: refused, and B's log has no line more."""
+    _, _, work = run_b
+    shutil.copytree(work, tmp_path / "w")
+    log = tmp_path / "w" / "logs" / "B.txt"
+    before = log.read_bytes()
+    flags = tiny_flags(shared_synthetic_data, tmp_path / "w", run_name="B", model_dim=128, num_iterations=N + 4)
+    assert tg.main(flags + ["--resume", str(tmp_path / "w" / "checkpoints" / "B")]) == 2
+    assert "holds a different model: model_dim=64 (this run: 128)" in capsys.readouterr().err
+    assert log.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_a_fresh_run_may_not_take_the_name_of_a_run_with_checkpoints(run_b, shared_synthetic_data, tmp_path,
+                                                                      capsys):
+    _, _, work = run_b
+    shutil.copytree(work, tmp_path / "w")
+    run_dir, log = tmp_path / "w" / "checkpoints" / "B", tmp_path / "w" / "logs" / "B.txt"
+    before = sorted(p.name for p in run_dir.iterdir()), log.read_bytes()
+    assert tg.main(tiny_flags(shared_synthetic_data, tmp_path / "w", run_name="B", num_iterations=2)) == 2
+    assert capsys.readouterr().err == (
+        f"train_gpt.py: error: run 'B' already has checkpoints in {run_dir} (newest step_000012.pt): continue it "
+        f"with --resume {run_dir}, or give this run another --run-name\n")
+    assert (sorted(p.name for p in run_dir.iterdir()), log.read_bytes()) == before
 
 
 @pytest.mark.slow
@@ -703,3 +906,30 @@ def test_a_resumed_run_keeps_its_name_in_its_settings(tmp_path, saved_name, run_
                      "hyperparameters": hp}, path)
     assert tg.parse_args(["--resume", str(path)]).run_name == expected
     assert tg.parse_args(["--resume", str(path), "--run-name", "other"]).run_name == "other"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to fill a disk on demand")
+def test_a_full_log_disk_stops_the_run_with_a_checkpoint_in_one_line(shared_synthetic_data, tmp_path):
+    """The run log's disk fills in the middle of a run (the log replaced by /dev/full, where every write fails with
+    ENOSPC): one line saying so, a checkpoint of the step reached on the checkpoints' disk, exit 2."""
+    flags = tiny_flags(shared_synthetic_data, tmp_path, run_name="full", num_iterations=200, val_loss_every=0,
+                       save_every_minutes=0)
+    proc, out = _launch(flags, tmp_path / "full.out")
+    log = tmp_path / "logs" / "full.txt"
+    try:
+        _wait_for(log, "step:3/200", proc)
+        os.symlink("/dev/full", tmp_path / "logs" / "full.tmp")
+        os.replace(tmp_path / "logs" / "full.tmp", log)
+        assert proc.wait(timeout=120) == 2
+    finally:
+        proc.kill()
+        out.close()
+    text = (tmp_path / "full.out").read_text()
+    assert "Traceback" not in text and "Errno" not in text
+    (line,) = [x for x in text.splitlines() if "cannot be written" in x]
+    step = int(line.split(" at step ")[1].split()[0])
+    assert line.startswith(f"train_gpt.py: stopped at step {step} of 200: the run log {log} cannot be written (its "
+                           f"disk is full); saved ")
+    assert kit.load_checkpoint(tmp_path / "checkpoints" / "full" / f"step_{step:06d}.pt")["step"] == step
+    assert "Resume with: " in line

@@ -158,13 +158,15 @@ def test_print_config_shell_is_eval_able_and_the_preset(argv, presets, default, 
     assert rc == 0 and err == ""
     hp = tg.preset_hyperparameters(argv[1] if argv else default, presets)
     derived = ["global_batch_tokens", "train_tokens", "fineweb_shards"]
-    got = shell_values(out, [f.name for f in fields(hp)] + derived)
+    got = shell_values(out, [f.name for f in fields(hp)] + derived + ["cpu_refusal"])
     assert {k: got[k] for k in asdict(hp)} == {k: shell_word(v) for k, v in asdict(hp).items()}
     batch = hp.seqs_per_step * hp.train_seq_len
     fineweb = hp.train_files == "fineweb_train_*.bin"
     assert [int(got[k]) for k in derived] == [batch, hp.num_iterations * batch,
                                               min(103, shards_needed(hp.num_iterations, batch)) if fineweb else 0]
-    assert [line.split("=", 1)[0] for line in out.splitlines()] == [*asdict(hp), *derived]  # one line each
+    # one line each; on a machine without a GPU, whether the run is too big for its CPU
+    assert [line.split("=", 1)[0] for line in out.splitlines()] == [*asdict(hp), *derived, "cpu_refusal"]
+    assert ("would take about" in got["cpu_refusal"]) == (hp.preset != "tiny")
 
 
 def test_print_config_shell_quotes_what_a_shell_would_expand(tmp_path, capsys):
@@ -198,7 +200,8 @@ def test_print_config_json(capsys):
     doc = json.loads(out)
     hp = tg.parse_args(["--preset", "tiny", "--set", "model_dim=64"])
     assert doc["settings"] == asdict(hp)
-    assert doc["derived"] == {"global_batch_tokens": 2048, "train_tokens": 200 * 2048, "fineweb_shards": 0}
+    assert doc["derived"] == {"global_batch_tokens": 2048, "train_tokens": 200 * 2048, "fineweb_shards": 0,
+                              "cpu_refusal": ""}  # no GPU here, and the tiny preset fits a CPU
 
 
 def test_print_config_checks_the_settings(capsys):

@@ -389,7 +389,10 @@ def test_validation_set_reads_exactly_val_tokens(tmp_path, world_size):
     for r in range(world_size):
         vs = tg.ValidationSet(files, val_tokens, seq_len, rank=r, world_size=world_size)
         assert vs.val_tokens == val_tokens
-        got = list(vs.batches(CPU))
+        rounds = list(vs.batches(CPU))
+        assert len(rounds) == -(-(val_tokens // seq_len) // world_size)  # every process takes as many rounds
+        got = [(x, y) for x, y in rounds if x is not None]
+        assert all(x is None for x, _ in rounds[len(got):])  # a process without a chunk waits out the last round
         ks = list(range(r, val_tokens // seq_len, world_size))
         assert len(got) == len(ks)
         for k, (x, y) in zip(ks, got):

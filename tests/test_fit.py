@@ -105,8 +105,10 @@ def test_old_gpus_are_refused_with_the_cpu_alternative():
 def test_without_a_gpu_auto_is_the_tiny_preset_with_what_was_given():
     hp, why = tg.fit_to_gpus(tg.parse_args(["--preset", "auto", "--num-iterations", "7"]), [], 1)
     tiny = tg.preset_hyperparameters("tiny")
-    assert dataclasses.replace(hp, preset="tiny", num_iterations=tiny.num_iterations) == tiny
-    assert hp.num_iterations == 7 and hp.preset == "auto" and why.startswith("no GPU")
+    assert dataclasses.replace(hp, num_iterations=tiny.num_iterations) == tiny
+    assert hp.num_iterations == 7 and why.startswith("no GPU")
+    assert hp.preset == "tiny"  # what it runs: the run id and the log say tiny, not auto
+    assert "-tiny-" in kit.new_run_id(hp)
 
 
 def test_print_config_resolves_auto_and_says_why():

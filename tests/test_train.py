@@ -8,6 +8,7 @@ import math
 import os
 import platform
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -30,7 +31,7 @@ SUMMARY_LINE = re.compile(r"^final val_loss:(\d+\.\d{4}) train_time:(\d+\.\d)s \
                           r"([\d,]+) tokens/s\) peak memory: (\d+\.\d{2}) GiB .*; "
                           r"(no target|target .*: (not )?reached)$")
 BOOL_FLAGS = {"compile": "--no-compile", "fp8": "--no-fp8", "save_final": "--no-save-final", "wandb": "--wandb",
-              "resume": "--resume"}
+              "resume": "--resume", "cpu_ok": "--yes"}
 FAST_ENV = dict(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40), OMP_NUM_THREADS="1")
 
 
@@ -170,30 +171,46 @@ def test_a_second_run_with_the_same_name_is_refused(tmp_path, shared_synthetic_d
     """While a process holds the run's lock (here: this one, as a running trainer would), a second run of the
     same name stops before writing anything; once the holder is gone the name is free again."""
     log_dir, ckpt_dir = tmp_path / "logs", tmp_path / "checkpoints"
-    lock = kit.RunLock(log_dir, ckpt_dir / "twin")
+    lock = kit.RunLock(ckpt_dir / "twin", log_dir)
     flags = tiny_flags(shared_synthetic_data, tmp_path, run_name="twin", num_iterations=2, val_loss_every=0)
     assert tg.main(flags) == 2
     err = capsys.readouterr().err
     assert err == (f"train_gpt.py: error: run 'twin' is already training (process {os.getpid()} holds "
-                   f"{log_dir / '.twin.lock'}): give this run another --run-name, or wait for that one to end\n")
+                   f"{ckpt_dir / '.twin.lock'}): give this run another --run-name, or wait for that one to end\n")
     assert not (log_dir / "twin.txt").exists() and not (ckpt_dir / "twin").exists()
     lock.release()
     assert tg.main(flags) == 0
     assert (ckpt_dir / "twin" / "step_000002.pt").exists()
 
 
+@pytest.mark.parametrize("shared", ["checkpoint_dir", "log_dir"])
+def test_the_run_lock_covers_its_checkpoints_and_its_log(tmp_path, shared):
+    """Two runs of one name that share only their checkpoint directory, or only their log directory: the second is
+    refused either way (neither may overwrite the other's checkpoints or interleave its log)."""
+    (ck_a, log_a), ck_b = (tmp_path / "ck", tmp_path / "la"), tmp_path / ("ck" if shared == "checkpoint_dir" else "cb")
+    log_b = tmp_path / ("la" if shared == "log_dir" else "lb")
+    first = kit.RunLock(ck_a / "same", log_a)
+    try:
+        with pytest.raises(kit.ConfigError, match="run 'same' is already training"):
+            kit.RunLock(ck_b / "same", log_b)
+    finally:
+        first.release()
+    kit.RunLock(ck_b / "same", log_b).release()  # free again
+
+
 def test_the_run_lock_rule(tmp_path):
     """The rule alone: one holder per run name (a second open of the lock is refused, naming the holder), other
     names are free, and releasing frees the name."""
     logs, ckpt = tmp_path / "logs", tmp_path / "checkpoints"
-    first = kit.RunLock(logs, ckpt / "a")
+    first = kit.RunLock(ckpt / "a", logs)
     with pytest.raises(kit.ConfigError, match=f"run 'a' is already training \\(process {os.getpid()} holds "):
-        kit.RunLock(logs, ckpt / "a")
-    other = kit.RunLock(logs, ckpt / "b")
+        kit.RunLock(ckpt / "a", logs)
+    other = kit.RunLock(ckpt / "b", logs)
     first.release()
-    kit.RunLock(logs, ckpt / "a").release()
+    kit.RunLock(ckpt / "a", logs).release()
     other.release()
-    assert sorted(p.name for p in logs.iterdir()) == [".a.lock", ".b.lock"] and not ckpt.exists()
+    assert sorted(p.name for p in logs.iterdir()) == [".a.lock", ".b.lock"]
+    assert sorted(p.name for p in ckpt.iterdir()) == [".a.lock", ".b.lock"]  # beside the run directories
 
 
 @pytest.mark.slow
@@ -201,16 +218,16 @@ def test_the_run_lock_is_released_when_its_process_dies(tmp_path):
     """flock belongs to the process: a killed trainer leaves its lock file but no lock."""
     code = ("import sys, time, pathlib, kit; lock = kit.RunLock(pathlib.Path(sys.argv[1]), "
             "pathlib.Path(sys.argv[2])); print('locked', flush=True); time.sleep(60)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "logs"), str(tmp_path / "ck" / "r")],
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "ck" / "r"), str(tmp_path / "logs")],
                             cwd=ROOT, env=subprocess_env(**FAST_ENV), stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline() == "locked\n"
         with pytest.raises(kit.ConfigError, match=f"process {proc.pid} holds"):
-            kit.RunLock(tmp_path / "logs", tmp_path / "ck" / "r")
+            kit.RunLock(tmp_path / "ck" / "r", tmp_path / "logs")
     finally:
         proc.kill()
         proc.wait()
-    kit.RunLock(tmp_path / "logs", tmp_path / "ck" / "r").release()
+    kit.RunLock(tmp_path / "ck" / "r", tmp_path / "logs").release()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -450,6 +467,49 @@ def test_a_two_process_config_error_is_one_line(shared_synthetic_data, tmp_path)
 
 
 @pytest.mark.slow
+def test_a_sigterm_to_the_launcher_stops_the_workers_with_a_checkpoint_quietly(shared_synthetic_data, tmp_path):
+    """SIGTERM to lib/torchrun.py (what docker stop, Slurm or a CI runner sends): the workers finish the step, save
+    and say so; the launcher exits 143 without a traceback of its own."""
+    flags = tiny_flags(shared_synthetic_data, tmp_path, run_name="term", num_iterations=500, val_loss_every=0,
+                       save_every_minutes=0)
+    log = tmp_path / "logs" / "term.txt"
+    with open(tmp_path / "term.out", "wb") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "lib" / "torchrun.py"), "--standalone",
+                                 "--nproc_per_node=2", str(ROOT / "train_gpt.py"), *flags], cwd=ROOT,
+                                env=subprocess_env(**FAST_ENV), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while "step:3/500" not in (log.read_text() if log.exists() else ""):
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "term.out").read_text()
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=120) == 143
+        finally:
+            proc.kill()
+    text = (tmp_path / "term.out").read_text()
+    assert "Traceback" not in text and "SignalException" not in text, text[-3000:]
+    (line,) = [x for x in text.splitlines() if x.startswith("train_gpt.py: stopped by SIGTERM at step ")]
+    step = int(line.split(" at step ")[1].split()[0])
+    assert f"saved checkpoint {tmp_path / 'checkpoints' / 'term' / f'step_{step:06d}.pt'}" in log.read_text()
+    assert "Resume with: torchrun --standalone --nproc_per_node=2 " in line
+
+
+def test_the_launcher_gives_workers_time_to_save_at_a_signal(monkeypatch):
+    sys.path.insert(0, str(ROOT / "lib"))
+    try:
+        import torchrun
+    finally:
+        sys.path.remove(str(ROOT / "lib"))
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    assert torchrun.with_shutdown_timeout(["--standalone", "x.py"]) == [
+        f"--shutdown-timeout={torchrun.SHUTDOWN_TIMEOUT_S}", "--standalone", "x.py"]
+    assert torchrun.SHUTDOWN_TIMEOUT_S > 30  # torchrun's own default, shorter than a slow step and a save
+    assert torchrun.with_shutdown_timeout(["--shutdown_timeout=5", "x.py"]) == ["--shutdown_timeout=5", "x.py"]
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "60")
+    assert torchrun.with_shutdown_timeout(["x.py"]) == ["x.py"]
+
+
+@pytest.mark.slow
 def test_the_launcher_reports_a_worker_crash(tmp_path):
     """A failure the worker did not explain (here: an uncaught exception) keeps torchrun's report of it."""
     script = tmp_path / "crash.py"
@@ -464,7 +524,8 @@ def test_the_launcher_reports_a_worker_crash(tmp_path):
 @pytest.mark.slow
 def test_two_processes_match_one(shared_synthetic_data, tmp_path):
     steps = 6
-    # a rolling checkpoint falls due at step 5: process 0 decides, both take part in the collective save
+    # a rolling checkpoint falls due at every step: process 0 decides, both take part in the collective saves, each
+    # replacing the one before (the last at step 5: never one at the last step)
     common = dict(num_iterations=steps, train_loss_every=1, val_loss_every=3, seqs_per_step=2, val_tokens=2048,
                   save_final=False, save_every_minutes=1e-6)
     env = subprocess_env(**FAST_ENV)
@@ -664,3 +725,49 @@ def test_training_refuses_gpus_without_bfloat16(monkeypatch, capability, ok):
     with pytest.raises(kit.ConfigError, match=rf"GPU 1 \(Fake GPU\) has compute capability "
                                              rf"{capability[0]}\.{capability[1]}; training needs 8\.0"):
         kit.resolve_device("cuda", 1)
+
+
+def test_cpu_threads_are_the_cores_other_work_leaves_free(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(kit, "busy_cores", lambda: 1.3)  # one of 2 cores busy with something else
+    assert kit.choose_cpu_threads(2) == (1, "2 core(s), 1.3 busy with other work; OMP_NUM_THREADS=N chooses")
+    monkeypatch.setattr(kit, "busy_cores", lambda: 0.2)
+    assert kit.choose_cpu_threads(2) == (2, "2 core(s) free; OMP_NUM_THREADS=N chooses")
+    monkeypatch.setattr(kit, "busy_cores", lambda: 7.9)  # a loaded machine: still one thread
+    assert kit.choose_cpu_threads(2)[0] == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert kit.choose_cpu_threads(2) == (torch.get_num_threads(), "OMP_NUM_THREADS")  # set: it is not second-guessed
+
+
+def test_busy_cores_reads_the_machine():
+    busy = kit.busy_cores(0.05)
+    if os.path.exists("/proc/stat"):
+        assert busy is not None and 0 <= busy <= os.cpu_count()
+    else:
+        assert busy is None
+
+
+@pytest.mark.slow
+def test_a_signal_during_the_warm_up_stops_at_once_saying_nothing_was_saved(shared_synthetic_data, tmp_path):
+    """Before the loop nothing new can be saved: the stop is immediate (not at the end of a warm-up that may be a
+    compile of minutes), one line, the command that starts the run again."""
+    flags = tiny_flags(shared_synthetic_data, tmp_path, run_name="warm", warmup_steps=10_000, num_iterations=5)
+    with open(tmp_path / "warm.out", "wb") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py"), *flags], cwd=ROOT,
+                                env=subprocess_env(**FAST_ENV), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while "run warm: " not in (tmp_path / "warm.out").read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "warm.out").read_text()
+                time.sleep(0.05)
+            time.sleep(1)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 143
+        finally:
+            proc.kill()
+    text = (tmp_path / "warm.out").read_text()
+    assert "Traceback" not in text and "warm-up: " not in text  # it did not finish the 10,000 steps first
+    (line,) = [x for x in text.splitlines() if "stopped by SIGTERM" in x]
+    assert line.startswith("train_gpt.py: stopped by SIGTERM during the compile warm-up; nothing was saved (no step "
+                           "had finished). Start again with: ")
+    assert line.split(": ", 1)[1] in (tmp_path / "logs" / "warm.txt").read_text()  # the log says it too
