@@ -43,6 +43,7 @@ TXT
 CHECKPOINT=""
 CPU=0
 DEVICE=""
+NO_GPU_REASON=""  # why no GPU is used when none was asked for: none could be found
 GEN_ARGS=()
 PASSTHROUGH=()
 
@@ -90,6 +91,15 @@ resolve_device() {
     KIT_GPU_SPEC=none
   elif [[ "${after:-$DEVICE}" == cpu ]]; then  # generate.py reads the last --device: the one after -- wins
     KIT_GPU_SPEC=none
+  elif [[ -z "${after:-$DEVICE}" ]]; then  # none asked for, and none found: sampling is cheap on the CPU, and
+    local count                             # Docker would have no GPU to give
+    count=$(visible_gpu_count)
+    if [[ -z "$count" ]]; then
+      NO_GPU_REASON=$(no_gpu_count_reason)
+    elif ((count == 0)); then
+      NO_GPU_REASON="nvidia-smi lists none"
+    fi
+    [[ -z "$NO_GPU_REASON" ]] || KIT_GPU_SPEC=none
   fi
 }
 
@@ -98,7 +108,9 @@ resolve_device() {
 print_settings() {
   local where
   if [[ "$KIT_RUNTIME" == docker ]]; then where="docker image $KIT_IMAGE"; else where="local virtualenv $(venv_dir)"; fi
-  say "runtime:    $where; GPUs: ${KIT_GPU_SPEC/#none/none (CPU)}"
+  local gpus=${KIT_GPU_SPEC/#none/none (CPU)}
+  [[ -z "$NO_GPU_REASON" ]] || gpus="none found ($NO_GPU_REASON): sampling on the CPU"
+  say "runtime:    $where; GPUs: $gpus"
   local default="the default of generate.py (the newest of the --run, else of any run)"
   say "checkpoint: ${CHECKPOINT:-$default}"
 }

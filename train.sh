@@ -47,6 +47,8 @@ Data:
 
 Paths for train_gpt.py (translated for the runtime; a path outside the repository is mounted into Docker):
   --data-dir DIR                  shard directory
+  --checkpoint-dir DIR            where the run's checkpoints go (default checkpoints)
+  --log-dir DIR                   where the run's log goes (default logs)
   --resume [PATH]                 continue from a checkpoint file or run directory (default: the newest)
   -- FLAGS...                     everything after -- goes to train_gpt.py unchanged, paths included
 
@@ -84,34 +86,55 @@ PASSTHROUGH=()  # train_gpt.py's words, in the order given
 PATH_ARGS=()    # INDEX FLAG VALUE triples: the words of PASSTHROUGH that hold a path, translated before the run
 TRAINER_HELP=0
 CONFIG=""       # train_gpt.py --print-config=shell: the run's settings as NAME=VALUE lines
+ORIGINAL_ARGS=()  # the words train.sh was given
+LAUNCH_WORDS=("$0")  # this wrapper and the flags that say how the run is started (runtime, GPUs, paths), as given:
+                     # with --resume they continue the run the way it was started (the trainer prints them)
 
-# path_arg FLAG VALUE: FLAG=VALUE for train_gpt.py, its VALUE translated for the runtime once that is known
+# path_arg FLAG VALUE: FLAG=VALUE for train_gpt.py, its VALUE translated for the runtime once that is known (the
+# directories are part of how the run was started: a resume needs them again, mounted)
 path_arg() {
   PATH_ARGS+=("${#PASSTHROUGH[@]}" "$1" "$2")
   PASSTHROUGH+=("$1=$2")
+  [[ "$1" == --resume ]] || launch_word "$1" "$2"
+}
+
+# launch_word WORDS...: words of LAUNCH_WORDS
+launch_word() {
+  LAUNCH_WORDS+=("$@")
+}
+
+# launch_env: what the trainer needs to print the commands that go on from a stop: how it was started
+# (KIT_LAUNCH, KIT_COMMAND: the whole command line) and where, on this host (KIT_HOST_ROOT, KIT_HOST_CWD)
+launch_env() {
+  local word command=("$0")
+  for word in "${ORIGINAL_ARGS[@]+"${ORIGINAL_ARGS[@]}"}"; do
+    [[ "$word" == --dry-run ]] || command+=("$word")  # the command pasted from a dry run's output runs the run
+  done
+  KIT_ENV+=("KIT_LAUNCH=$(quote_words "${LAUNCH_WORDS[@]}")" "KIT_COMMAND=$(quote_words "${command[@]}")"
+    "KIT_HOST_ROOT=$KIT_ROOT" "KIT_HOST_CWD=$PWD")
 }
 
 parse_args() {
   while (($#)); do
     case "$1" in
       -h | --help) usage; exit 0 ;;
-      --cpu) CPU=1 ;;
-      --num-gpus) need_value "$1" "$#" "${2-}"; check_int "$1" "$2" 1; NUM_GPUS=$((10#$2)); shift ;;
-      --gpus) need_value "$1" "$#" "${2-}"; check_gpu_list "$1" "$2"; GPU_LIST=$2; shift ;;
-      --nnodes) need_value "$1" "$#" "${2-}"; check_int "$1" "$2" 1; NNODES=$((10#$2)); shift ;;
-      --node-rank) need_value "$1" "$#" "${2-}"; check_int "$1" "$2"; NODE_RANK=$((10#$2)); shift ;;
-      --master-addr) need_value "$1" "$#" "${2-}"; MASTER_ADDR=$2; shift ;;
-      --master-port) need_value "$1" "$#" "${2-}"; check_int "$1" "$2" 1; MASTER_PORT=$2; shift ;;
-      --nccl-p2p-disable) NCCL_P2P_OFF=1 ;;
-      --local) KIT_RUNTIME=local ;;
-      --image) need_value "$1" "$#" "${2-}"; KIT_IMAGE=$2; shift ;;
-      --no-memlock) KIT_MEMLOCK=0 ;;
+      --cpu) CPU=1; launch_word "$1" ;;
+      --num-gpus) need_value "$1" "$#" "${2-}"; check_int "$1" "$2" 1; NUM_GPUS=$((10#$2)); launch_word "$1" "$2"; shift ;;
+      --gpus) need_value "$1" "$#" "${2-}"; check_gpu_list "$1" "$2"; GPU_LIST=$2; launch_word "$1" "$2"; shift ;;
+      --nnodes) need_value "$1" "$#" "${2-}"; check_int "$1" "$2" 1; NNODES=$((10#$2)); launch_word "$1" "$2"; shift ;;
+      --node-rank) need_value "$1" "$#" "${2-}"; check_int "$1" "$2"; NODE_RANK=$((10#$2)); launch_word "$1" "$2"; shift ;;
+      --master-addr) need_value "$1" "$#" "${2-}"; MASTER_ADDR=$2; launch_word "$1" "$2"; shift ;;
+      --master-port) need_value "$1" "$#" "${2-}"; check_int "$1" "$2" 1; MASTER_PORT=$2; launch_word "$1" "$2"; shift ;;
+      --nccl-p2p-disable) NCCL_P2P_OFF=1; launch_word "$1" ;;
+      --local) KIT_RUNTIME=local; launch_word "$1" ;;
+      --image) need_value "$1" "$#" "${2-}"; KIT_IMAGE=$2; launch_word "$1" "$2"; shift ;;
+      --no-memlock) KIT_MEMLOCK=0; launch_word "$1" ;;
       --dry-run) KIT_DRY_RUN=1 ;;
-      --medium) SCRIPT=train_gpt_medium.py ;;
-      --eval-hellaswag) EVAL_HELLASWAG=1 ;;
+      --medium) SCRIPT=train_gpt_medium.py; launch_word "$1" ;;
+      --eval-hellaswag) EVAL_HELLASWAG=1; launch_word "$1" ;;
       --shards) need_value "$1" "$#" "${2-}"; check_int "$1" "$2" 1; SHARDS=$((10#$2)); shift ;;
-      --data-dir) need_value "$1" "$#" "${2-}"; path_arg "$1" "$2"; shift ;;
-      --data-dir=*) path_arg --data-dir "${1#*=}" ;;
+      --data-dir | --checkpoint-dir | --log-dir) need_value "$1" "$#" "${2-}"; path_arg "$1" "$2"; shift ;;
+      --data-dir=* | --checkpoint-dir=* | --log-dir=*) path_arg "${1%%=*}" "${1#*=}" ;;
       --resume)
         if (($# > 1)) && [[ "$2" != -* ]]; then
           path_arg "$1" "$2"
@@ -131,12 +154,13 @@ parse_args() {
   done
 }
 
-# map_paths: the path words of PASSTHROUGH as the runtime reads them (kit_map_path; a missing --data-dir is created)
+# map_paths: the path words of PASSTHROUGH as the runtime reads them (kit_map_path; a missing --data-dir,
+# --checkpoint-dir or --log-dir is created)
 map_paths() {
   local i
   for ((i = 0; i < ${#PATH_ARGS[@]}; i += 3)); do
-    if [[ "${PATH_ARGS[i + 1]}" == --data-dir ]]; then
-      kit_map_path "${PATH_ARGS[i + 2]}" --data-dir create
+    if [[ "${PATH_ARGS[i + 1]}" != --resume ]]; then  # a directory the run writes in
+      kit_map_path "${PATH_ARGS[i + 2]}" "${PATH_ARGS[i + 1]}" create
     else
       kit_map_path "${PATH_ARGS[i + 2]}" "${PATH_ARGS[i + 1]}"
     fi
@@ -198,8 +222,23 @@ cpu_processes() {
 
 # gpu_processes: NPROC processes, one per GPU, and the GPUs Docker passes in (KIT_GPU_SPEC), checked against VISIBLE.
 # Without a count (no working nvidia-smi) nothing can be checked, and a Docker run given GPUs that are not there fails
-# inside the container, or silently trains on fewer: refused, with the way to a CPU run.
+# inside the container, or silently trains on fewer: refused, with the way to a CPU run. A --dry-run still prints its
+# commands, for the GPUs asked for (one by default), and says they are unchecked.
 gpu_processes() {
+  local uncounted=0
+  if [[ -z "$VISIBLE" ]] && ((KIT_DRY_RUN)); then  # the commands still print: for the GPUs asked for, else one
+    uncounted=1
+    VISIBLE=$((10#${NUM_GPUS:-1} > 64 ? 10#${NUM_GPUS:-1} : 64))
+    [[ -n "$NUM_GPUS$GPU_LIST" ]] || NUM_GPUS=1
+  fi
+  gpu_counts
+  if ((uncounted)); then
+    warn "the GPUs cannot be counted here ($(no_gpu_count_reason)): the commands below are for $NPROC GPU(s), unchecked (--num-gpus N or --gpus LIST sets them)"
+  fi
+}
+
+# gpu_counts: gpu_processes for a known VISIBLE (empty: unknown, refused)
+gpu_counts() {
   local id highest=-1
   if [[ -z "$VISIBLE" ]]; then
     local what="the Docker run's GPUs (default: all visible ones) cannot be checked" cpu_hint
@@ -273,18 +312,24 @@ resolve_gpus() {
 # --dry-run and the runtime not ready (no image, no virtualenv yet) the command is printed instead, CONFIG empty.
 run_config() {
   local saved_gpus=$KIT_GPU_SPEC saved_env=("${KIT_ENV[@]+"${KIT_ENV[@]}"}")
-  if [[ "$(preset_of "$@")" == auto ]]; then  # it measures the run's GPUs, for the run's number of processes
-    KIT_ENV+=("WORLD_SIZE=$((NNODES * NPROC))")
-  else
+  # the run's number of processes, so that the settings are checked for it before any is started; --preset auto
+  # also measures the run's GPUs
+  if [[ "$(preset_of "$@")" != auto ]]; then
     KIT_GPU_SPEC=none
     KIT_ENV=()
   fi
+  KIT_ENV+=("WORLD_SIZE=$((NNODES * NPROC))")
   if ((KIT_DRY_RUN && !KIT_RUNTIME_READY)); then
     in_runtime python "$SCRIPT" "$@" --print-config=shell
   else
     capture_in_runtime python "$SCRIPT" "$@" --print-config=shell || exit
     CONFIG=$KIT_CAPTURED
     check_config
+    # a run too big for the CPU, on the CPU (the question is asked without GPUs, so only a CPU run heeds it)
+    if [[ -n "$(config_value cpu_refusal)" && "$saved_gpus" == none ]]; then
+      printf '%s: error: %s\n' "$SCRIPT" "$(config_value cpu_refusal)" >&2
+      exit 2
+    fi
   fi
   KIT_GPU_SPEC=$saved_gpus
   KIT_ENV=("${saved_env[@]+"${saved_env[@]}"}")
@@ -492,6 +537,7 @@ prepare_runtime() {
 }
 
 main() {
+  ORIGINAL_ARGS=("$@")
   parse_args "$@"
   check_nodes
   if [[ ! -f "$KIT_ROOT/$SCRIPT" ]]; then
@@ -524,6 +570,7 @@ main() {
   launcher
   print_settings
   download_data
+  launch_env
   if ((EVAL_HELLASWAG)); then  # it does not return
     train_then_eval "${LAUNCH[@]}" "${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}"
   fi

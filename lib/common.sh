@@ -38,10 +38,32 @@ die_usage() {  # a user error: the message, a hint, exit 2
   exit 2
 }
 
-unknown_flag() {  # unknown_flag FLAG: the usage text on stderr, exit 2
-  printf '%s: error: unknown flag %s\n\n' "$KIT_PROG" "$1" >&2
-  usage >&2
-  exit 2
+unknown_flag() {  # unknown_flag FLAG: one line, with the flag of usage() it is closest to, exit 2
+  local word=${1%%=*} flag best="" best_d=999 d
+  for flag in $(usage | grep -oE -- '--[a-z0-9][a-z0-9-]*' | sort -u); do
+    d=$(edit_distance "$word" "$flag")
+    if ((d < best_d)); then best=$flag best_d=$d; fi
+  done
+  if ((best_d <= 2 && best_d < ${#word} / 2)); then
+    die_usage "unknown flag $1 (did you mean $best?)"
+  fi
+  die_usage "unknown flag $1"
+}
+
+edit_distance() {  # edit_distance A B: Levenshtein distance between two words (short ones: flags)
+  local a=$1 b=$2 i j cost
+  local -a prev cur
+  for ((j = 0; j <= ${#b}; j++)); do prev[j]=$j; done
+  for ((i = 1; i <= ${#a}; i++)); do
+    cur=("$i")
+    for ((j = 1; j <= ${#b}; j++)); do
+      if [[ "${a:i-1:1}" == "${b:j-1:1}" ]]; then cost=0; else cost=1; fi
+      cur[j]=$((prev[j] + 1 < cur[j - 1] + 1 ? prev[j] + 1 : cur[j - 1] + 1))
+      ((prev[j - 1] + cost >= cur[j])) || cur[j]=$((prev[j - 1] + cost))
+    done
+    prev=("${cur[@]}")
+  done
+  printf '%s\n' "${prev[${#b}]}"
 }
 
 say() {  # say MESSAGE: a line on stdout, prefixed with the script's name
@@ -96,6 +118,20 @@ check_gpu_list() {  # check_gpu_list FLAG VALUE: comma-separated device indices,
   done
 }
 
+# quote_words WORDS...: the words as one line that a POSIX shell (and Python's shlex.split) reads back as them: a
+# word of safe characters as it is, any other in single quotes
+quote_words() {
+  local out="" word q="'"
+  for word in "$@"; do
+    if [[ "$word" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
+      out+="$word "
+    else
+      out+="'${word//$q/$q\\$q$q}' "
+    fi
+  done
+  printf '%s\n' "${out% }"
+}
+
 # passthrough_value FLAG: the last value given to FLAG in PASSTHROUGH (the words the wrapper passes on to its
 # program), as `FLAG V` or `FLAG=V` (empty when absent)
 passthrough_value() {
@@ -148,15 +184,30 @@ run_cmd() {
 }
 
 check_image() {  # the image must exist locally; with --dry-run a missing one is only a warning
-  if docker image inspect "$KIT_IMAGE" >/dev/null 2>&1; then
+  local out problem
+  if out=$(docker image inspect "$KIT_IMAGE" 2>&1 >/dev/null); then
     KIT_RUNTIME_READY=1
     return 0
   fi
+  problem=$(docker_problem "$out")
   if ((KIT_DRY_RUN)); then
-    warn "image $KIT_IMAGE not found; run ./build.sh before running these commands"
+    warn "${problem:-image $KIT_IMAGE not found; run ./build.sh before running these commands}"
     return 0
   fi
-  die "image $KIT_IMAGE not found (or docker is not running); run ./build.sh first to build it"
+  die "${problem:-image $KIT_IMAGE not found; run ./build.sh first to build it}"
+}
+
+# docker_problem OUTPUT: what a failed docker command's output says is wrong with docker itself (not on PATH, the
+# daemon's socket refused or absent), as one line; empty when it is something else (an image that is not there)
+docker_problem() {
+  local out=$1
+  if ! command -v docker >/dev/null 2>&1; then
+    printf '%s\n' "docker is not on PATH: install Docker (or run with --local, in a virtualenv)"
+  elif [[ "$out" == *"permission denied"*"docker"*".sock"* ]]; then
+    printf '%s\n' "docker refused access to its socket (permission denied): add your user to the docker group (sudo usermod -aG docker \$USER, then log in again), or run with --local"
+  elif [[ "$out" == *"Cannot connect to the Docker daemon"* || "$out" == *"Is the docker daemon running"* ]]; then
+    printf '%s\n' "the Docker daemon is not running (docker cannot reach it): start it (sudo systemctl start docker), or run with --local"
+  fi
 }
 
 # kit_map_path PATH LABEL [create]: the path to use for PATH inside the runtime, in KIT_MAPPED (commands run from
@@ -326,8 +377,8 @@ docker_run_args() {
     DOCKER_RUN+=(--network host)
   fi
   # the host directories are created first, so that Docker does not create them owned by root (and a bind mount
-  # needs its source to exist)
-  local name pair i
+  # needs its source to exist); a dry run prints the mkdir its commands need, pasted in a fresh clone
+  local name pair i absent=()
   if ((!KIT_DRY_RUN)); then
     for name in data checkpoints logs; do
       mkdir -p "$KIT_ROOT/$name"
@@ -336,6 +387,12 @@ docker_run_args() {
   fi
   # --mount, not -v: -v splits its spec at every colon, so a host path with a colon would break it
   docker_mounts
+  for ((i = 0; i < ${#MOUNTS[@]}; i += 3)); do
+    [[ -e "${MOUNTS[i]}" ]] || absent+=("${MOUNTS[i]}")
+  done
+  if ((KIT_DRY_RUN && !KIT_CAPTURE && ${#absent[@]})); then
+    run_cmd mkdir -p "${absent[@]}"
+  fi
   for ((i = 0; i < ${#MOUNTS[@]}; i += 3)); do
     check_mount_source "${MOUNTS[i]}" "${MOUNTS[i + 2]}"
     # a capture with --dry-run creates nothing, and a missing source has nothing to read

@@ -55,8 +55,16 @@ with open(env["FAKE_DOCKER_LOG"], "a", encoding="utf-8") as f:
     f.write(json.dumps(args) + "\\n")
 with open(env["FAKE_DOCKER_LOG"] + ".meta", "a", encoding="utf-8") as f:
     f.write(json.dumps(meta) + "\\n")
+if env.get("FAKE_DOCKER_SOCKET_DENIED") == "1":
+    print("permission denied while trying to connect to the Docker daemon socket at unix:///var/run/docker.sock: "
+          "Get http://%2Fvar%2Frun%2Fdocker.sock/v1.47/images/x/json: dial unix /var/run/docker.sock: connect: "
+          "permission denied", file=sys.stderr)
+    sys.exit(1)
 if args[:2] == ["image", "inspect"]:
-    sys.exit(0 if args[2] in env.get("FAKE_DOCKER_IMAGES", "").split(",") else 1)
+    if args[2] not in env.get("FAKE_DOCKER_IMAGES", "").split(","):
+        print(f"Error response from daemon: No such image: {{args[2]}}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(0)
 if args[:1] == ["info"]:
     print(env.get("FAKE_DOCKER_RUNTIMES", "io.containerd.runc.v2 nvidia runc "))
 if args[:1] == ["version"]:
@@ -244,8 +252,10 @@ def usage_error_line(p: subprocess.CompletedProcess, script: str) -> str:
 
 
 def dry_run_commands(stdout: str) -> list[list[str]]:
-    """The command lines a --dry-run printed (the lines that are not the wrapper's own messages)."""
-    return [shlex.split(line) for line in stdout.splitlines() if line and not re.match(r"^\w+\.sh: ", line)]
+    """The command lines a --dry-run printed (the lines that are not the wrapper's own messages, nor the mkdir -p
+    that Docker's mounts need first)."""
+    return [shlex.split(line) for line in stdout.splitlines()
+            if line and not re.match(r"^\w+\.sh: ", line) and not line.startswith("mkdir -p ")]
 
 
 def run_trainer_main(argv: list[str]) -> dict:
@@ -377,6 +387,23 @@ def test_train_docker_run_options(kit):
     assert bind_mounts(config_opts) == mounts and "--init" in config_opts
 
 
+def test_the_run_knows_how_it_was_started_and_where(kit, tmp_path):
+    """What the trainer needs for the commands it prints at a stop: the wrapper with its runtime and path flags, the
+    whole command, the repository and the current directory on this host. The settings are checked for the run's
+    number of processes before any starts."""
+    args = ["--preset", "tiny", "--gpus", "0,1", "--no-memlock", "--checkpoint-dir", str(tmp_path / "ck"),
+            "--num-iterations", "5", "--set", "model_dim=64"]
+    opts, _, _ = kit.train(*args)
+    env = dict(b.split("=", 1) for a, b in pairs(opts) if a == "-e" and "=" in b)
+    assert shlex.split(env["KIT_LAUNCH"]) == [str(TRAIN_SH), "--gpus", "0,1", "--no-memlock", "--checkpoint-dir",
+                                              str(tmp_path / "ck")]
+    assert shlex.split(env["KIT_COMMAND"]) == [str(TRAIN_SH), *args]
+    assert env["KIT_HOST_ROOT"] == str(ROOT) and env["KIT_HOST_CWD"] == str(kit.tmp)
+    assert bind_mounts(opts)[str(tmp_path / "ck")] == str(tmp_path / "ck")  # mounted: nothing lost in a container
+    config_opts, _ = split_run(kit.config_runs()[0])
+    assert ("-e", "WORLD_SIZE=2") in pairs(config_opts)
+
+
 def test_train_hf_home_is_mounted(kit, tmp_path):
     opts, _, _ = kit.train("--preset", "tiny", HF_HOME=str(tmp_path / "hf"))
     assert (tmp_path / "hf").is_dir()
@@ -405,12 +432,17 @@ def test_compile_cache_location(kit, tmp_path):
 @pytest.mark.slow  # runs the local trainer's --print-config (a torch import)
 def test_local_compile_cache_unless_set(kit, tmp_path):
     host = kit.home / ".cache" / "nanogpt-speedrun" / "compile"
-    p = kit.run(TRAIN_SH, "--local", "--dry-run", "--preset", "tiny")
+    tiny = ["--preset", "tiny", "--num-gpus", "2"]  # the tiny preset's 2 sequences a step: at most 2 processes
+    def cache_env(cmd):  # the env words but the run's own (KIT_*: how it was started)
+        return [w for w in cmd[:cmd.index("lib/torchrun.py") - 1] if not w.startswith("KIT_")]
+
+    p = kit.run(TRAIN_SH, "--local", "--dry-run", *tiny)
     (cmd,) = dry_run_commands(p.stdout)
-    assert cmd[:3] == ["env", f"TORCHINDUCTOR_CACHE_DIR={host}/inductor", f"TRITON_CACHE_DIR={host}/triton"]
-    p = kit.run(TRAIN_SH, "--local", "--dry-run", "--preset", "tiny", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "mine"))
+    assert cache_env(cmd) == ["env", f"TORCHINDUCTOR_CACHE_DIR={host}/inductor", f"TRITON_CACHE_DIR={host}/triton"]
+    p = kit.run(TRAIN_SH, "--local", "--dry-run", *tiny, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "mine"))
     (cmd,) = dry_run_commands(p.stdout)
-    assert cmd[:2] == ["env", f"TRITON_CACHE_DIR={host}/triton"] and "TORCHINDUCTOR_CACHE_DIR" not in " ".join(cmd)
+    assert cache_env(cmd) == ["env", f"TRITON_CACHE_DIR={host}/triton"]
+    assert "TORCHINDUCTOR_CACHE_DIR" not in " ".join(cmd)
     assert f"compile cache: {tmp_path / 'mine'} (from TORCHINDUCTOR_CACHE_DIR)" in p.stdout
 
 
@@ -648,7 +680,7 @@ def test_a_chosen_preset_is_asked_without_gpus(kit, tmp_path, flags):
               FAKE_DOCKER_PRINT_CONFIG=shell_config("--preset", "tiny"))
     config_opts, config_inner = split_run(kit.config_runs()[0])
     assert "auto" not in config_inner and "--gpus" not in config_opts
-    assert not any(o.startswith("WORLD_SIZE=") for o in config_opts)
+    assert ("-e", "WORLD_SIZE=2") in pairs(config_opts)  # checked for the run's processes, before they start
 
 
 def test_download_shards_flag(kit, tmp_path):
@@ -722,7 +754,7 @@ def test_train_values_that_look_like_flags_stay_values(kit, bin_dir, runtime):
         train_gpt.kit.atomic_save({"format": train_gpt.kit.CHECKPOINT_FORMAT, "hyperparameters": hp,
                                    "version": train_gpt.kit.CHECKPOINT_VERSION}, bin_dir / "step_000001.pt")
     p = kit.run(TRAIN_SH, "--dry-run", *local, "--data-dir", str(bin_dir), "--run-name=-x", "--seed", "-5",
-                "--set", "no_attn_layer=-1", "--resume", str(bin_dir),
+                "--set", "no_attn_layer=-1", "--resume", str(bin_dir), "--num-gpus", "2",
                 FAKE_DOCKER_PRINT_CONFIG=shell_config("--preset", "tiny"))
     assert p.returncode == 0, p.stderr
     cmd = dry_run_commands(p.stdout)[-1]
@@ -786,9 +818,11 @@ def test_local_run_without_gpus_starts_cpu_processes(kit, gpus):
 def test_local_gpu_list_without_nvidia_smi_is_refused(kit):
     # --gpus names GPUs that cannot be counted: CUDA_VISIBLE_DEVICES=0,3 with fewer GPUs would train on the CPU
     kit.hide_nvidia_smi()
-    p = kit.run(TRAIN_SH, "--local", "--dry-run", "--preset", "tiny", "--gpus", "0,3")
+    p = kit.run(TRAIN_SH, "--local", "--preset", "tiny", "--gpus", "0,3")
     line = one_error_line(p, "train.sh")
     assert "--gpus 0,3 cannot be checked" in line and "nvidia-smi is not on PATH" in line
+    p = kit.run(TRAIN_SH, "--local", "--dry-run", "--preset", "tiny", "--gpus", "0,3")  # printed, with a warning
+    assert p.returncode == 0 and "the commands below are for 2 GPU(s), unchecked" in p.stderr
 
 
 @pytest.mark.slow  # runs the local trainer's --print-config (a torch import)
@@ -802,7 +836,7 @@ def test_local_cuda_visible_devices_are_the_visible_gpus(kit):
     assert "--nproc_per_node=2" in cmd
     p = local("--num-gpus", "3", cvd="2,3")
     assert p.returncode == 2 and "--num-gpus 3" in p.stderr and "CUDA_VISIBLE_DEVICES=2,3 leaves (2)" in p.stderr
-    p = local("--gpus", "4,5,6", cvd="2,3")  # --gpus replaces it
+    p = local("--gpus", "4,5,6", "--set", "seqs_per_step=6", cvd="2,3")  # --gpus replaces it
     assert p.returncode == 0, p.stderr
     (cmd,) = dry_run_commands(p.stdout)
     assert "CUDA_VISIBLE_DEVICES=4,5,6" in cmd and "--nproc_per_node=3" in cmd
@@ -821,7 +855,12 @@ def test_unknown_flag(kit):
     for script in (GENERATE_SH, BUILD_SH):
         p = kit.run(script, "--bogus")
         assert p.returncode == 2
-        assert "--bogus" in p.stderr and "Usage:" in p.stderr
+        assert p.stderr.splitlines() == [f"{script.name}: error: unknown flag --bogus",
+                                         f"Run '{script.name} --help' for the list of flags."]
+    p = kit.run(GENERATE_SH, "--promt", "x")  # a typo: the flag it is closest to
+    assert p.returncode == 2 and "generate.sh: error: unknown flag --promt (did you mean --prompt?)" in p.stderr
+    p = kit.run(BUILD_SH, "--no-cach")
+    assert "build.sh: error: unknown flag --no-cach (did you mean --no-cache?)" in p.stderr
     assert not kit.runs()
 
 
@@ -966,6 +1005,18 @@ def test_generate_prints_its_settings_on_stderr(kit, tmp_path):
     ckpt.write_bytes(b"")
     p = kit.run(GENERATE_SH, "--checkpoint", str(ckpt), "--prompt", "Hi")
     assert p.returncode == 0 and f"generate.sh: checkpoint: {ckpt}" in p.stderr and "GPUs: all" in p.stderr
+
+
+@pytest.mark.parametrize("machine,reason", [("none listed", "nvidia-smi lists none"),
+                                            ("no nvidia-smi", "nvidia-smi is not on PATH")])
+def test_generate_without_a_gpu_samples_on_the_cpu_and_says_so(kit, machine, reason):
+    if machine == "no nvidia-smi":
+        kit.hide_nvidia_smi()
+    p = kit.run(GENERATE_SH, "--prompt", "Hi", FAKE_GPUS="0")
+    assert p.returncode == 0, p.stderr
+    assert f"GPUs: none found ({reason}): sampling on the CPU" in p.stderr and "GPUs: all" not in p.stderr
+    (run,) = kit.runs()
+    assert "--gpus" not in split_run(run)[0]  # Docker is asked for none
 
 
 @pytest.mark.parametrize("flags", [["--device", "cuda"], ["--", "--device", "cuda:0"]])
@@ -1607,3 +1658,110 @@ def test_local_end_to_end(kit, synthetic_data, tmp_path):
                 "--prompt", "Hello")
     assert g.returncode == 0, g.stdout[-3000:] + g.stderr[-3000:]
     assert g.stdout.strip()
+
+
+@pytest.mark.slow
+def test_a_stopped_local_run_prints_the_wrapper_command_that_resumes_it(kit, synthetic_data, tmp_path):
+    """Ctrl-C of ./train.sh --local: the printed resume command is the wrapper with its runtime and path flags (not
+    python, which has no torch outside the virtualenv, nor train.sh without --local), and it runs as printed."""
+    import time
+
+    from tests.conftest import default_sigint
+
+    kit.hide_nvidia_smi()
+    flags = ["--local", "--preset", "tiny", "--data-dir", str(synthetic_data), "--checkpoint-dir", "ck",
+             "--log-dir", "lg", "--run-name", "notes", "--train-files", "syn_train_*.bin", "--val-files",
+             "syn_val_*.bin", "--train-seq-len", "256", "--val-seq-len", "512", "--val-tokens", "1024",
+             "--val-loss-every", "0", "--set", "model_dim=64", "--set", "num_layers=2"]
+    env = {**kit.env, "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "out", "wb") as out:
+        proc = subprocess.Popen([str(TRAIN_SH), *flags], cwd=kit.tmp, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, preexec_fn=default_sigint)
+        try:
+            log, deadline = kit.tmp / "lg" / "notes.txt", time.monotonic() + 300
+            while "step:3/200" not in (log.read_text() if log.exists() else ""):
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "out").read_text()[-3000:]
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=120) == 130
+        finally:
+            proc.kill()
+    text = (tmp_path / "out").read_text()
+    (line,) = [x for x in text.splitlines() if x.startswith("train_gpt.py: stopped by SIGINT at step ")]
+    step = int(line.split(" at step ")[1].split()[0])
+    command = shlex.split(line.split("Resume with: ")[1])
+    assert command == [str(TRAIN_SH), "--local", "--data-dir", str(synthetic_data), "--checkpoint-dir", "ck",
+                       "--log-dir", "lg", "--resume", str(kit.tmp / "ck" / "notes")]
+    r = subprocess.run([*command, "--num-iterations", str(step + 1)], cwd=kit.tmp, env=env,
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"resumed from {kit.tmp / 'ck' / 'notes' / f'step_{step:06d}.pt'} at step {step}" in r.stdout
+    assert f"step:{step + 1}/{step + 1} val_loss:" in r.stdout
+
+
+def test_a_gpu_sized_run_on_a_machine_without_gpus_is_refused_before_any_download(kit, tmp_path):
+    kit.hide_nvidia_smi()
+    p = kit.run(TRAIN_SH, "--local", "--preset", "speedrun", "--data-dir", str(tmp_path / "fw"))
+    assert p.returncode == 2, p.stdout + p.stderr
+    (line,) = p.stderr.splitlines()
+    assert line.startswith("train_gpt.py: error: --preset speedrun on the CPU: 1,695 steps of 393,216 tokens would "
+                           "take about ") and line.endswith("--yes starts it on the CPU anyway")
+    assert "download" not in p.stdout and not (tmp_path / "fw").exists()
+    p = kit.run(TRAIN_SH, "--local", "--preset", "speedrun", "--data-dir", str(tmp_path / "fw"), "--yes",
+                "--dry-run")  # insisting: it goes on to the download and the run
+    assert p.returncode == 0, p.stderr
+    assert "data/cached_fineweb10B.py 8" in p.stdout and p.stdout.splitlines()[-1].endswith(" --yes")
+
+
+def test_a_dry_run_without_nvidia_smi_prints_its_commands(kit):
+    kit.hide_nvidia_smi()
+    p = kit.run(TRAIN_SH, "--dry-run", "--preset", "tiny")
+    assert p.returncode == 0, p.stderr
+    assert "GPUs cannot be counted here (nvidia-smi is not on PATH): the commands below are for 1 GPU(s)" in p.stderr
+    train = dry_run_commands(p.stdout)[-1]
+    assert train[:2] == ["docker", "run"] and train[train.index(IMAGE) + 1:][:4] == [
+        "python", "lib/torchrun.py", "--standalone", "--nproc_per_node=1"]
+    p = kit.run(TRAIN_SH, "--dry-run", "--preset", "tiny", "--num-gpus", "4")
+    assert dry_run_commands(p.stdout)[-1][-4] == "--nproc_per_node=4"
+
+
+def test_a_dry_runs_docker_command_runs_pasted_in_a_fresh_clone(kit, tmp_path):
+    """The mount sources a docker run needs and a fresh clone lacks (checkpoints/, caches): a dry run creates
+    nothing, so it prints the mkdir -p that makes them before the command."""
+    home = tmp_path / "fresh-home"
+    p = kit.run(TRAIN_SH, "--dry-run", "--preset", "tiny", HOME=str(home))
+    assert p.returncode == 0, p.stderr
+    lines = [line for line in p.stdout.splitlines() if not line.startswith("train.sh: ")]
+    mkdir = [shlex.split(line) for line in lines if line.startswith("mkdir -p ")]
+    train = dry_run_commands(p.stdout)[-1]
+    sources = [spec.split(",")[1].removeprefix("source=") for flag, spec in pairs(train) if flag == "--mount"]
+    missing = [s for s in sources if not os.path.exists(s)]
+    assert missing and not home.exists()  # nothing made
+    assert mkdir and mkdir[-1] == ["mkdir", "-p", *missing]
+    parsed = [shlex.split(line) for line in lines]
+    assert parsed.index(mkdir[-1]) < parsed.index(train)  # first
+
+
+def test_a_docker_socket_that_refuses_access_is_said_so(kit):
+    p = kit.run(TRAIN_SH, "--preset", "tiny", FAKE_DOCKER_SOCKET_DENIED="1")
+    assert p.returncode != 0
+    assert "docker refused access to its socket (permission denied): add your user to the docker group" in p.stderr
+    assert "not found" not in p.stderr
+    p = kit.run(TRAIN_SH, "--preset", "tiny", FAKE_DOCKER_IMAGES="")
+    assert "image nanogpt-speedrun:latest not found; run ./build.sh first" in p.stderr
+
+
+def test_the_docker_context_ignores_its_own_ignore_file():
+    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    assert ".dockerignore" in lines
+
+
+def test_git_ignores_what_data_tools_write_under_data():
+    """data/notes (the README's own-text example), FineWeb and HellaSwag downloads: never files to commit; the kit's
+    Python files there are."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.fail("needs git and this repository's .git")
+    for path in ("data/notes/notes_train_000001.bin", "data/fineweb10B/fineweb_val_000000.bin",
+                 "data/hellaswag/hellaswag_val.jsonl"):
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0, path
+    assert subprocess.run(["git", "check-ignore", "-q", "data/prepare.py"], cwd=ROOT).returncode == 1

@@ -22,7 +22,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 LOCAL_BASE=cvlization-torch-gpu
 IMAGE=nanogpt-speedrun:latest
-STOP_WITHIN=10        # seconds a container may take to end after its wrapper gets SIGTERM
+STOP_WITHIN=10        # seconds a container may take to end after its wrapper gets SIGTERM (training: plus 2 steps)
 TORCH_SPEC=$(grep -v '^[[:space:]]*#' "$ROOT/requirements-torch.txt" | grep -m1 .)  # the kit's one torch pin
 
 usage() {
@@ -415,14 +415,37 @@ terminal_flags() {
   docker inspect --format '{{.Config.Tty}} {{.Config.OpenStdin}}' "$CONTAINER"
 }
 
-# sigterm_check WHAT: SIGTERM to the wrapper's process ends its container and itself within STOP_WITHIN seconds
+# step_seconds LOG: the step time the run's last step line in LOG reports (step_avg), in seconds; empty before one
+step_seconds() {
+  grep -oE '^step:[0-9]+/[0-9]+ .*step_avg:[0-9.]+ms' "$1" 2>/dev/null | tail -n 1 |
+    sed -E 's/.*step_avg:([0-9.]+)ms/\1/' | awk 'NF { printf "%.1f", $1 / 1000 }'
+}
+
+# wait_steps LOG N: waits (up to 10 minutes) until LOG shows step N of the run
+wait_steps() {
+  local i
+  for ((i = 0; i < 1200; i++)); do
+    if grep -qE "^step:$2/" "$1"; then return 0; fi
+    sleep 0.5
+  done
+  return 1
+}
+
+# sigterm_check WHAT [LOG]: SIGTERM to the wrapper's process ends its container and itself within a bound:
+# STOP_WITHIN seconds (the container's own teardown), plus, for a training run whose output is LOG, two of the steps
+# that LOG reports (the step under way and the checkpoint after it: a loaded machine's steps are slow, and the stop
+# waits for one). A training run must also have saved that checkpoint, said so, and ended with 143.
 sigterm_check() {
-  local what=$1 exe start i gone=0
+  local what=$1 log=${2-} exe start i gone=0 bound=$STOP_WITHIN step="" rc=0
   exe=$(readlink "/proc/$WRAPPER_PID/exe" 2>/dev/null || true)
   check "$what: the wrapper's process became the docker client (exec)" test "$(basename "$exe")" == docker
+  if [[ -n "$log" ]]; then
+    step=$(step_seconds "$log")
+    bound=$(awk -v m="$STOP_WITHIN" -v s="${step:-0}" 'BEGIN { printf "%.1f", m + 2 * s }')
+  fi
   start=$(date +%s.%N)
   kill -TERM "$WRAPPER_PID"
-  for ((i = 0; i < 10 * (STOP_WITHIN + 20); i++)); do
+  for ((i = 0; i < 10 * (${bound%.*} + 20); i++)); do
     if [[ -z "$(docker ps -q --filter "id=$CONTAINER")" ]] && ! kill -0 "$WRAPPER_PID" 2>/dev/null; then
       gone=1
       break
@@ -431,22 +454,29 @@ sigterm_check() {
   done
   local took
   took=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
-  if ((gone)) && awk -v t="$took" -v m="$STOP_WITHIN" 'BEGIN { exit !(t <= m) }'; then
-    pass "$what: SIGTERM to the wrapper ended it and its container in ${took} s"
+  if ((gone)) && awk -v t="$took" -v m="$bound" 'BEGIN { exit !(t <= m) }'; then
+    pass "$what: SIGTERM to the wrapper ended it and its container in ${took} s (bound ${bound} s${step:+: $STOP_WITHIN s and two ${step}-s steps})"
   else
-    fail "$what: SIGTERM to the wrapper ended it and its container within $STOP_WITHIN s" \
+    fail "$what: SIGTERM to the wrapper ended it and its container within ${bound} s" \
       "$( ((gone)) && echo "took $took s" || echo "still running after $took s")"
     docker rm -f "$CONTAINER" >/dev/null 2>&1 || true
     kill -KILL "$WRAPPER_PID" 2>/dev/null || true
   fi
+  [[ -n "$log" ]] || return 0
+  wait "${BACKGROUND[-1]}" || rc=$?
+  check "$what: the run exited 143 after SIGTERM (got $rc)" test "$rc" == 143
+  check "$what: the run saved a checkpoint at the stop" grep -q '^saved checkpoint ' "$log"
+  check "$what: the run said where it stopped and how to resume" grep -qE 'stopped by SIGTERM at step [0-9]+ of 100000; saved .*Resume with: \./train\.sh --cpu --resume ' "$log"
+  check "$what: no traceback" bash -c "! grep -q Traceback '$log'"
 }
 
 stage_signals() {
   # train.sh, stdin not a terminal: no -t, no -i; then SIGTERM
-  if start_wrapper train-sigterm plain ./train.sh --cpu --preset tiny --num-iterations 100000 --run-name sigterm; then
+  if start_wrapper train-sigterm plain ./train.sh --cpu --preset tiny --num-iterations 100000 --run-name sigterm &&
+    wait_steps "$WORK/logs/train-sigterm.log" 2; then
     check "no terminal: train.sh's container has no -t and no -i (Tty OpenStdin: $(terminal_flags))" \
       test "$(terminal_flags)" == "false false"
-    sigterm_check "train.sh"
+    sigterm_check "train.sh" "$WORK/logs/train-sigterm.log"
   else
     show_log "$WORK/logs/train-sigterm.log"
     fail "train.sh started a container for the SIGTERM check"
