@@ -277,7 +277,7 @@ def evaluate(model: tg.GPT, window_blocks: int, examples: list[Example], encode,
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = kit.OneLineParser(
         prog="eval_hellaswag.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="HellaSwag validation accuracy (completion style, length-normalised) of a train_gpt.py "
                     "checkpoint.",
@@ -297,7 +297,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_arg_parser().parse_args(argv)
+    """Ctrl-C or SIGTERM stops it at once with one line (exit 130 or 143); a download under way leaves no file (an
+    atomic write's temporary file goes as the stop passes through it)."""
+    with kit.StopRequest("eval_hellaswag.py") as stop:
+        stop.where, stop.state = "while evaluating", lambda: "nothing was written (run it again to evaluate)"
+        try:
+            return score(build_arg_parser().parse_args(argv))
+        except kit.Interrupted as e:
+            return e.code
+
+
+def score(args: argparse.Namespace) -> int:
     try:
         if args.batch_tokens < tg.FLEX_BLOCK_SIZE:
             raise EvalError(f"--batch-tokens must be {tg.FLEX_BLOCK_SIZE} or more, got {args.batch_tokens}")

@@ -75,6 +75,11 @@ def load_model(spec: str, device: torch.device, checkpoint_dir: str = "checkpoin
     """
     path = kit.resolve_checkpoint(spec, run, checkpoint_dir)
     ckpt = kit.load_checkpoint(path)
+    bad = kit.nonfinite_tensors(ckpt.get("model", {}))
+    if bad:
+        raise kit.CheckpointError(f"{path} holds weights that are not finite ({', '.join(bad[:3])}"
+                                  f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}): nothing can be sampled "
+                                  "from it; use an earlier checkpoint of the run")
     try:
         cfg = tg.GPTConfig(**ckpt["model_config"])
         window = final_window_blocks(ckpt)
@@ -340,7 +345,7 @@ def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="generate.py", description="Sample text from a train_gpt.py checkpoint.")
+    p = kit.OneLineParser(prog="generate.py", description="Sample text from a train_gpt.py checkpoint.")
     add_checkpoint_flags(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default="", help="prompt text; '-' reads it from stdin (default: empty: BOS alone)")
@@ -411,7 +416,16 @@ class TokenPrinter:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_arg_parser().parse_args(argv)
+    """Ctrl-C or SIGTERM stops it at once with one line (exit 130 or 143): sampling writes no file."""
+    with kit.StopRequest("generate.py") as stop:
+        stop.where, stop.state = "while sampling", lambda: "no file is written, so nothing is lost"
+        try:
+            return sample(build_arg_parser().parse_args(argv))
+        except kit.Interrupted as e:
+            return e.code
+
+
+def sample(args: argparse.Namespace) -> int:
     try:
         check_args(args)
         device = pick_device(args.device)

@@ -85,7 +85,7 @@ def bench_hf(prompt: list[int], new_tokens: int, batch: int, device: torch.devic
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="a checkpoint file or run directory (default: random weights of --preset)")
     p.add_argument("--preset", default="tiny", choices=["tiny", "speedrun"], help="model size when no checkpoint")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (BOS not counted)")

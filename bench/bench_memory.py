@@ -100,7 +100,8 @@ def describe(label: str, r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--steps", type=int, default=30, help="training steps of the run (default 30)")
     ap.add_argument("--skip", type=int, default=2, help="first steps left out of the step time (default 2)")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the trainer (default: inherited)")

@@ -132,7 +132,8 @@ def check_compile(device: torch.device, args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--checks", default="attention,fp8,compile", help="comma-separated subset")
     p.add_argument("--steps", type=int, default=20, help="training steps of the compile check")

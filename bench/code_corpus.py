@@ -40,7 +40,8 @@ def python_files(root: Path, skip: list[Path]):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--out", required=True, help="JSONL file to write ({\"text\": ...} per line)")
     p.add_argument("--max-mb", type=float, default=500.0, help="stop after this much text (MB of UTF-8)")
     p.add_argument("--max-file-mb", type=float, default=2.0, help="leave out larger files")

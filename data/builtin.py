@@ -113,7 +113,8 @@ def _progress(total: int, quiet: bool):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--out-dir", default=str(DEFAULT_DIR), help="where the shards go (default: %(default)s)")
     ap.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="corpus size cap (default: %(default)s)")
     ap.add_argument("--force", action="store_true", help="rebuild even if the corpus is there")

@@ -499,7 +499,8 @@ def write_run_report(log_path, flops_per_token: float | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Summarise train_gpt.py run logs: a table, optionally a figure.")
+    parser = argparse.ArgumentParser(description="Summarise train_gpt.py run logs: a table, optionally a figure.",
+                                     allow_abbrev=False)
     parser.add_argument("logs", nargs="*", help="run logs (default: logs/*.txt)")
     parser.add_argument("--png", metavar="FILE", help="also write val-loss curves to this PNG")
     parser.add_argument("--compare", action="store_true",

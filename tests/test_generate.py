@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 import generate as g
 import kit
 import train_gpt as tg
-from conftest import ROOT, subprocess_env, tiny_hp
+from conftest import ROOT, default_sigint, subprocess_env, tiny_hp
 
 CPU = torch.device("cpu")
 # A final window of 4 (long) / 2 (short) 128-token blocks that differs from the starting 1 (short 0: own block only),
@@ -396,6 +397,45 @@ def test_bad_checkpoints_exit_2(kind, tmp_path, random_ckpt, capsys):
     assert g.main(["--checkpoint", str(path), "--device", "cpu", "--max-tokens", "2"]) == 2
     err = capsys.readouterr().err
     assert words in err and str(path.name) in err and "Traceback" not in err
+
+
+def test_a_checkpoint_with_non_finite_weights_is_one_line(tmp_path, random_ckpt, capsys):
+    ckpt = torch.load(random_ckpt, weights_only=True)
+    ckpt["model"]["lm_head.weight"][0, 0] = float("nan")
+    path = tmp_path / "step_000003.pt"
+    kit.atomic_save(ckpt, path)
+    assert g.main(["--checkpoint", str(path), "--device", "cpu", "--max-tokens", "2"]) == 2
+    assert capsys.readouterr().err == (f"generate.py: error: {path} holds weights that are not finite "
+                                       "(lm_head.weight): nothing can be sampled from it; use an earlier checkpoint "
+                                       "of the run\n")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_sampling_is_one_line(random_ckpt, sig):
+    """Stopped without a terminal (timeout -s INT, a supervisor): one line, exit 128 + the signal, no traceback."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "generate.py"), "--checkpoint", str(random_ckpt), "--device",
+                             "cpu", "--max-tokens", "100000", "--no-stop-at-eot"], cwd=ROOT, env=subprocess_env(),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
+    try:
+        assert proc.stderr.readline().startswith("generate.py: ")  # the settings line: sampling has begun
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == 128 + sig
+    finally:
+        proc.kill()
+    err = proc.stderr.read()
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert err.splitlines() == [f"generate.py: stopped by {sig.name} while sampling; no file is written, so nothing "
+                                "is lost"]
+
+
+def test_a_mistyped_flag_names_the_flag_it_was_probably_meant_to_be(capsys):
+    with pytest.raises(SystemExit) as exc:
+        g.main(["--promt", "x"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == ("generate.py: error: unrecognized arguments: --promt x; did you mean --prompt? "
+                                       "(see --help)\n")
 
 
 @pytest.mark.slow
