@@ -269,3 +269,32 @@ def test_a_prepared_directory_is_found_by_its_manifest(tmp_path, capsys):
     (mine / "manifest.json").unlink()
     assert tg.main(["--preset", "tiny", "--data-dir", str(mine), "--print-config"]) == 0
     assert json.loads(capsys.readouterr()[0])["settings"]["train_files"] == "builtin_train_*.bin"
+
+
+def test_an_abbreviated_flag_is_a_mistake_with_the_flag_it_was_meant_to_be(capsys):
+    """argparse takes --num-iteration for --num-iterations unless told not to: here it is an error, one line."""
+    line = one_line_error(["--preset", "tiny", "--num-iteration", "5", "--print-config"], capsys)
+    assert line == ("train_gpt.py: error: unrecognized arguments: --num-iteration 5; did you mean --num-iterations? "
+                    "(see --help)")
+    line = one_line_error(["--preset", "tiny", "--frobnicate", "--print-config"], capsys)
+    assert line == "train_gpt.py: error: unrecognized arguments: --frobnicate (see --help)"  # nothing close
+
+
+def test_every_argument_parser_refuses_abbreviations():
+    """Each ArgumentParser(...) in the kit's sources sets allow_abbrev=False (kit.OneLineParser does it itself)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sources = [p for p in root.rglob("*.py") if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    calls = []
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            name = getattr(node.func, "attr", getattr(node.func, "id", "")) if isinstance(node, ast.Call) else ""
+            if name == "ArgumentParser":
+                ok = any(k.arg == "allow_abbrev" and isinstance(k.value, ast.Constant) and k.value.value is False
+                         for k in node.keywords)
+                calls.append((f"{path.relative_to(root)}:{node.lineno}", ok))
+    assert len(calls) >= 8, calls  # the entry points were found
+    assert [where for where, ok in calls if not ok] == []
+    assert kit.OneLineParser(prog="x").allow_abbrev is False
