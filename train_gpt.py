@@ -1253,10 +1253,11 @@ def check_cpu_budget(hp: Hyperparameters, cores: int) -> None:
         GPTConfig.from_hyperparameters(hp)) / (cores * CPU_FLOPS_PER_CORE)
     if hp.cpu_ok or seconds <= CPU_DAY_S:
         return
+    instead = "fewer --num-iterations" if hp.preset == "tiny" else "--preset tiny trains in minutes"
     raise ConfigError(f"--preset {hp.preset} on the CPU: {hp.num_iterations:,} steps of {hp.global_batch_tokens:,} "
                       f"tokens would take about {seconds / CPU_DAY_S:.0f} days on {cores} core(s), even at a generous "
-                      f"{CPU_FLOPS_PER_CORE / 1e9:.0f} GFLOP/s each; --preset tiny trains in minutes, a GPU runs "
-                      "this preset, and --yes starts it on the CPU anyway")
+                      f"{CPU_FLOPS_PER_CORE / 1e9:.0f} GFLOP/s each; {instead}, a GPU runs it, and --yes starts it "
+                      "on the CPU anyway")
 
 
 def cpu_cores() -> int:
@@ -1278,11 +1279,15 @@ def open_data(hp: Hyperparameters, rank: int, world_size: int) -> tuple[list[str
     return find_shards(hp.data_dir, hp.train_files, "train"), find_shards(hp.data_dir, hp.val_files, "validation")
 
 
+def warmup_steps(hp: Hyperparameters) -> int:
+    return hp.warmup_steps if hp.warmup_steps >= 0 else (3 if hp.compile else 0)
+
+
 def warm_up(trainer: Trainer, train_files: list[str], val_files: list[str], report: RunReport) -> None:
     """Compile on real batches and a validation forward, then back to the initial weights and optimisers, so that
     the timed run starts where an uncompiled one would."""
     hp = trainer.hp
-    steps = hp.warmup_steps if hp.warmup_steps >= 0 else (3 if hp.compile else 0)
+    steps = warmup_steps(hp)
     if not steps:
         return
     t0 = time.perf_counter()
@@ -1371,7 +1376,7 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
             stop.log = report.write
             report.write("\n".join([trainer.describe(run_id), *notes]))
             report.set_throughput(device, world_size, trainer.matmul_flops_per_token())
-            stop.where = "during the compile warm-up"
+            stop.where = "during the compile warm-up" if warmup_steps(hp) else "before the first step"
             warm_up(trainer, train_files, val_files, report)
             torch.manual_seed(hp.seed)
             if ckpt is not None:

@@ -771,3 +771,22 @@ def test_a_signal_during_the_warm_up_stops_at_once_saying_nothing_was_saved(shar
     assert line.startswith("train_gpt.py: stopped by SIGTERM during the compile warm-up; nothing was saved (no step "
                            "had finished). Start again with: ")
     assert line.split(": ", 1)[1] in (tmp_path / "logs" / "warm.txt").read_text()  # the log says it too
+
+
+def test_a_run_too_big_for_the_cpu_is_refused_unless_asked_for():
+    """The estimate is the run's matmul FLOPs at CPU_FLOPS_PER_CORE on every core: the tiny preset fits 2 cores (about
+    4 minutes), the record's run does not (weeks), nor does the tiny model for 100,000 steps."""
+    tiny = tg.preset_hyperparameters("tiny")
+    tg.check_cpu_budget(tiny, 2)
+    seconds = tiny.num_iterations * tiny.global_batch_tokens * tg.matmul_flops_per_token(
+        tg.GPTConfig.from_hyperparameters(tiny)) / (2 * tg.CPU_FLOPS_PER_CORE)
+    assert 60 < seconds < 600  # measured: 226 s of training on 2 cores (README)
+    with pytest.raises(tg.ConfigError, match=r"--preset speedrun on the CPU: 1,695 steps of 393,216 tokens would take "
+                                             r"about \d+ days on 2 core\(s\).*; --preset tiny trains in minutes"):
+        tg.check_cpu_budget(tg.preset_hyperparameters("speedrun"), 2)
+    long = dataclasses.replace(tiny, num_iterations=100_000)
+    with pytest.raises(tg.ConfigError, match="fewer --num-iterations, a GPU runs it, and --yes starts it"):
+        tg.check_cpu_budget(long, 2)
+    tg.check_cpu_budget(dataclasses.replace(long, cpu_ok=True), 2)  # --yes
+    assert tg.matmul_flops_per_token(tg.GPTConfig.from_hyperparameters(tg.Hyperparameters())) == pytest.approx(
+        0.727e9, rel=1e-3)  # FACTS: 0.727 GFLOP of matmuls per token at record 28's shapes

@@ -44,6 +44,8 @@ TRAIN_SH = ROOT / "train.sh"
 GENERATE_SH = ROOT / "generate.sh"
 BUILD_SH = ROOT / "build.sh"
 VENV_BIN = Path(sys.executable).parent
+# the tiny preset takes 2 sequences a step, so at most 2 processes: with these words any count up to 16 x 3
+ANY_COUNT = ("--set", "seqs_per_step=48")
 
 FAKE_DOCKER = """#!{python}
 import json, os, socket, subprocess, sys
@@ -87,15 +89,17 @@ if args[:1] == ["run"] and "--print-config=shell" in args:
     mounts = dict(reversed(spec.split(",")[1:3]) for flag, spec in zip(args, args[1:]) if flag == "--mount")
     workspace = mounts["target=/workspace"].removeprefix("source=")
     assert inner[0] == "python", inner
+    pairs = [v.split("=", 1) for k, v in zip(args, args[1:args.index("{image}")]) if k == "-e" and "=" in v]
     if env.get("FAKE_DOCKER_CONFIG_SOCKET") and os.path.realpath(workspace) == {root!r}:
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(120)
             s.connect(env["FAKE_DOCKER_CONFIG_SOCKET"])
-            s.sendall(json.dumps(inner[1:]).encode())
+            s.sendall(json.dumps(dict(argv=inner[1:], world_size=dict(pairs).get("WORLD_SIZE"))).encode())
             s.shutdown(socket.SHUT_WR)
             p = json.loads(b"".join(iter(lambda: s.recv(65536), b"")))
-    else:
-        run = subprocess.run([sys.executable, *inner[1:]], cwd=workspace, capture_output=True, text=True)
+    else:  # in the container's environment: its -e NAME=VALUE pairs (WORLD_SIZE, ...)
+        run = subprocess.run([sys.executable, *inner[1:]], cwd=workspace, capture_output=True, text=True,
+                             env={{**env, **dict(pairs)}})
         p = dict(rc=run.returncode, out=run.stdout, err=run.stderr)
     sys.stdout.write(p["out"])
     sys.stderr.write(p["err"])
@@ -142,7 +146,7 @@ class Kit:
         inherited = ("WANDB_", "HF_", "NCCL_", "CUDA_VISIBLE", "KIT_", "TORCHINDUCTOR_", "TRITON_")
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(inherited)}
         self.env.update(PATH=f"{self.bin}{os.pathsep}{os.environ['PATH']}", HOME=str(self.home),
-                        FAKE_DOCKER_LOG=str(self.log), FAKE_DOCKER_IMAGES=IMAGE, FAKE_GPUS="8",
+                        FAKE_DOCKER_LOG=str(self.log), FAKE_DOCKER_IMAGES=IMAGE, FAKE_GPUS="2",
                         KIT_VENV=sys.prefix)
         if config_socket:
             self.env["FAKE_DOCKER_CONFIG_SOCKET"] = str(config_socket)
@@ -258,14 +262,18 @@ def dry_run_commands(stdout: str) -> list[list[str]]:
             if line and not re.match(r"^\w+\.sh: ", line) and not line.startswith("mkdir -p ")]
 
 
-def run_trainer_main(argv: list[str]) -> dict:
-    """`python SCRIPT WORDS...` for this repository's trainers, as their main() in this process: status and output."""
+def run_trainer_main(argv: list[str], world_size: str | None = None) -> dict:
+    """`python SCRIPT WORDS...` for this repository's trainers, as their main() in this process: status and output;
+    world_size: the container's WORLD_SIZE."""
     import train_gpt_medium
 
     script, *words = argv
     entry = {"train_gpt.py": train_gpt.main, "train_gpt_medium.py": train_gpt_medium.main}[script]
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            pytest.MonkeyPatch.context() as mp:
+        if world_size is not None:
+            mp.setenv("WORLD_SIZE", world_size)
         try:
             rc = entry(words)
         except SystemExit as e:  # argparse's exits
@@ -292,8 +300,8 @@ def config_socket(tmp_path_factory):
             except OSError:  # closed at the end of the session
                 return
             with conn:
-                argv = json.loads(b"".join(iter(lambda: conn.recv(65536), b"")))
-                conn.sendall(json.dumps(run_trainer_main(argv)).encode())
+                asked = json.loads(b"".join(iter(lambda: conn.recv(65536), b"")))
+                conn.sendall(json.dumps(run_trainer_main(asked["argv"], asked["world_size"])).encode())
 
     threading.Thread(target=serve, daemon=True).start()
     yield path
@@ -358,7 +366,7 @@ def test_train_flag_reaches_train_gpt(kit, flags, expected):
 
 
 def test_train_docker_run_options(kit):
-    opts, inner, p = kit.train("--preset", "tiny")
+    opts, inner, p = kit.train("--preset", "tiny", *ANY_COUNT, FAKE_GPUS="8")
     assert opts[:1] == ["--rm"]
     assert "-t" not in opts and "-i" not in opts and "-it" not in opts  # stdin is not a terminal
     assert "--init" in opts  # PID 1 passes SIGTERM on
@@ -382,7 +390,7 @@ def test_train_docker_run_options(kit):
     # first the trainer's settings, read the same way: same image and mounts, no GPU, no terminal
     (config,) = kit.config_runs()
     config_opts, config_inner = split_run(config)
-    assert config_inner == ["python", "train_gpt.py", "--preset", "tiny", "--print-config=shell"]
+    assert config_inner == ["python", "train_gpt.py", "--preset", "tiny", *ANY_COUNT, "--print-config=shell"]
     assert "--gpus" not in config_opts and ("--ulimit", "memlock=-1") not in pairs(config_opts)
     assert bind_mounts(config_opts) == mounts and "--init" in config_opts
 
@@ -472,13 +480,13 @@ def test_wandb_key_passed_by_name_only(kit):
 
 
 def test_gpu_list(kit):
-    opts, inner, _ = kit.train("--preset", "tiny", "--gpus", "0,2")
+    opts, inner, _ = kit.train("--preset", "tiny", "--gpus", "0,2", FAKE_GPUS="8")
     assert ("--gpus", '"device=0,2"') in pairs(opts)
     assert "--nproc_per_node=2" in inner
 
 
 def test_num_gpus(kit):
-    opts, inner, _ = kit.train("--preset", "tiny", "--num-gpus", "3")
+    opts, inner, _ = kit.train("--preset", "tiny", "--num-gpus", "3", *ANY_COUNT, FAKE_GPUS="8")
     assert ("--gpus", '"device=0,1,2"') in pairs(opts)
     assert inner[:4] == ["python", "lib/torchrun.py", "--standalone", "--nproc_per_node=3"]
 
@@ -490,7 +498,7 @@ def test_nccl_p2p_disable(kit):
 
 def test_multi_node(kit):
     opts, inner, _ = kit.train("--preset", "tiny", "--num-gpus", "8", "--nnodes", "2", "--node-rank", "1",
-                               "--master-addr", "10.1.2.3", "--master-port", "29611")
+                               "--master-addr", "10.1.2.3", "--master-port", "29611", *ANY_COUNT, FAKE_GPUS="8")
     assert ("--network", "host") in pairs(opts)
     assert inner[:2] == ["python", "lib/torchrun.py"] and "--standalone" not in inner
     launcher = inner[:inner.index("train_gpt.py")]
@@ -794,7 +802,8 @@ def test_local_single_process_is_plain_python(kit):
 
 @pytest.mark.slow  # runs the local trainer's --print-config (a torch import)
 def test_local_gpu_list_and_nccl(kit):
-    p = kit.run(TRAIN_SH, "--local", "--dry-run", "--preset", "tiny", "--gpus", "0,2", "--nccl-p2p-disable")
+    p = kit.run(TRAIN_SH, "--local", "--dry-run", "--preset", "tiny", "--gpus", "0,2", "--nccl-p2p-disable",
+                FAKE_GPUS="8")
     assert p.returncode == 0, p.stderr
     (cmd,) = dry_run_commands(p.stdout)
     assert cmd[:3] == ["env", "CUDA_VISIBLE_DEVICES=0,2", "NCCL_P2P_DISABLE=1"]
@@ -828,7 +837,8 @@ def test_local_gpu_list_without_nvidia_smi_is_refused(kit):
 @pytest.mark.slow  # runs the local trainer's --print-config (a torch import)
 def test_local_cuda_visible_devices_are_the_visible_gpus(kit):
     def local(*flags, cvd):
-        return kit.run(TRAIN_SH, "--local", "--dry-run", "--preset", "tiny", *flags, CUDA_VISIBLE_DEVICES=cvd)
+        return kit.run(TRAIN_SH, "--local", "--dry-run", "--preset", "tiny", *flags, CUDA_VISIBLE_DEVICES=cvd,
+                       FAKE_GPUS="8")
 
     p = local(cvd="2,3")  # of the fake's 8: the default is these two
     assert p.returncode == 0, p.stderr
@@ -1043,7 +1053,8 @@ def test_memlock_only_on_gpu_runs_and_can_be_turned_off(kit, script):
 def test_gpu_run_without_nvidia_runtime_is_one_line(kit, script):
     # docker lists no nvidia runtime and the daemon cannot select a GPU driver: one line, nothing started
     args = ["--preset", "tiny", "--gpus", "0,2"] if script == TRAIN_SH else []
-    p = kit.run(script, *args, FAKE_DOCKER_RUNTIMES="io.containerd.runc.v2 runc", FAKE_DOCKER_NO_GPU_DRIVER="1")
+    p = kit.run(script, *args, FAKE_DOCKER_RUNTIMES="io.containerd.runc.v2 runc", FAKE_DOCKER_NO_GPU_DRIVER="1",
+                FAKE_GPUS="8")
     line = one_error_line(p, script.name)
     assert "--cpu" in line and "NVIDIA Container Toolkit" in line and "could not select device driver" in line
     (probe,) = kit.runs()  # only the probe ran
@@ -1705,7 +1716,8 @@ def test_a_gpu_sized_run_on_a_machine_without_gpus_is_refused_before_any_downloa
     assert p.returncode == 2, p.stdout + p.stderr
     (line,) = p.stderr.splitlines()
     assert line.startswith("train_gpt.py: error: --preset speedrun on the CPU: 1,695 steps of 393,216 tokens would "
-                           "take about ") and line.endswith("--yes starts it on the CPU anyway")
+                           "take about ") and line.endswith("; --preset tiny trains in minutes, a GPU runs it, and "
+                                                            "--yes starts it on the CPU anyway")
     assert "download" not in p.stdout and not (tmp_path / "fw").exists()
     p = kit.run(TRAIN_SH, "--local", "--preset", "speedrun", "--data-dir", str(tmp_path / "fw"), "--yes",
                 "--dry-run")  # insisting: it goes on to the download and the run
@@ -1721,8 +1733,8 @@ def test_a_dry_run_without_nvidia_smi_prints_its_commands(kit):
     train = dry_run_commands(p.stdout)[-1]
     assert train[:2] == ["docker", "run"] and train[train.index(IMAGE) + 1:][:4] == [
         "python", "lib/torchrun.py", "--standalone", "--nproc_per_node=1"]
-    p = kit.run(TRAIN_SH, "--dry-run", "--preset", "tiny", "--num-gpus", "4")
-    assert dry_run_commands(p.stdout)[-1][-4] == "--nproc_per_node=4"
+    p = kit.run(TRAIN_SH, "--dry-run", "--preset", "tiny", "--num-gpus", "4", *ANY_COUNT)
+    assert "--nproc_per_node=4" in dry_run_commands(p.stdout)[-1]
 
 
 def test_a_dry_runs_docker_command_runs_pasted_in_a_fresh_clone(kit, tmp_path):
@@ -1765,3 +1777,13 @@ def test_git_ignores_what_data_tools_write_under_data():
                  "data/hellaswag/hellaswag_val.jsonl"):
         assert subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0, path
     assert subprocess.run(["git", "check-ignore", "-q", "data/prepare.py"], cwd=ROOT).returncode == 1
+
+
+def test_a_setting_wrong_for_the_runs_processes_is_refused_before_any_starts(kit):
+    """seqs_per_step=3 on 2 GPUs: the trainer's own line, from the settings check train.sh asks for with the run's
+    WORLD_SIZE, and no torchrun (whose report would follow each worker's line)."""
+    p = kit.run(TRAIN_SH, "--preset", "tiny", "--num-gpus", "2", "--set", "seqs_per_step=3")
+    assert p.returncode == 2
+    assert p.stderr == ("train_gpt.py: error: --set seqs_per_step 3 must be a multiple of the number of processes (2) "
+                        "so every process accumulates the same number of sequences\n")
+    assert not kit.runs() and len(kit.config_runs()) == 1

@@ -472,7 +472,8 @@ sigterm_check() {
 
 stage_signals() {
   # train.sh, stdin not a terminal: no -t, no -i; then SIGTERM
-  if start_wrapper train-sigterm plain ./train.sh --cpu --preset tiny --num-iterations 100000 --run-name sigterm &&
+  # 100,000 steps: a run that would take days, stopped long before (--yes: it is meant to be too long for a CPU)
+  if start_wrapper train-sigterm plain ./train.sh --cpu --preset tiny --num-iterations 100000 --yes --run-name sigterm &&
     wait_steps "$WORK/logs/train-sigterm.log" 2; then
     check "no terminal: train.sh's container has no -t and no -i (Tty OpenStdin: $(terminal_flags))" \
       test "$(terminal_flags)" == "false false"
