@@ -299,12 +299,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Ctrl-C or SIGTERM stops it at once with one line (exit 130 or 143); a download under way leaves no file (an
     atomic write's temporary file goes as the stop passes through it)."""
-    with kit.StopRequest("eval_hellaswag.py") as stop:
-        stop.where, stop.state = "while evaluating", lambda: "nothing was written (run it again to evaluate)"
-        try:
-            return score(build_arg_parser().parse_args(argv))
-        except kit.Interrupted as e:
-            return e.code
+    return kit.stopping_at_once("eval_hellaswag.py", "while evaluating", "nothing was written (run it again to "
+                                "evaluate)", lambda: score(build_arg_parser().parse_args(argv)))
 
 
 def score(args: argparse.Namespace) -> int:

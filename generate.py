@@ -417,12 +417,8 @@ class TokenPrinter:
 
 def main(argv: list[str] | None = None) -> int:
     """Ctrl-C or SIGTERM stops it at once with one line (exit 130 or 143): sampling writes no file."""
-    with kit.StopRequest("generate.py") as stop:
-        stop.where, stop.state = "while sampling", lambda: "no file is written, so nothing is lost"
-        try:
-            return sample(build_arg_parser().parse_args(argv))
-        except kit.Interrupted as e:
-            return e.code
+    return kit.stopping_at_once("generate.py", "while sampling", "no file is written, so nothing is lost",
+                                lambda: sample(build_arg_parser().parse_args(argv)))
 
 
 def sample(args: argparse.Namespace) -> int:

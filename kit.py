@@ -515,6 +515,17 @@ class StopRequest:
             self.exit(code)
 
 
+def stopping_at_once(prog: str, where: str, state: str, work) -> int:
+    """work()'s exit status, a SIGINT or SIGTERM meanwhile ending it at once with one line ("PROG: stopped by SIGINT
+    WHERE; STATE") and 128 + the signal: for programs whose stop can leave nothing half-done (sampling, scoring)."""
+    with StopRequest(prog) as stop:
+        stop.where, stop.state = where, lambda: state
+        try:
+            return work()
+        except Interrupted as e:
+            return e.code
+
+
 def program_name() -> str:
     """This program's name for messages: the script that was started (train_gpt.py when it is not a script)."""
     return Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else "train_gpt.py"

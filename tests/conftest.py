@@ -186,6 +186,18 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def wait_for_text(path, text: str, proc, limit_s: float = 300) -> float:
+    """Waits until the file at path holds text, the process proc still running; returns when (time.monotonic)."""
+    import time
+
+    path, deadline = Path(path), time.monotonic() + limit_s
+    while text not in (path.read_text(errors="replace") if path.exists() else ""):
+        assert proc.poll() is None, path.read_text()[-3000:] if path.exists() else f"no {path}"
+        assert time.monotonic() < deadline, f"{text!r} not in {path} after {limit_s} s"
+        time.sleep(0.02)
+    return time.monotonic()
+
+
 def subprocess_env(**extra) -> dict:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")

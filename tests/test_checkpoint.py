@@ -21,7 +21,7 @@ import torch
 
 import kit
 import train_gpt as tg
-from conftest import ROOT, default_sigint, parse_log, subprocess_env, tiny_flags, tiny_hp
+from conftest import ROOT, default_sigint, parse_log, subprocess_env, tiny_flags, tiny_hp, wait_for_text
 from data.shards import DiskFullError
 
 N = 12
@@ -622,10 +622,7 @@ def test_a_signal_saves_a_checkpoint_and_prints_the_resume_command(shared_synthe
     proc, out = _launch(flags, tmp_path / "stop.out")
     log = tmp_path / "logs" / "stop.txt"
     try:
-        deadline = time.monotonic() + 120
-        while "step:3/200" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "stop.out").read_text()
-            time.sleep(0.05)
+        wait_for_text(log, "step:3/200", proc)
         proc.send_signal(sig)
         assert proc.wait(timeout=120) == code
     finally:
@@ -649,16 +646,6 @@ def test_a_signal_saves_a_checkpoint_and_prints_the_resume_command(shared_synthe
     assert f"at step {step}" in res.stdout and f"step:{step + 2}/{step + 2} val_loss:" in res.stdout
 
 
-def _wait_for(path: Path, text: str, proc, limit_s: float = 300) -> float:
-    """Waits until the file at path holds text (the process still running); returns when, by time.monotonic."""
-    deadline = time.monotonic() + limit_s
-    while text not in (path.read_text() if path.exists() else ""):
-        assert proc.poll() is None, path.read_text()
-        assert time.monotonic() < deadline, f"{text!r} not in {path} after {limit_s} s"
-        time.sleep(0.02)
-    return time.monotonic()
-
-
 def _long_validation_flags(data, tmp_path, **overrides) -> list[str]:
     """The tiny model validating 38,912 tokens in 38 chunks of 1,024: a validation of some seconds."""
     values = dict(run_name="val", num_iterations=200, val_tokens=38912, val_seq_len=1024, save_every_minutes=0)
@@ -674,7 +661,7 @@ def test_a_stop_during_the_first_validation_says_nothing_was_saved_and_how_to_st
     flags = _long_validation_flags(shared_synthetic_data, tmp_path)
     proc, out = _launch(flags, tmp_path / "val.out")
     try:
-        _wait_for(tmp_path / "val.out", "run val: ", proc)  # the last line before the step-0 validation
+        wait_for_text(tmp_path / "val.out", "run val: ", proc)  # the last line before the step-0 validation
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 143
     finally:
@@ -704,9 +691,9 @@ def test_a_signal_during_a_validation_stops_within_a_chunk(shared_synthetic_data
     flags = _long_validation_flags(shared_synthetic_data, tmp_path, val_loss_every=2)
     proc, out = _launch(flags, tmp_path / "val.out")
     try:
-        started = _wait_for(tmp_path / "val.out", "run val: ", proc)
-        validation_s = _wait_for(tmp_path / "val.out", "step:0/200 val_loss:", proc) - started
-        _wait_for(tmp_path / "val.out", "step:2/200 train_time", proc)  # the second validation begins
+        started = wait_for_text(tmp_path / "val.out", "run val: ", proc)
+        validation_s = wait_for_text(tmp_path / "val.out", "step:0/200 val_loss:", proc) - started
+        wait_for_text(tmp_path / "val.out", "step:2/200 train_time", proc)  # the second validation begins
         time.sleep(validation_s / 4)
         sent = time.monotonic()
         proc.send_signal(signal.SIGINT)
@@ -920,7 +907,7 @@ def test_a_full_log_disk_stops_the_run_with_a_checkpoint_in_one_line(shared_synt
     proc, out = _launch(flags, tmp_path / "full.out")
     log = tmp_path / "logs" / "full.txt"
     try:
-        _wait_for(log, "step:3/200", proc)
+        wait_for_text(log, "step:3/200", proc)
         os.symlink("/dev/full", tmp_path / "logs" / "full.tmp")
         os.replace(tmp_path / "logs" / "full.tmp", log)
         assert proc.wait(timeout=120) == 2

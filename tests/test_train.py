@@ -22,7 +22,7 @@ import torch
 
 import kit
 import train_gpt as tg
-from conftest import ROOT, parse_log, subprocess_env, tiny_flags, tiny_hp, write_shard
+from conftest import ROOT, parse_log, subprocess_env, tiny_flags, tiny_hp, wait_for_text, write_shard
 from data.shards import load_shard
 
 TRAIN_LINE = re.compile(r"^step:\d+/\d+ (train_loss:\d+\.\d{4} )?train_time:\d+ms step_avg:\d+\.\d{2}ms$")
@@ -478,10 +478,7 @@ def test_a_sigterm_to_the_launcher_stops_the_workers_with_a_checkpoint_quietly(s
                                  "--nproc_per_node=2", str(ROOT / "train_gpt.py"), *flags], cwd=ROOT,
                                 env=subprocess_env(**FAST_ENV), stdout=out, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 300
-            while "step:3/500" not in (log.read_text() if log.exists() else ""):
-                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "term.out").read_text()
-                time.sleep(0.05)
+            wait_for_text(log, "step:3/500", proc)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=120) == 143
         finally:
@@ -756,10 +753,7 @@ def test_a_signal_during_the_warm_up_stops_at_once_saying_nothing_was_saved(shar
         proc = subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py"), *flags], cwd=ROOT,
                                 env=subprocess_env(**FAST_ENV), stdout=out, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 300
-            while "run warm: " not in (tmp_path / "warm.out").read_text():
-                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "warm.out").read_text()
-                time.sleep(0.05)
+            wait_for_text(tmp_path / "warm.out", "run warm: ", proc)
             time.sleep(1)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=60) == 143

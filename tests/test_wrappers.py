@@ -1675,9 +1675,7 @@ def test_local_end_to_end(kit, synthetic_data, tmp_path):
 def test_a_stopped_local_run_prints_the_wrapper_command_that_resumes_it(kit, synthetic_data, tmp_path):
     """Ctrl-C of ./train.sh --local: the printed resume command is the wrapper with its runtime and path flags (not
     python, which has no torch outside the virtualenv, nor train.sh without --local), and it runs as printed."""
-    import time
-
-    from tests.conftest import default_sigint
+    from tests.conftest import default_sigint, wait_for_text
 
     kit.hide_nvidia_smi()
     flags = ["--local", "--preset", "tiny", "--data-dir", str(synthetic_data), "--checkpoint-dir", "ck",
@@ -1689,10 +1687,7 @@ def test_a_stopped_local_run_prints_the_wrapper_command_that_resumes_it(kit, syn
         proc = subprocess.Popen([str(TRAIN_SH), *flags], cwd=kit.tmp, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, preexec_fn=default_sigint)
         try:
-            log, deadline = kit.tmp / "lg" / "notes.txt", time.monotonic() + 300
-            while "step:3/200" not in (log.read_text() if log.exists() else ""):
-                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "out").read_text()[-3000:]
-                time.sleep(0.05)
+            wait_for_text(kit.tmp / "lg" / "notes.txt", "step:3/200", proc)
             proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=120) == 130
         finally:
