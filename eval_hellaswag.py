@@ -37,8 +37,7 @@ from torch import Tensor
 
 from data.shards import DiskFullError, atomic_write
 from data.tokenizer import TokenizerUnavailable, gpt2_tokenizer
-import generate
-import kit
+from runlib import cli, devices, errors, stopping
 import train_gpt as tg
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -277,13 +276,13 @@ def evaluate(model: tg.GPT, window_blocks: int, examples: list[Example], encode,
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = kit.OneLineParser(
+    p = cli.OneLineParser(
         prog="eval_hellaswag.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="HellaSwag validation accuracy (completion style, length-normalised) of a train_gpt.py "
                     "checkpoint.",
         epilog="GPT-2 small (124M) scores acc_norm 0.2955 this way (karpathy/build-nanogpt, hellaswag.py).\n"
                f"${URL_ENV} replaces the download address ({VAL_URL}).")
-    generate.add_checkpoint_flags(p)  # chosen as generate.py chooses it
+    cli.add_checkpoint_flags(p)  # chosen as generate.py chooses it
     p.add_argument("--data-dir", default=os.environ.get(DIR_ENV) or "data/hellaswag", metavar="DIR",
                    help=f"where {FILE_NAME} is kept, downloaded on first use (default: ${DIR_ENV}, else "
                         "data/hellaswag)")
@@ -299,7 +298,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Ctrl-C or SIGTERM stops it at once with one line (exit 130 or 143); a download under way leaves no file (an
     atomic write's temporary file goes as the stop passes through it)."""
-    return kit.stopping_at_once("eval_hellaswag.py", "while evaluating", "nothing was written (run it again to "
+    return stopping.stopping_at_once("eval_hellaswag.py", "while evaluating", "nothing was written (run it again to "
                                 "evaluate)", lambda: score(build_arg_parser().parse_args(argv)))
 
 
@@ -309,11 +308,11 @@ def score(args: argparse.Namespace) -> int:
             raise EvalError(f"--batch-tokens must be {tg.FLEX_BLOCK_SIZE} or more, got {args.batch_tokens}")
         if args.limit < 0:
             raise EvalError(f"--limit must be 0 or more, got {args.limit}")
-        device = generate.pick_device(args.device)
+        device = devices.resolve_device(args.device, train=False)
         encoding = gpt2_tokenizer()[0]
-        loaded = generate.load_model(args.checkpoint or "auto", device, args.checkpoint_dir, args.run)
+        loaded = tg.load_model(args.checkpoint or "auto", device, args.checkpoint_dir, args.run)
         examples = read_examples(validation_file(Path(args.data_dir), args.quiet))
-    except (EvalError, generate.GenerateError, kit.CheckpointError, TokenizerUnavailable) as e:
+    except (EvalError, errors.ConfigError, errors.CheckpointError, TokenizerUnavailable) as e:
         print(f"eval_hellaswag.py: error: {e}", file=sys.stderr)
         return 2
     examples = examples[:args.limit] if args.limit else examples

@@ -23,7 +23,6 @@ import codecs
 import dataclasses
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from data.tokenizer import TokenizerUnavailable, gpt2_tokenizer
-import kit
+from runlib import cli, devices, errors, stopping
 import train_gpt as tg
 
 EOT_ID = tg.BOS_ID  # <|endoftext|>: ends a document, and (as BOS) starts the next
@@ -46,52 +45,7 @@ class GenerateError(ValueError):
 # Loading
 
 
-@dataclasses.dataclass
-class LoadedModel:
-    model: tg.GPT
-    window_blocks: int  # long attention window at the end of training, in 128-token blocks (the short one: half)
-    path: Path
-    step: int
-    run_id: str
-
-
-def final_window_blocks(ckpt: dict) -> int:
-    """The long window the model was trained with last: sampling with another one would be a different function."""
-    known = {f.name for f in fields(tg.Hyperparameters)}
-    saved = ckpt.get("hyperparameters")
-    if not isinstance(saved, dict):
-        raise kit.CheckpointError("it has no hyperparameters")
-    hp = tg.Hyperparameters(**{k: v for k, v in saved.items() if k in known})
-    return tg.window_blocks(hp.num_iterations, hp)
-
-
-def load_model(spec: str, device: torch.device, checkpoint_dir: str = "checkpoints",
-               run: str | None = None) -> LoadedModel:
-    """Rebuild the GPT of a checkpoint file, a run directory or "auto" (run's newest checkpoint in checkpoint_dir,
-    without one checkpoint_dir/latest) on device.
-
-    The saved weights are full tensors whatever the number of processes that trained them (the trainer gathers
-    optimiser state and keeps every weight replicated), so nothing here depends on the world size.
-    """
-    path = kit.resolve_checkpoint(spec, run, checkpoint_dir)
-    ckpt = kit.load_checkpoint(path)
-    bad = kit.nonfinite_tensors(ckpt.get("model", {}))
-    if bad:
-        raise kit.CheckpointError(f"{path} holds weights that are not finite ({', '.join(bad[:3])}"
-                                  f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}): nothing can be sampled "
-                                  "from it; use an earlier checkpoint of the run")
-    try:
-        cfg = tg.GPTConfig(**ckpt["model_config"])
-        window = final_window_blocks(ckpt)
-        model = tg.GPT(cfg)
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, TypeError, RuntimeError, kit.CheckpointError) as e:
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise kit.CheckpointError(f"{path} has the trainer's marker but not a usable model ({detail}); "
-                                 "it may come from another version of train_gpt.py") from e
-    model = model.to(device).configure(device, attention="dense", fp8=False).eval()
-    model.requires_grad_(False)
-    return LoadedModel(model, window, path, int(ckpt.get("step", -1)), str(ckpt.get("run_id", "?")))
+# A checkpoint's model is train_gpt.load_model's: the function every script that samples or scores uses.
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -333,20 +287,9 @@ def generate(model: tg.GPT, window_blocks: int, prompt_ids: list[int], sc: Sampl
 # Command line
 
 
-def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
-    """--checkpoint PATH or --run NAME, and --checkpoint-dir: how load_model chooses the checkpoint."""
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--checkpoint", metavar="PATH",
-                       help="checkpoint file, or a run directory (its newest step_*.pt) (default: the newest "
-                            "checkpoint any run saved, checkpoints/latest)")
-    which.add_argument("--run", metavar="NAME", help="the newest checkpoint of this run (checkpoints/NAME/)")
-    p.add_argument("--checkpoint-dir", default="checkpoints", metavar="DIR",
-                   help="where --run and latest are looked for (default: checkpoints)")
-
-
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = kit.OneLineParser(prog="generate.py", description="Sample text from a train_gpt.py checkpoint.")
-    add_checkpoint_flags(p)
+    p = cli.OneLineParser(prog="generate.py", description="Sample text from a train_gpt.py checkpoint.")
+    cli.add_checkpoint_flags(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default="", help="prompt text; '-' reads it from stdin (default: empty: BOS alone)")
     src.add_argument("--prompt-file", metavar="PATH", help="read the prompt from this UTF-8 file")
@@ -380,10 +323,10 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def pick_device(spec: str | None) -> torch.device:
-    """The sampling device: the trainer's rule (kit.resolve_device), any GPU allowed (older ones sample in fp32)."""
+    """The sampling device: the trainer's rule (devices.resolve_device), any GPU allowed (older ones sample in fp32)."""
     try:
-        return kit.resolve_device(spec, train=False)
-    except kit.ConfigError as e:
+        return devices.resolve_device(spec, train=False)
+    except errors.ConfigError as e:
         raise GenerateError(str(e)) from None
 
 
@@ -417,7 +360,7 @@ class TokenPrinter:
 
 def main(argv: list[str] | None = None) -> int:
     """Ctrl-C or SIGTERM stops it at once with one line (exit 130 or 143): sampling writes no file."""
-    return kit.stopping_at_once("generate.py", "while sampling", "no file is written, so nothing is lost",
+    return stopping.stopping_at_once("generate.py", "while sampling", "no file is written, so nothing is lost",
                                 lambda: sample(build_arg_parser().parse_args(argv)))
 
 
@@ -429,8 +372,8 @@ def sample(args: argparse.Namespace) -> int:
             raise GenerateError("--compile is for CUDA devices; on the CPU leave it out")
         prompt = read_prompt(args)
         encoding = gpt2_tokenizer()[0]
-        loaded = load_model(args.checkpoint or "auto", device, args.checkpoint_dir, args.run)
-    except (GenerateError, kit.CheckpointError, TokenizerUnavailable) as e:
+        loaded = tg.load_model(args.checkpoint or "auto", device, args.checkpoint_dir, args.run)
+    except (GenerateError, errors.CheckpointError, TokenizerUnavailable) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 2
     prompt_ids = encoding.encode_ordinary(prompt)

@@ -57,11 +57,18 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from data.shards import (DataError, DiskFullError, find_shards, prepared_globs, read_shard, read_shard_header,
                          read_tokens, shard_glob)
-import kit
-from kit import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, TRACK1_TARGET, CheckpointError, Checkpointer, Clock,
-                 ConfigError, DivergedError, RunReport, SettingsCLI, check_fields, check_model_config, claim_run,
-                 dist_info, has_bf16, load_weights, model_state, open_run, optimizer_state, resolve_device,
-                 rng_state, run_processes, set_rng_state, synchronize, valid_run_name)
+from runlib.checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, Saver, check_model_config, load_checkpoint,
+                                load_weights, model_state, nonfinite_tensors, optimizer_state, resolve_checkpoint,
+                                rng_state, set_rng_state)
+from runlib.cli import SettingsCLI, check_fields
+from runlib.devices import (MIN_TRAIN_CAPABILITY, Clock, GPUInfo, choose_cpu_threads, cpu_cores, fit_sequences, fits,
+                            has_bf16, peak_gib, reexec_with_cpu_malloc_settings, resolve_device, synchronize,
+                            visible_gpus)
+from runlib.errors import CheckpointError, ConfigError, DeviceError, DivergedError, Interrupted
+from runlib.processes import dist_info, run_processes
+from runlib.runlog import TRACK1_TARGET, RunReport, WandbLogger
+from runlib.runs import claim_run, open_run, valid_run_name
+from runlib.stopping import RunFlags, StopRequest, host_path, on_disk, program_name, resume_command
 
 BOS_ID = 50256  # <|endoftext|>: precedes every document
 FLEX_BLOCK_SIZE = 128
@@ -156,9 +163,37 @@ def preset_hyperparameters(name: str, presets: dict[str, dict] | None = None) ->
     return CLI.preset(name, PRESETS if presets is None else presets)
 
 
-def fit_to_gpus(hp: Hyperparameters, gpus: list[kit.GPUInfo], world_size: int) -> tuple[Hyperparameters, str]:
-    """--preset auto's choice for these GPUs, one per process (kit.fit_to_gpus), and why."""
-    return kit.fit_to_gpus(hp, gpus, world_size, Hyperparameters(), PRESETS["tiny"], FLEX_BLOCK_SIZE)
+FIT_FIELDS = ("train_seq_len", "seqs_per_step", "val_seq_len")  # 0: fit_to_gpus chooses
+
+
+def fit_to_gpus(hp: Hyperparameters, gpus: list[GPUInfo], world_size: int) -> tuple[Hyperparameters, str]:
+    """--preset auto: the settings with every FIT_FIELDS 0 chosen for these GPUs, one per process, and why. The global
+    batch stays the record's (or seqs_per_step x train_seq_len when both are given), split into the longest sequences
+    whose estimated peak memory fits the GPU with the least free memory; validation chunks shrink with them. A value
+    given is kept even when it does not fit. Without GPUs: the tiny preset's values where the record's are."""
+    if all(getattr(hp, n) for n in FIT_FIELDS):
+        return hp, ""
+    record = Hyperparameters()
+    if not gpus:  # named for what it runs (a run id, a log's preset line): tiny, not auto
+        tiny = {k: v for k, v in PRESETS["tiny"].items() if getattr(hp, k) in (getattr(record, k), 0)}
+        return dataclasses.replace(hp, preset="tiny", **tiny), "no GPU: the tiny preset's settings, on the CPU"
+    gpu = min(gpus, key=lambda g: g.free_gib)
+    if gpu.capability < MIN_TRAIN_CAPABILITY:
+        raise DeviceError(f"{gpu.name} has compute capability {gpu.capability[0]}.{gpu.capability[1]}; training "
+                          "needs 8.0 or newer (bfloat16); --device cpu --preset tiny trains on the CPU")
+    batch = (hp.train_seq_len * hp.seqs_per_step) or record.global_batch_tokens
+    seq_len, seqs = fit_sequences(batch, world_size, max(record.train_seq_len, hp.train_seq_len), FLEX_BLOCK_SIZE,
+                                  gpu.free_gib, hp.compile, hp.train_seq_len, hp.seqs_per_step)
+    val_len = record.val_seq_len * seq_len // record.train_seq_len  # validation chunks shrink with the sequences
+    val_seq_len = hp.val_seq_len or max([c for c in range(FLEX_BLOCK_SIZE, val_len + 1, FLEX_BLOCK_SIZE)
+                                         if hp.val_tokens % c == 0] or [seq_len])
+    fp8 = "off" if not hp.fp8 else "on" if gpu.capability >= (8, 9) else \
+        "off (compute capability {}.{})".format(*gpu.capability)
+    why = (f"{len(gpus)} x {gpu}: {seq_len:,}-token sequences, {seqs // world_size} micro-step(s) per step "
+           f"({seqs} sequences of the {batch:,}-token batch), validation in {val_seq_len:,}-token chunks, FP8 {fp8}; "
+           f"estimated peak {peak_gib(seq_len, hp.compile):.1f} GiB {'compiled' if hp.compile else 'eager'}"
+           + ("" if fits(seq_len, hp.compile, gpu.free_gib) else ", more than fits: expect out-of-memory"))
+    return dataclasses.replace(hp, train_seq_len=seq_len, seqs_per_step=seqs, val_seq_len=val_seq_len), why
 
 
 # The settings a speedrun user turns have flags of their own; every other field is set with --set FIELD=VALUE, so
@@ -631,6 +666,18 @@ class GPT(nn.Module):
                                                 reduction="sum")
         return total if self.training else total / x.size(0)
 
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, path: Path) -> "GPT":
+        """The model a checkpoint holds, built from its model_config and loaded with its weights (on the CPU), or a
+        CheckpointError naming the file. Resuming, sampling and scoring all build their model here."""
+        try:
+            model = cls(GPTConfig(**ckpt["model_config"]))
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{path} has the trainer's marker but not a usable model_config ({e}); it may come "
+                                  "from another version of train_gpt.py") from e
+        load_weights(model, ckpt, path)
+        return model
+
     def param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Muon takes the blocks' matrices; Adam the embeddings, the head and every scalar."""
         groups = {"muon": [], "embed": [], "head": [], "scalar": []}
@@ -644,6 +691,36 @@ class GPT(nn.Module):
             else:
                 groups["scalar"].append((name, p))
         return groups
+
+
+@dataclass
+class LoadedModel:
+    model: GPT
+    window_blocks: int  # long attention window at the end of training, in 128-token blocks (the short one: half)
+    path: Path
+    step: int
+    run_id: str
+
+
+def load_model(spec: str, device: torch.device, checkpoint_dir: str = "checkpoints",
+               run: str | None = None) -> LoadedModel:
+    """A trained model to sample or score with (generate.py, eval_hellaswag.py): the GPT of a checkpoint file, a run
+    directory or "auto" (run's newest checkpoint in checkpoint_dir, without one checkpoint_dir/latest), on device, in
+    eval mode, with the long window it was trained with last (another one would be a different function). The saved
+    weights are full tensors whatever the number of processes that trained them."""
+    path = resolve_checkpoint(spec, run, checkpoint_dir)
+    ckpt = load_checkpoint(path)
+    bad = nonfinite_tensors(ckpt.get("model", {}))
+    if bad:
+        raise CheckpointError(f"{path} holds weights that are not finite ({', '.join(bad[:3])}"
+                              f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}): nothing can be sampled from "
+                              "it; use an earlier checkpoint of the run")
+    model = GPT.from_checkpoint(ckpt, path)
+    hp = CLI.saved(ckpt, path)
+    model = model.to(device).configure(device, attention="dense", fp8=False).eval()
+    model.requires_grad_(False)
+    return LoadedModel(model, window_blocks(hp.num_iterations, hp), path, int(ckpt.get("step", -1)),
+                       str(ckpt.get("run_id", "?")))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1120,8 +1197,8 @@ class Trainer:
         self.first_nonfinite = torch.where(unseen, self.step, self.first_nonfinite)
         return total / sum(inputs.numel() for inputs, _ in batch)
 
-    def check_finite(self) -> None:
-        """Raise DivergedError if any training loss so far was not finite. One sync, and a collective when
+    def check_finite(self, val_loss: float | None = None) -> None:
+        """Raise DivergedError if any training loss so far (or val_loss) was not finite. One sync, and a collective when
         distributed (every process stops together): called where the loop syncs anyway (loss lines, validations,
         saves)."""
         first = self.first_nonfinite.clone()
@@ -1132,6 +1209,8 @@ class Trainer:
         step = int(first.item())
         if step >= 0:
             raise DivergedError(f"the training loss of step {step} was not finite")
+        if val_loss is not None and not math.isfinite(val_loss):
+            raise DivergedError(f"the validation loss at step {self.step} is {val_loss}")
 
     def matmul_flops_per_token(self) -> float:
         return matmul_flops_per_token(self.cfg)
@@ -1194,7 +1273,7 @@ class Trainer:
     def restore(self, ckpt: dict, path: Path) -> None:
         """Weights, optimiser states, data position, step, clock and RNG from a checkpoint (check_resumable first);
         anything that does not fit this run is a CheckpointError naming the file."""
-        check_model_config(ckpt, self.cfg, path)
+        check_model_config(ckpt, asdict(self.cfg), path)
         load_weights(self.model, ckpt, path)
         for name, opt in self.optimizers.items():
             opt.load_full_state(optimizer_state(ckpt, name, opt, self.model, path))
@@ -1216,7 +1295,7 @@ def setup_device(hp: Hyperparameters, world_size: int) -> tuple[torch.device, Hy
     --preset auto fit; on the CPU, the thread count)."""
     device = resolve_device(hp.device, int(os.environ.get("LOCAL_RANK", 0)))
     hp = dataclasses.replace(hp, attention=attention_impl(device, hp.attention))
-    asked, gpus = hp, kit.visible_gpus(device.index) if device.type == "cuda" else []
+    asked, gpus = hp, visible_gpus(device.index) if device.type == "cuda" else []
     hp, why = fit_to_gpus(asked, gpus, world_size)
     if why and world_size > 1:
         seqs = torch.tensor(hp.seqs_per_step, device=device)
@@ -1229,7 +1308,7 @@ def setup_device(hp: Hyperparameters, world_size: int) -> tuple[torch.device, Hy
         torch.backends.cuda.matmul.allow_tf32 = True
     else:
         check_cpu_budget(hp, cpu_cores())
-        threads, because = kit.choose_cpu_threads(cpu_cores())
+        threads, because = choose_cpu_threads(cpu_cores())
         torch.set_num_threads(threads)
         notes.append(f"CPU threads: {threads} ({because})")
     return device, hp, notes
@@ -1258,10 +1337,6 @@ def check_cpu_budget(hp: Hyperparameters, cores: int) -> None:
                       f"tokens would take about {seconds / CPU_DAY_S:.0f} days on {cores} core(s), even at a generous "
                       f"{CPU_FLOPS_PER_CORE / 1e9:.0f} GFLOP/s each; {instead}, a GPU runs it, and --yes starts it "
                       "on the CPU anyway")
-
-
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def open_data(hp: Hyperparameters, rank: int, world_size: int) -> tuple[list[str], list[str]]:
@@ -1302,36 +1377,85 @@ def warm_up(trainer: Trainer, train_files: list[str], val_files: list[str], repo
                  "weights and optimisers reset)")
 
 
-def run_steps(trainer: Trainer, val: ValidationSet, saver: Checkpointer, report: RunReport,
-              stop: kit.StopRequest) -> tuple[float, int]:
-    """The loop from the trainer's step to the last: validations and saves on the stopped clock, the record's step
-    lines. A stop (a signal, or a run log that cannot be written) ends it at the next step or validation chunk, with a
-    checkpoint. Non-finite losses are looked for only where the loop syncs anyway. Returns the last val loss and its
-    step."""
+def checkpoint_kind(hp: Hyperparameters, step: int, saved_step: int, rolling: bool) -> str | None:
+    """The checkpoint the loop writes on reaching step: "kept" (the final one, every --save-every steps), "rolling"
+    (when --save-every-minutes have passed; the next save of any kind replaces it) or None. None at a step whose
+    state is on disk already (the step a run starts or resumes at)."""
+    last = step == hp.num_iterations
+    if step <= saved_step:
+        return None
+    if (last and hp.save_final) or (hp.save_every > 0 and step % hp.save_every == 0):
+        return "kept"
+    return "rolling" if not last and rolling else None
+
+
+def check_finite(trainer: Trainer, saver: Saver, report: RunReport, val_loss: float | None = None) -> None:
+    """DivergedError (named in the log with the run's last good checkpoint) for a non-finite loss so far."""
+    try:
+        trainer.check_finite(val_loss)
+    except DivergedError as e:
+        raise saver.diverged(str(e), report.log) from None
+
+
+def save(trainer: Trainer, saver: Saver, report: RunReport, step: int, kind: str) -> Path:
+    check_finite(trainer, saver, report)
+    return saver.save(trainer.state_dict(saver.run_id), step, kind, report.log)
+
+
+def stopped(trainer: Trainer, saver: Saver, report: RunReport, step: int, signal_name: str | None,
+            log_problem: str | None = None) -> Interrupted:
+    """Save at a stop (unless this step's state is on disk) and say what was saved and the command that resumes the
+    run: for a signal (exit 128 + its number) or for a run log that cannot be written (exit 2)."""
+    at = f"at step {step} of {trainer.hp.num_iterations}"
+    why = f"stopped by {signal_name} {at}" if log_problem is None else f"stopped {at}: {log_problem}"
+    then = on_disk(saver.run_dir, saver.run_id, saver.resumed_from)
+    if step > saver.saved_step:
+        try:
+            path = save(trainer, saver, report, step, "kept")
+            then = f"saved {host_path(path)}. Resume with: {resume_command(saver.run_dir, saver.run_id)}"
+        except DiskFullError as e:
+            if log_problem is None:
+                raise
+            then = f"no checkpoint of step {step} could be saved either ({e.strerror}); {then}"
+    how = f"{why}; {then}"
+    if trainer.rank == 0:
+        print(f"{program_name()}: {how}", file=sys.stderr, flush=True)
+        report.write(how, console=False)
+    return Interrupted(how, 2 if log_problem is not None else 130 if signal_name == "SIGINT" else 143)
+
+
+def run_steps(trainer: Trainer, val: ValidationSet, saver: Saver, report: RunReport,
+              stop: StopRequest) -> tuple[float, int]:
+    """The loop from the trainer's step to the last, in the record's order: validate, stop, save, step. Validations
+    and saves run on the stopped clock. A stop (a signal, or a run log that cannot be written) ends the loop at the
+    next step or validation chunk, with a checkpoint. Non-finite losses are looked for only where the loop syncs
+    anyway. Returns the last val loss and its step."""
     hp, N = trainer.hp, trainer.hp.num_iterations
     val_loss, val_step = float("nan"), -1
     clock = Clock(trainer.device, trainer.train_time_ms)
     first_step, first_ms = trainer.step, trainer.train_time_ms  # this session's, for the terminal's pace
-    flags = saver.flags = kit.RunFlags(trainer.device, trainer.world_size)
+    flags = RunFlags(trainer.device, trainer.world_size)  # what every process acts on at the same step
+    saver.on_save.append(flags.saved)
     for step in range(trainer.step, N + 1):
         last = step == N
         if last or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0):
             trainer.train_time_ms = clock.stop()
             val_loss = trainer.validate(val, stop=lambda: flags.exchange(stop.asked, now=True)[0])
             if val_loss is None:  # a stop cut the validation short
-                raise saver.stopped(trainer, step, report.log, stop.signal)
+                raise stopped(trainer, saver, report, step, stop.signal)
             val_step = step
             report.val(step, val_loss, trainer.train_time_ms)
-            saver.check(trainer, report.log, val_loss=val_loss)
+            check_finite(trainer, saver, report, val_loss)
             clock.start()
-        asked, rolling, log_failed = flags.exchange(stop.asked, saver.rolling_due(), report.log.failed is not None)
+        rolling_due = 0 < hp.save_every_minutes <= saver.minutes_since_save()  # process 0's clock decides
+        asked, rolling, log_failed = flags.exchange(stop.asked, rolling_due, report.log.failed is not None)
         if (asked or log_failed) and not last:
             trainer.train_time_ms = clock.stop()
-            raise saver.stopped(trainer, step, report.log, stop.signal, report.log.failed if log_failed else None)
-        kind = kit.checkpoint_kind(hp, step, saver.start_step, rolling)
+            raise stopped(trainer, saver, report, step, stop.signal, report.log.failed if log_failed else None)
+        kind = checkpoint_kind(hp, step, saver.saved_step, rolling)
         if kind:
             trainer.train_time_ms = clock.stop()
-            saver.save(trainer, step, kind, report.log)
+            save(trainer, saver, report, step, kind)
             clock.start()
         if last:
             break
@@ -1346,30 +1470,39 @@ def run_steps(trainer: Trainer, val: ValidationSet, saver: Checkpointer, report:
         report.step(step + 1, now, train_loss, trainer.metrics(step) if report.wandb else {},
                     (step + 1 - first_step, now - first_ms))
         if train_loss is not None:  # synced for the line already: check every step since the last check
-            saver.check(trainer, report.log)
+            check_finite(trainer, saver, report)
     trainer.train_time_ms = clock.stop()
     return val_loss, val_step
+
+
+def start_report(hp: Hyperparameters, run_id: str, rank: int, resumed: bool) -> RunReport:
+    """The run's log (process 0's: logs/<run_id>.txt) and terminal lines, with wandb when asked for."""
+    config = asdict(hp)
+    wandb = WandbLogger(run_id, config, resumed, hp.log_dir) if hp.wandb and rank == 0 else None
+    return RunReport(Path(hp.log_dir) / f"{run_id}.txt" if rank == 0 else None, hp.num_iterations,
+                     hp.global_batch_tokens, wandb)
 
 
 def train(hp: Hyperparameters, source: str | None = None) -> dict:
     """Run (or resume) a training run; returns the summary. Expects the process group to be set up if distributed.
     A signal before the loop stops at once (nothing new to save); in the loop, at the end of the step, saving."""
     rank, world_size = dist_info()
-    with kit.StopRequest() as stop:
+    with StopRequest() as stop:
         device, hp, notes = setup_device(hp, world_size)
         train_files, val_files = open_data(hp, rank, world_size)
         val = ValidationSet(val_files, hp.val_tokens, hp.val_seq_len, rank, world_size, hp.vocab_size)
-        run_id, ckpt, ckpt_path = open_run(hp)
+        run_id, ckpt, ckpt_path = open_run(hp.resume, hp.run_name, hp.checkpoint_dir, hp.num_iterations, hp.preset)
         run_dir = Path(hp.checkpoint_dir) / run_id
-        stop.state = lambda: kit.on_disk(run_dir, run_id, ckpt_path)
+        stop.state = lambda: on_disk(run_dir, run_id, ckpt_path)
         lock, note = claim_run(run_dir, Path(hp.log_dir) / f"{run_id}.txt", rank, fresh=ckpt is None)
         try:
             trainer = Trainer(hp, device, rank, world_size, train_files)
             if ckpt is not None:
                 trainer.restore(ckpt, ckpt_path)  # refused before the run's log gets a line
-            report = RunReport(hp, run_id, rank, resumed=ckpt is not None)
+            report = start_report(hp, run_id, rank, resumed=ckpt is not None)
             report.start(source if source is not None else lambda: Path(__file__).read_text(encoding="utf-8"),
-                         device, f"resumed from {ckpt_path} at step {ckpt['step']}" if ckpt else None,
+                         {**asdict(hp), "matmul_flops_per_token": trainer.matmul_flops_per_token()}, device,
+                         f"resumed from {ckpt_path} at step {ckpt['step']}" if ckpt else None,
                          len(lock.removed) if lock is not None else 0, note)
             if report.log.failed:
                 raise ConfigError(f"{report.log.failed}: free some space, or choose another --log-dir")
@@ -1382,19 +1515,19 @@ def train(hp: Hyperparameters, source: str | None = None) -> dict:
             if ckpt is not None:
                 trainer.restore(ckpt, ckpt_path)
                 del ckpt
-            saver = Checkpointer(hp, run_id, trainer.step, device, rank, world_size, ckpt_path)
-            stop.state, stop.deferred = saver.on_disk, True
+            saver = Saver(Path(hp.checkpoint_dir), run_id, rank, world_size, trainer.step, ckpt_path)
+            stop.state, stop.deferred = lambda: on_disk(saver.run_dir, run_id, ckpt_path), True
             val_loss, val_step = run_steps(trainer, val, saver, report, stop)
             stop.deferred, stop.where = False, "after the last step"
             summary = report.finish(val_loss, val_step, trainer.train_time_ms, device, world_size,
-                                    trainer.loader.unaligned_steps, trainer.matmul_flops_per_token())
+                                    trainer.loader.unaligned_steps, hp.target_val_loss, hp.val_files, hp.val_tokens)
             if report.log.failed:  # the run finished; its log lacks what came after the failure
                 raise DiskFullError(errno.EIO, f"{report.log.failed}; the run itself finished (final val_loss "
-                                    f"{val_loss:.4f}); {saver.on_disk()}")
+                                    f"{val_loss:.4f}); {on_disk(saver.run_dir, run_id, ckpt_path)}")
         finally:
             if lock is not None:
                 lock.release()
-    return summary
+    return {"run_id": run_id, **summary}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1462,7 +1595,7 @@ def main(argv: list[str] | None = None, presets: dict[str, dict] | None = None, 
         if prepared and int(os.environ.get("RANK", 0)) == 0:
             print(f"{prog}: {prepared}", file=sys.stderr)
         if form:  # one process for all: --preset auto fits the first WORLD_SIZE GPUs (default: every visible one)
-            gpus = kit.visible_gpus() if any(getattr(hp, n) == 0 for n in kit.FIT_FIELDS) and hp.device != "cpu" else []
+            gpus = visible_gpus() if any(getattr(hp, n) == 0 for n in FIT_FIELDS) and hp.device != "cpu" else []
             world_size = int(os.environ.get("WORLD_SIZE", len(gpus) or 1))
             hp, why = fit_to_gpus(hp, gpus[:world_size], world_size)
             check_hyperparameters(hp, world_size)  # those that need no devices: a wrapper stops before it starts any
@@ -1478,9 +1611,9 @@ def main(argv: list[str] | None = None, presets: dict[str, dict] | None = None, 
     except (ConfigError, CheckpointError) as e:
         print(f"train_gpt.py: error: {e}", file=sys.stderr)
         return 2
-    return run_processes(train, hp, source, "train_gpt.py")
+    return run_processes(lambda: train(hp, source), prog, cpu=hp.device == "cpu")
 
 
 if __name__ == "__main__":
-    kit.reexec_with_cpu_malloc_settings()
+    reexec_with_cpu_malloc_settings()
     sys.exit(main())

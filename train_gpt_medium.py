@@ -33,10 +33,10 @@ results compare with track 2's records only loosely. Nothing has been measured w
 import sys
 from pathlib import Path
 
-import kit
+from runlib import devices, runlog
 import train_gpt
 
-TRACK2_TARGET = kit.TRACK2_TARGET
+TRACK2_TARGET = runlog.TRACK2_TARGET
 
 MEDIUM = dict(
     num_layers=16, model_dim=1024, num_heads=8, head_dim=128,  # GPT-2 medium class
@@ -64,5 +64,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    kit.reexec_with_cpu_malloc_settings()
+    devices.reexec_with_cpu_malloc_settings()
     sys.exit(main())

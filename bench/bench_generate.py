@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import generate as g  # noqa: E402
-import kit  # noqa: E402
+from runlib import errors  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 
@@ -108,12 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.compile and device.type != "cuda":
             raise g.GenerateError("--compile is for CUDA devices; on the CPU leave it out")
         if args.checkpoint:
-            loaded = g.load_model(args.checkpoint, device)
+            loaded = tg.load_model(args.checkpoint, device)
             model, window, what = loaded.model, loaded.window_blocks, str(loaded.path)
         else:
             model, window = preset_model(args.preset, device, args.seed)
             what = f"preset {args.preset} (random weights)"
-    except (ValueError, kit.CheckpointError, g.GenerateError) as e:
+    except (ValueError, errors.CheckpointError, g.GenerateError) as e:
         print(f"bench_generate.py: error: {e}", file=sys.stderr)
         return 2
     gen = torch.Generator().manual_seed(args.seed)

@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import kit  # noqa: E402
+from runlib import devices  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
-PEAK_TFLOPS = kit.PEAK_TFLOPS
+PEAK_TFLOPS = devices.PEAK_TFLOPS
 
 
 def all_presets() -> dict[str, dict]:
@@ -114,7 +114,7 @@ def profile_steps(trainer, batches, device, steps: int) -> dict:
                 batch = batches.next_batch(device)
             with record_function("## step"):
                 trainer.train_step(batch)
-        kit.synchronize(device)
+        devices.synchronize(device)
     events = prof.key_averages()
     totals: dict[str, float] = {name: 0.0 for name, _ in KERNEL_CATEGORIES}
     per_key: dict[str, float] = {}
@@ -212,10 +212,10 @@ def validation_memory(trainer, hp: tg.Hyperparameters, device: torch.device, win
     trainer.model.eval()
     with torch.no_grad():
         for attempt in ("first (compile)", "second"):
-            kit.synchronize(device)
+            devices.synchronize(device)
             t = time.perf_counter()
             loss = trainer.compiled(inputs, targets, win)
-            kit.synchronize(device)
+            devices.synchronize(device)
             out[f"val_forward_s_{attempt.split()[0]}"] = round(time.perf_counter() - t, 3)
     trainer.model.train()
     out["val_forward_loss"] = round(loss.item(), 4)
@@ -274,7 +274,7 @@ def warm_up(trainer, batches, device: torch.device, steps: int) -> tuple[float, 
     for i in range(steps):
         t = time.perf_counter()
         trainer.train_step(batches.next_batch(device))
-        kit.synchronize(device)
+        devices.synchronize(device)
         print(f"warm-up step {i + 1}: {time.perf_counter() - t:.1f}s", flush=True)
     warmup_s = time.perf_counter() - t0
     if os.environ.get("BENCH_STACKS"):
@@ -295,10 +295,10 @@ def time_steps(trainer, batches, device: torch.device, steps: int) -> tuple[list
     for _ in range(steps):
         trainer.step = last_step
         batch = batches.next_batch(device)
-        kit.synchronize(device)
+        devices.synchronize(device)
         t = time.perf_counter()
         loss = trainer.train_step(batch)
-        kit.synchronize(device)
+        devices.synchronize(device)
         times.append(time.perf_counter() - t)
     trainer.step = last_step
     return times, loss.item(), batch
@@ -360,7 +360,7 @@ def summarise(args, hp, trainer, device, times, loss, last_batch, window, warmup
         "step_ms_mean": round(1000 * statistics.mean(times), 2), "tokens_per_s": round(tok_s),
         "model_flops_per_token": round(fpt), "achieved_tflops": round(achieved / 1e12, 3),
         "peak_tflops": peak, "mfu": round(achieved / (peak * 1e12), 4) if peak else None,
-        "peak_memory": kit.peak_memory(device), "final_loss": round(loss, 4), "window_blocks": window,
+        "peak_memory": devices.peak_memory(device), "final_loss": round(loss, 4), "window_blocks": window,
         "driver": None,
     }
     if device.type == "cuda":

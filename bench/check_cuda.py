@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the trainer; bench_train.py sits beside this script
-import kit  # noqa: E402
+from runlib import devices, errors  # noqa: E402
 import train_gpt as tg  # noqa: E402
 from bench_train import SyntheticBatches, synthetic_tokens  # noqa: E402
 
@@ -144,8 +144,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     try:
-        device = kit.resolve_device(args.device, train=False)
-    except kit.ConfigError as e:
+        device = devices.resolve_device(args.device, train=False)
+    except errors.ConfigError as e:
         p.error(str(e))
     checks = [c.strip() for c in args.checks.split(",") if c.strip()]
     unknown = set(checks) - {"attention", "fp8", "compile"}

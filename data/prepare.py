@@ -451,6 +451,7 @@ def tokenised(batch_iter, workers: int, field: str):
             yield (*tokenise_batch(work, field), meta, size)
         return
     pool = multiprocessing.Pool(workers, initializer=_init_worker)
+    finished = False
     try:
         window: deque = deque()
         out_bytes = 0
@@ -464,8 +465,12 @@ def tokenised(batch_iter, workers: int, field: str):
         while window:
             result, meta_, size_ = window.popleft()
             yield (*result.get(), meta_, size_)
-    finally:  # every result is in, or an error, a bad line or a signal dropped the rest: nothing left to wait for
-        pool.terminate()
+        finished = True
+    finally:
+        if finished:  # every result is in: the workers end when they find the queue closed
+            pool.close()
+        else:  # an error, a bad line or a signal: drop the queued work
+            pool.terminate()
         pool.join()
 
 
@@ -872,9 +877,16 @@ class Terminated(BaseException):
     directory. A BaseException, as KeyboardInterrupt is: no `except Exception` swallows it."""
 
 
+_MAIN_PID = [0]  # the process that installed _stop: a worker forked before it resets its handlers is not it
+
+
 def _stop(signum, frame) -> None:
     """SIGINT or SIGTERM: the first one stops the run; the ones after it are ignored, so that nothing interrupts the
-    removal of the staging directory on the way out (SIGKILL still ends the process)."""
+    removal of the staging directory on the way out (SIGKILL still ends the process). In a worker just forked, whose
+    initializer has not reset the handlers yet, it ends the worker there: raised, it would climb out of the fork into
+    the copy of the caller's code."""
+    if os.getpid() != _MAIN_PID[0]:
+        os._exit(128 + signum)
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
     raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
@@ -886,6 +898,7 @@ def _handle_stops() -> dict:
     handlers: elsewhere, none."""
     if threading.current_thread() is not threading.main_thread():
         return {}
+    _MAIN_PID[0] = os.getpid()
     return {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)
             if signal.getsignal(s) is not signal.SIG_IGN}
 

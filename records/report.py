@@ -3,6 +3,8 @@
     python records/report.py [LOGS...] [--png FILE]      (default LOGS: logs/*.txt)
     python records/report.py A.txt B.txt --compare       (also: val loss of B, C, ... minus A's, step by step)
     python records/report.py RUN.txt --record            (also: the run's val loss minus its track's record's)
+    python records/report.py --run-report RUN.txt        (RUN.md and RUN.png beside a run on the record's val set:
+                                                          what the wrappers run after a run ends well)
 
 A run log (logs/<run_id>.txt) holds the trainer's source, then blocks separated by a line of 100 '=': "config {json}",
 the environment ("torch V, CUDA ..., cuDNN ..." and "gpus N: names" or "cpu threads N"), a "run <id>: W process(es) on
@@ -27,7 +29,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.shards import atomic_write  # noqa: E402
-from kit import PEAK_TFLOPS, TRACK_VAL_TOKENS, target_comparable  # noqa: E402  (the trainer's rules)
+from runlib.devices import PEAK_TFLOPS  # noqa: E402  (the trainer's rules)
+from runlib.runlog import TRACK_VAL_TOKENS, target_comparable  # noqa: E402
 
 RULE = "=" * 100
 RECORD_CURVES = Path(__file__).resolve().parent / "record_curves.json"  # the public records' val losses, as data
@@ -410,7 +413,7 @@ def format_against_record(run: dict, cmp: dict) -> str:
 
 
 def mfu(run: dict, flops_per_token: float | None) -> float | None:
-    """Model FLOPs utilisation where the GPU's peak is known (kit.PEAK_TFLOPS), else None."""
+    """Model FLOPs utilisation where the GPU's peak is known (devices.PEAK_TFLOPS), else None."""
     peak = next((v for k, v in PEAK_TFLOPS.items() if run["gpu_name"] and k in run["gpu_name"]), None)
     if not peak or not flops_per_token or math.isnan(run["tokens_per_s"]):
         return None
@@ -483,6 +486,7 @@ def write_run_report(log_path, flops_per_token: float | None = None) -> Path:
     run log, atomically; returns the .md's path."""
     log_path = Path(log_path)
     run = parse_log(log_path)
+    flops_per_token = flops_per_token or run["config"].get("matmul_flops_per_token")  # the trainer logs it
     record = record_for(run)
     cmp = against_record(run, record) if record else None
     png = None
@@ -498,6 +502,22 @@ def write_run_report(log_path, flops_per_token: float | None = None) -> Path:
     return md
 
 
+def run_report(log: str) -> int:
+    """--run-report: the report of one run that validated on its track's validation set (a loss on other text says
+    nothing against the record); a report that cannot be written is a warning (exit 1), never the run's failure."""
+    try:
+        run = parse_log(log)
+        if not run["target_comparable"]:
+            print(f"no run report: {run['run_id']} validated on {val_set_label(run['val_set'])}, not on its track's "
+                  "validation set")
+            return 0
+        print(f"run report: {write_run_report(log)}")
+    except (OSError, ValueError) as e:
+        print(f"report: warning: no run report for {log} ({e})", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Summarise train_gpt.py run logs: a table, optionally a figure.",
                                      allow_abbrev=False)
@@ -505,10 +525,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--png", metavar="FILE", help="also write val-loss curves to this PNG")
     parser.add_argument("--compare", action="store_true",
                         help="also print the val losses at the steps all runs share, and each run minus the first")
+    parser.add_argument("--run-report", metavar="LOG",
+                        help="write LOG's report beside it (LOG.md, and LOG.png against the record) when the run "
+                             "validated on its track's validation set, and say so; otherwise say why not")
     parser.add_argument("--record", action="store_true",
                         help="also print each run's val losses beside its track's public record's "
                              "(records/record_curves.json), step by step")
     args = parser.parse_args(argv)
+    if args.run_report:
+        return run_report(args.run_report)
     paths = args.logs or sorted(glob.glob(os.path.join("logs", "*.txt")))
     if not paths:
         print("report: no log files given and none in logs/*.txt", file=sys.stderr)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-import kit  # noqa: E402
+from runlib import processes  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 # 6 blocks, block 2 without attention: 5 attention blocks, an odd count, so on 2 ranks the last chunk of each attention
@@ -44,7 +44,7 @@ def synthetic_grad(index: int, shape, step: int, rank: int, world_size: int) -> 
 
 
 def run() -> dict:
-    rank, world_size = kit.dist_info()
+    rank, world_size = processes.dist_info()
     torch.manual_seed(0)
     model = tg.GPT(tg.GPTConfig(**MODEL))
     hp = dataclasses.replace(tg.Hyperparameters(), **MODEL)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-import kit
+from runlib import checkpoints, errors, runlog, stopping
 import train_gpt as tg
 from conftest import ROOT, default_sigint, parse_log, subprocess_env, tiny_flags, tiny_hp, wait_for_text
 from data.shards import DiskFullError
@@ -62,7 +62,7 @@ def test_checkpoint_files_and_latest_symlink(run_b):
 
 def schedule(hp, start_step: int = 0, due_every: int = 5) -> list[tuple[int, str]]:
     """(step, kind) of every checkpoint a run writes, the rolling clock due at every due_every-th step."""
-    kinds = [(step, kit.checkpoint_kind(hp, step, start_step, step % due_every == 0))
+    kinds = [(step, tg.checkpoint_kind(hp, step, start_step, step % due_every == 0))
              for step in range(start_step, hp.num_iterations + 1)]
     return [(step, kind) for step, kind in kinds if kind]
 
@@ -77,7 +77,7 @@ def test_rolling_checkpoints_replace_each_other_as_a_rule(tmp_path, save_final, 
         [(25, "kept")] if save_final else [])
     rolling = None
     for step, kind in plan:
-        path, rolling = kit.save_checkpoint({"step": step}, tmp_path, "roll", step, kind, rolling)
+        path, rolling = checkpoints.save_checkpoint({"step": step}, tmp_path, "roll", step, kind, rolling)
         assert (tmp_path / "latest").resolve() == path.resolve()
     assert sorted(p.name for p in (tmp_path / "roll").iterdir()) == [f"step_{s:06d}.pt" for s in kept]
     assert rolling == (None if save_final else tmp_path / "roll" / "step_000020.pt")
@@ -106,20 +106,19 @@ def test_rolling_checkpoints_replace_each_other(shared_synthetic_data, tmp_path)
     assert [(int(step), bool(r)) for step, r in saved] == [(s, s not in (5, 8)) for s in range(1, 9)]
 
 
-def test_the_rolling_clock_is_the_time_since_the_last_save(monkeypatch):
-    hp = dataclasses.replace(tg.Hyperparameters(), save_every_minutes=2.0)
-    saver = kit.Checkpointer(hp, "r", 0, torch.device("cpu"), 0, 1)
+def test_the_rolling_clock_is_the_time_since_the_last_save(monkeypatch, tmp_path):
+    saver = checkpoints.Saver(tmp_path, "r", 0, 1, 0)
     saver.last_save = 1000.0
-    monkeypatch.setattr(kit.time, "monotonic", lambda: 1119.0)
-    assert not saver.rolling_due()  # not yet 2 minutes
-    monkeypatch.setattr(kit.time, "monotonic", lambda: 1120.0)
-    assert saver.rolling_due()
-    saver.hp = dataclasses.replace(hp, save_every_minutes=0)
-    assert not saver.rolling_due()  # 0: off
+    monkeypatch.setattr(checkpoints.time, "monotonic", lambda: 1119.0)
+    assert saver.minutes_since_save() < 2  # not yet 2 minutes
+    monkeypatch.setattr(checkpoints.time, "monotonic", lambda: 1120.0)
+    assert saver.minutes_since_save() == 2
+    saver.save({"model": {}, "optimizers": {}, "step": 3}, 3, "rolling", runlog.RunLog(None))
+    assert saver.minutes_since_save() == 0 and saver.saved_step == 3  # a save restarts the clock
 
 
 def test_run_flags_alone_are_read_at_once():
-    flags = kit.RunFlags(torch.device("cpu"), 1)
+    flags = stopping.RunFlags(torch.device("cpu"), 1)
     assert flags.exchange(True, False, True) == (True, False, True)
     assert flags.exchange(False, True) == (False, True, False)
 
@@ -131,7 +130,7 @@ def test_run_flags_across_processes_are_read_lag_steps_late_and_a_save_answers_r
     monkeypatch.setenv("MASTER_PORT", str(29400 + os.getpid() % 500))
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     try:
-        flags = kit.RunFlags(torch.device("cpu"), 2)
+        flags = stopping.RunFlags(torch.device("cpu"), 2)
         flags.lag = 2  # a GPU's: cuda reads late, the CPU at once
         assert flags.exchange(True) == (False, False, False)  # step 0's stop: read at step 2
         assert flags.exchange(False, rolling=True) == (False, False, False)
@@ -153,9 +152,9 @@ def int_handler(monkeypatch):
 
 
 def test_a_signal_before_the_loop_stops_at_once_saying_what_is_on_disk(int_handler, capsys):
-    with kit.StopRequest("train_gpt.py") as stop:
+    with stopping.StopRequest("train_gpt.py") as stop:
         stop.where, stop.state = "during the compile warm-up", lambda: "nothing was saved. Start again with: X"
-        with pytest.raises(kit.Interrupted) as exc:
+        with pytest.raises(errors.Interrupted) as exc:
             signal.raise_signal(signal.SIGTERM)
     assert exc.value.code == 143
     assert str(exc.value) == "stopped by SIGTERM during the compile warm-up; nothing was saved. Start again with: X"
@@ -164,7 +163,7 @@ def test_a_signal_before_the_loop_stops_at_once_saying_what_is_on_disk(int_handl
 
 def test_in_the_loop_a_first_signal_asks_and_a_second_stops_at_once(int_handler, monkeypatch, tmp_path, capsys):
     exits = []
-    with kit.StopRequest("train_gpt.py") as stop:
+    with stopping.StopRequest("train_gpt.py") as stop:
         stop.deferred, stop.state, stop.exit = True, lambda: "the newest checkpoint is C", exits.append
         signal.raise_signal(signal.SIGTERM)
         assert stop.asked and stop.signal == "SIGTERM" and not exits
@@ -173,7 +172,7 @@ def test_in_the_loop_a_first_signal_asks_and_a_second_stops_at_once(int_handler,
 
         def write(f):  # a save under way when the second signal comes
             f.write(b"partial")
-            monkeypatch.setattr(kit.StopRequest, "GRACE_S", -1.0)
+            monkeypatch.setattr(stopping.StopRequest, "GRACE_S", -1.0)
             signal.raise_signal(signal.SIGINT)
 
         from data.shards import atomic_write
@@ -189,7 +188,7 @@ def test_in_the_loop_a_first_signal_asks_and_a_second_stops_at_once(int_handler,
 def test_a_signal_ignored_from_the_start_stays_ignored():
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        with kit.StopRequest():
+        with stopping.StopRequest():
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
             assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
     finally:
@@ -201,17 +200,17 @@ def test_a_second_signal_during_a_slow_save_leaves_nothing_half_written(tmp_path
     one line and exit 143; neither the final file nor the temporary one is there."""
     script = textwrap.dedent(f"""
         import os, signal, sys, time
-        import kit
+        from runlib import stopping
         from data.shards import atomic_write
         def write(f):
             f.write(b"x" * 1000)
             f.flush()
             print("writing", flush=True)
             time.sleep(60)
-        with kit.StopRequest("train_gpt.py") as stop:
+        with stopping.StopRequest("train_gpt.py") as stop:
             stop.deferred, stop.state = True, lambda: "the newest checkpoint is C"
             os.kill(os.getpid(), signal.SIGTERM)
-            kit.StopRequest.GRACE_S = -1.0
+            stopping.StopRequest.GRACE_S = -1.0
             atomic_write({str(tmp_path / "step_000002.pt")!r}, write)
         """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
@@ -234,7 +233,7 @@ def test_a_second_signal_during_a_slow_save_leaves_nothing_half_written(tmp_path
 def test_checkpoint_contents(run_b, shared_synthetic_data):
     hp, _, _ = run_b
     ckpt = torch.load(ckpt_path(hp, SAVE_EVERY), map_location="cpu", weights_only=True)
-    assert ckpt["format"] == kit.CHECKPOINT_FORMAT and ckpt["version"] == kit.CHECKPOINT_VERSION == 2
+    assert ckpt["format"] == checkpoints.CHECKPOINT_FORMAT and ckpt["version"] == checkpoints.CHECKPOINT_VERSION == 2
     assert ckpt["step"] == SAVE_EVERY and ckpt["run_id"] == "B"
     # the tiny preset's layer pattern ("LS") travels with the sizes: a resume must rebuild the same windows
     assert ckpt["model_config"] == asdict(tg.GPTConfig(num_layers=4, model_dim=64, num_heads=2, head_dim=32,
@@ -282,7 +281,7 @@ def test_model_state_strips_the_compile_prefix():
                                 no_attn_layer=-1))
     compiled = torch.compile(model, dynamic=False)  # wrapping only; nothing is compiled until it is called
     assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
-    state = kit.model_state(compiled)
+    state = checkpoints.model_state(compiled)
     assert set(state) == set(model.state_dict())
     for k, v in model.state_dict().items():
         assert torch.equal(state[k], v)
@@ -299,11 +298,11 @@ def test_resolve_checkpoint(run_b):
     hp, _, _ = run_b
     root = hp.checkpoint_dir
     f = ckpt_path(hp, SAVE_EVERY)
-    assert kit.resolve_checkpoint(str(f), None, root).resolve() == f.resolve()
+    assert checkpoints.resolve_checkpoint(str(f), None, root).resolve() == f.resolve()
     newest = ckpt_path(hp, N).resolve()
-    assert kit.resolve_checkpoint(str(Path(root) / "B"), None, root).resolve() == newest
-    assert kit.resolve_checkpoint("auto", "B", root).resolve() == newest
-    assert kit.resolve_checkpoint("auto", None, root).resolve() == newest
+    assert checkpoints.resolve_checkpoint(str(Path(root) / "B"), None, root).resolve() == newest
+    assert checkpoints.resolve_checkpoint("auto", "B", root).resolve() == newest
+    assert checkpoints.resolve_checkpoint("auto", None, root).resolve() == newest
 
 
 def test_resolve_checkpoint_orders_steps_numerically(tmp_path):
@@ -312,23 +311,23 @@ def test_resolve_checkpoint_orders_steps_numerically(tmp_path):
     for name in ("step_000002.pt", "step_999999.pt", "step_1000000.pt", "step_abc.pt", "other_000005.pt",
                  ".step_2000000.pt.tmp-1", "step_3000000.pt.partial"):
         (run / name).write_bytes(b"x")
-    assert kit.resolve_checkpoint(str(run)).name == "step_1000000.pt"
-    assert kit.resolve_checkpoint("auto", "r", str(tmp_path)).name == "step_1000000.pt"
+    assert checkpoints.resolve_checkpoint(str(run)).name == "step_1000000.pt"
+    assert checkpoints.resolve_checkpoint("auto", "r", str(tmp_path)).name == "step_1000000.pt"
 
 
 def test_resolve_checkpoint_errors(tmp_path):
     missing = tmp_path / "nope" / "step_000004.pt"
-    with pytest.raises(kit.CheckpointError, match="does not exist") as exc:
-        kit.resolve_checkpoint(str(missing), None, str(tmp_path))
+    with pytest.raises(errors.CheckpointError, match="does not exist") as exc:
+        checkpoints.resolve_checkpoint(str(missing), None, str(tmp_path))
     assert str(missing) in str(exc.value)
-    with pytest.raises(kit.CheckpointError, match="no run has saved one yet"):
-        kit.resolve_checkpoint("auto", None, str(tmp_path))
-    with pytest.raises(kit.CheckpointError) as exc:
-        kit.resolve_checkpoint("auto", "ghost", str(tmp_path))
+    with pytest.raises(errors.CheckpointError, match="no run has saved one yet"):
+        checkpoints.resolve_checkpoint("auto", None, str(tmp_path))
+    with pytest.raises(errors.CheckpointError) as exc:
+        checkpoints.resolve_checkpoint("auto", "ghost", str(tmp_path))
     assert "ghost" in str(exc.value)
     (tmp_path / "empty_run").mkdir()
-    with pytest.raises(kit.CheckpointError, match="step_") as exc:
-        kit.resolve_checkpoint(str(tmp_path / "empty_run"), None, str(tmp_path))
+    with pytest.raises(errors.CheckpointError, match="step_") as exc:
+        checkpoints.resolve_checkpoint(str(tmp_path / "empty_run"), None, str(tmp_path))
     assert "empty_run" in str(exc.value)
 
 
@@ -336,13 +335,13 @@ def test_a_dangling_latest_is_called_so_with_the_runs_that_have_checkpoints(tmp_
     (tmp_path / "kept").mkdir()
     (tmp_path / "kept" / "step_000004.pt").write_bytes(b"4")
     os.symlink(os.path.join("gone", "step_000010.pt"), tmp_path / "latest")
-    with pytest.raises(kit.CheckpointError) as exc:
-        kit.resolve_checkpoint("auto", None, str(tmp_path))
+    with pytest.raises(errors.CheckpointError) as exc:
+        checkpoints.resolve_checkpoint("auto", None, str(tmp_path))
     assert str(exc.value) == (f"{tmp_path / 'latest'} points at gone/step_000010.pt, which no longer exists; runs "
                               f"with checkpoints in {tmp_path}: kept (resume one with --resume {tmp_path / 'kept'})")
     shutil.rmtree(tmp_path / "kept")
-    with pytest.raises(kit.CheckpointError, match=f"which no longer exists; no run in {tmp_path} has a checkpoint"):
-        kit.resolve_checkpoint("auto", None, str(tmp_path))
+    with pytest.raises(errors.CheckpointError, match=f"which no longer exists; no run in {tmp_path} has a checkpoint"):
+        checkpoints.resolve_checkpoint("auto", None, str(tmp_path))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -360,7 +359,7 @@ class NotAllowed:
 def test_load_checkpoint_rejects_bad_files(run_b, tmp_path):
     hp, _, _ = run_b
     good = ckpt_path(hp, SAVE_EVERY)
-    assert kit.load_checkpoint(good)["step"] == SAVE_EVERY
+    assert checkpoints.load_checkpoint(good)["step"] == SAVE_EVERY
 
     data = good.read_bytes()
     truncated = tmp_path / "truncated.pt"
@@ -370,41 +369,41 @@ def test_load_checkpoint_rejects_bad_files(run_b, tmp_path):
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
     code = tmp_path / "code.pt"
-    torch.save({"format": kit.CHECKPOINT_FORMAT, "version": 1, "obj": NotAllowed()}, code)
+    torch.save({"format": checkpoints.CHECKPOINT_FORMAT, "version": 1, "obj": NotAllowed()}, code)
     for path in (truncated, noise, empty, code):
-        with pytest.raises(kit.CheckpointError, match="not a readable checkpoint") as exc:
-            kit.load_checkpoint(path)
+        with pytest.raises(errors.CheckpointError, match="not a readable checkpoint") as exc:
+            checkpoints.load_checkpoint(path)
         assert str(path) in str(exc.value)
 
     foreign = tmp_path / "foreign.pt"
     torch.save({"model": {"w": torch.zeros(2)}, "step": 3}, foreign)
-    with pytest.raises(kit.CheckpointError, match="not written by this trainer") as exc:
-        kit.load_checkpoint(foreign)
+    with pytest.raises(errors.CheckpointError, match="not written by this trainer") as exc:
+        checkpoints.load_checkpoint(foreign)
     assert str(foreign) in str(exc.value)
     not_a_dict = tmp_path / "list.pt"
     torch.save([1, 2, 3], not_a_dict)
-    with pytest.raises(kit.CheckpointError, match="not written by this trainer"):
-        kit.load_checkpoint(not_a_dict)
+    with pytest.raises(errors.CheckpointError, match="not written by this trainer"):
+        checkpoints.load_checkpoint(not_a_dict)
 
     newer = tmp_path / "newer.pt"
     ckpt = torch.load(good, map_location="cpu", weights_only=True)
-    ckpt["version"] = kit.CHECKPOINT_VERSION + 1
+    ckpt["version"] = checkpoints.CHECKPOINT_VERSION + 1
     torch.save(ckpt, newer)
-    with pytest.raises(kit.CheckpointError, match="version") as exc:
-        kit.load_checkpoint(newer)
-    assert str(kit.CHECKPOINT_VERSION + 1) in str(exc.value)
+    with pytest.raises(errors.CheckpointError, match="version") as exc:
+        checkpoints.load_checkpoint(newer)
+    assert str(checkpoints.CHECKPOINT_VERSION + 1) in str(exc.value)
 
 
 @pytest.mark.slow
 def test_check_model_config_names_the_differing_fields(run_b):
     hp, _, _ = run_b
     path = ckpt_path(hp, SAVE_EVERY)
-    ckpt = kit.load_checkpoint(path)
+    ckpt = checkpoints.load_checkpoint(path)
     same = tg.GPTConfig.from_hyperparameters(hp)
-    kit.check_model_config(ckpt, same, path)
+    checkpoints.check_model_config(ckpt, asdict(same), path)
     other = dataclasses.replace(same, model_dim=128, num_layers=6)
-    with pytest.raises(kit.CheckpointError) as exc:
-        kit.check_model_config(ckpt, other, path)
+    with pytest.raises(errors.CheckpointError) as exc:
+        checkpoints.check_model_config(ckpt, asdict(other), path)
     msg = str(exc.value)
     assert "model_dim=64" in msg and "128" in msg and "num_layers=4" in msg
     assert "head_dim" not in msg and "num_heads" not in msg
@@ -416,7 +415,7 @@ def test_resume_with_a_different_model_size_fails_clearly(run_b, shared_syntheti
     hp, _, _ = run_b
     other = tiny_hp(shared_synthetic_data, tmp_path, model_dim=128, resume=str(ckpt_path(hp, SAVE_EVERY)),
                     run_name="mismatch")
-    with pytest.raises(kit.CheckpointError) as exc:
+    with pytest.raises(errors.CheckpointError) as exc:
         tg.train(other)
     assert "model_dim=64" in str(exc.value) and "128" in str(exc.value)
     assert not (tmp_path / "checkpoints" / "mismatch").exists()
@@ -469,12 +468,12 @@ def test_atomic_save_failure_leaves_no_partial_file(shared_synthetic_data, tmp_p
     assert sorted(p.name for p in root.iterdir()) == [".atomic.lock", "atomic", "latest"]
     assert (root / "latest").resolve() == (run_dir / "step_000002.pt").resolve()
     monkeypatch.setattr(torch, "save", real_save)
-    assert kit.load_checkpoint(run_dir / "step_000002.pt")["step"] == 2
+    assert checkpoints.load_checkpoint(run_dir / "step_000002.pt")["step"] == 2
 
 
 def test_atomic_save_replaces_existing_file_only_when_complete(tmp_path, monkeypatch):
     target = tmp_path / "sub" / "step_000001.pt"
-    kit.atomic_save({"a": torch.ones(3)}, target)
+    checkpoints.atomic_save({"a": torch.ones(3)}, target)
     assert torch.equal(torch.load(target, weights_only=True)["a"], torch.ones(3))
     before = target.read_bytes()
 
@@ -484,7 +483,7 @@ def test_atomic_save_replaces_existing_file_only_when_complete(tmp_path, monkeyp
 
     monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(RuntimeError):
-        kit.atomic_save({"a": torch.zeros(3)}, target)
+        checkpoints.atomic_save({"a": torch.zeros(3)}, target)
     assert target.read_bytes() == before
     assert sorted(p.name for p in target.parent.iterdir()) == ["step_000001.pt"]
 
@@ -494,9 +493,9 @@ def test_point_latest_replaces_the_link(tmp_path):
     a.parent.mkdir()
     a.write_bytes(b"1")
     b.write_bytes(b"2")
-    kit.point_latest(tmp_path, a)
+    checkpoints.point_latest(tmp_path, a)
     assert (tmp_path / "latest").read_bytes() == b"1"
-    kit.point_latest(tmp_path, b)
+    checkpoints.point_latest(tmp_path, b)
     assert (tmp_path / "latest").read_bytes() == b"2"
     assert os.readlink(tmp_path / "latest") == os.path.join("r", "step_000002.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "r"]
@@ -581,7 +580,7 @@ def test_sigkill_and_resume_matches_an_uninterrupted_subprocess_run(shared_synth
     # every step file that exists is complete (temp files may be left by the kill, never partial step files)
     saved = sorted(p for p in run_dir.iterdir() if p.name.startswith("step_"))
     for p in saved:
-        assert kit.load_checkpoint(p)["step"] == int(p.stem.split("_")[1])
+        assert checkpoints.load_checkpoint(p)["step"] == int(p.stem.split("_")[1])
     newest_before = max(int(p.stem.split("_")[1]) for p in saved)
 
     # resume: the run directory when it was really killed, else explicitly from the step-4 file
@@ -606,7 +605,7 @@ def test_sigkill_and_resume_matches_an_uninterrupted_subprocess_run(shared_synth
     source = (ROOT / "train_gpt.py").read_text(encoding="utf-8")
     assert log.startswith(source)
     assert log.count(source.splitlines()[0]) == 1  # the resumed run appended to its log, without the code again
-    final = kit.load_checkpoint(run_dir / f"step_{steps:06d}.pt")
+    final = checkpoints.load_checkpoint(run_dir / f"step_{steps:06d}.pt")
     assert final["step"] == steps
     assert (tmp_path / "kill" / "checkpoints" / "latest").resolve() == (run_dir / f"step_{steps:06d}.pt").resolve()
     shutil.rmtree(tmp_path / "kill" / "checkpoints")
@@ -635,7 +634,7 @@ def test_a_signal_saves_a_checkpoint_and_prints_the_resume_command(shared_synthe
     (line,) = [x for x in text.splitlines() if x.startswith(f"train_gpt.py: stopped by {sig.name} at step ")]
     step = int(line.split(" at step ")[1].split()[0])
     run_dir = tmp_path / "checkpoints" / "stop"
-    assert kit.load_checkpoint(run_dir / f"step_{step:06d}.pt")["step"] == step and 3 <= step < 200
+    assert checkpoints.load_checkpoint(run_dir / f"step_{step:06d}.pt")["step"] == step and 3 <= step < 200
     assert f"; saved {run_dir / f'step_{step:06d}.pt'}. Resume with: " in line
     command = line.split("Resume with: ")[1]
     assert shlex.split(command) == [sys.executable, str(ROOT / "train_gpt.py"), "--resume", str(run_dir)]
@@ -706,7 +705,7 @@ def test_a_signal_during_a_validation_stops_within_a_chunk(shared_synthetic_data
     assert "step:2/200 val_loss" not in text  # the validation was cut short
     assert took < validation_s / 2, (took, validation_s)
     assert "train_gpt.py: stopped by SIGINT at step 2 of 200; saved " in text
-    assert kit.load_checkpoint(tmp_path / "checkpoints" / "val" / "step_000002.pt")["step"] == 2
+    assert checkpoints.load_checkpoint(tmp_path / "checkpoints" / "val" / "step_000002.pt")["step"] == 2
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -724,7 +723,7 @@ def damaged(run_b, tmp_path, change) -> Path:
     ckpt = torch.load(ckpt_path(hp, SAVE_EVERY), weights_only=True)
     change(ckpt)
     path = tmp_path / "damaged" / "step_000004.pt"
-    kit.atomic_save(ckpt, path)
+    checkpoints.atomic_save(ckpt, path)
     return path
 
 
@@ -833,13 +832,13 @@ def test_disk_full_is_named_and_other_write_failures_are_not(tmp_path, monkeypat
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=3 << 20))
     with pytest.raises(DiskFullError) as exc:
-        kit.atomic_save({"a": torch.ones(2)}, target)
+        checkpoints.atomic_save({"a": torch.ones(2)}, target)
     assert exc.value.strerror == (f"cannot write {target}: the disk is full (3 MiB free in {target.parent}); free "
                                   "some space and run again (nothing was replaced)")
     assert list(target.parent.iterdir()) == []
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10 << 30))
     with pytest.raises(RuntimeError, match="unexpected pos"):
-        kit.atomic_save({"a": torch.ones(2)}, target)
+        checkpoints.atomic_save({"a": torch.ones(2)}, target)
 
 
 @pytest.mark.slow
@@ -891,8 +890,8 @@ def test_a_resumed_run_keeps_its_name_in_its_settings(tmp_path, saved_name, run_
     wrapper where its checkpoints go; a name that is not a plain file name is left to open_run to refuse."""
     hp = dataclasses.asdict(dataclasses.replace(tg.preset_hyperparameters("tiny"), run_name=saved_name))
     path = tmp_path / "run" / "step_000002.pt"
-    kit.atomic_save({"format": kit.CHECKPOINT_FORMAT, "version": kit.CHECKPOINT_VERSION, "run_id": run_id,
-                     "hyperparameters": hp}, path)
+    checkpoints.atomic_save({"format": checkpoints.CHECKPOINT_FORMAT, "version": checkpoints.CHECKPOINT_VERSION,
+                             "run_id": run_id, "hyperparameters": hp}, path)
     assert tg.parse_args(["--resume", str(path)]).run_name == expected
     assert tg.parse_args(["--resume", str(path), "--run-name", "other"]).run_name == "other"
 
@@ -920,5 +919,22 @@ def test_a_full_log_disk_stops_the_run_with_a_checkpoint_in_one_line(shared_synt
     step = int(line.split(" at step ")[1].split()[0])
     assert line.startswith(f"train_gpt.py: stopped at step {step} of 200: the run log {log} cannot be written (its "
                            f"disk is full); saved ")
-    assert kit.load_checkpoint(tmp_path / "checkpoints" / "full" / f"step_{step:06d}.pt")["step"] == step
+    assert checkpoints.load_checkpoint(tmp_path / "checkpoints" / "full" / f"step_{step:06d}.pt")["step"] == step
     assert "Resume with: " in line
+
+
+def test_a_child_forked_with_the_stop_handlers_ends_at_a_signal(int_handler):
+    """A worker forked while the handlers are in place (a pool's, before its initializer runs) that gets a signal
+    ends there, with 128 + the signal: an exception raised in it would climb out of the fork into a copy of the
+    caller's code and run it on."""
+    with stopping.StopRequest() as stop:
+        stop.deferred = True
+        pid = os.fork()
+        if pid == 0:  # the child: the handler must end it here, not raise into this code
+            try:
+                signal.raise_signal(signal.SIGTERM)
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert not stop.asked  # the child's signal was its own
+    assert os.waitstatus_to_exitcode(status) == 143

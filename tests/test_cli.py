@@ -13,7 +13,7 @@ from dataclasses import asdict, fields
 import numpy as np
 import pytest
 
-import kit
+from runlib import cli, devices, errors
 import train_gpt as tg
 import train_gpt_medium as medium
 from conftest import ROOT, subprocess_env
@@ -63,7 +63,7 @@ def test_set_parses_each_type():
     # the types no --set field has today, through the same parser: switches and optional text
     assert tg.CLI.parse_value("compile", "false") is False and tg.CLI.parse_value("fp8", "True") is True
     assert tg.CLI.parse_value("run_name", "none") is None and tg.CLI.parse_value("run_name", "x") == "x"
-    with pytest.raises(kit.ConfigError, match="compile takes true or false, got 'no'"):
+    with pytest.raises(errors.ConfigError, match="compile takes true or false, got 'no'"):
         tg.CLI.parse_value("compile", "no")
 
 
@@ -86,8 +86,9 @@ def test_set_overrides_a_resumed_checkpoints_settings(tmp_path):
     assert hp.resume == str(path)
     # the checkpoint's own preset changes nothing; another one would replace the run's settings: refused
     assert tg.parse_args(["--preset", "tiny", "--resume", str(path)]).model_dim == 96
-    with pytest.raises(kit.ConfigError, match=r"^--preset speedrun with --resume: .* was trained with --preset tiny, "
-                                              r"and a resumed run keeps its checkpoint's settings; leave --preset out"):
+    with pytest.raises(errors.ConfigError, match=r"^--preset speedrun with --resume: .* was trained with --preset "
+                                                 r"tiny, and a resumed run keeps its checkpoint's settings; leave "
+                                                 r"--preset out"):
         tg.parse_args(["--preset", "speedrun", "--resume", str(path)])
 
 
@@ -232,10 +233,10 @@ def test_print_config_skips_the_cpu_re_exec(monkeypatch):
     monkeypatch.setattr(tg.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setattr(sys, "argv", ["train_gpt.py", "--preset", "tiny", "--print-config=shell"])
-    kit.reexec_with_cpu_malloc_settings()  # returns: nothing to gain for a command that trains nothing
+    devices.reexec_with_cpu_malloc_settings()  # returns: nothing to gain for a command that trains nothing
     monkeypatch.setattr(sys, "argv", ["train_gpt.py", "--preset", "tiny"])
     with pytest.raises(AssertionError, match="re-exec"):
-        kit.reexec_with_cpu_malloc_settings()
+        devices.reexec_with_cpu_malloc_settings()
 
 
 def test_medium_print_config(capsys):
@@ -281,7 +282,7 @@ def test_an_abbreviated_flag_is_a_mistake_with_the_flag_it_was_meant_to_be(capsy
 
 
 def test_every_argument_parser_refuses_abbreviations():
-    """Each ArgumentParser(...) in the kit's sources sets allow_abbrev=False (kit.OneLineParser does it itself)."""
+    """Each ArgumentParser(...) in the kit's sources sets allow_abbrev=False (cli.OneLineParser does it itself)."""
     import ast
     from pathlib import Path
 
@@ -297,4 +298,4 @@ def test_every_argument_parser_refuses_abbreviations():
                 calls.append((f"{path.relative_to(root)}:{node.lineno}", ok))
     assert len(calls) >= 8, calls  # the entry points were found
     assert [where for where, ok in calls if not ok] == []
-    assert kit.OneLineParser(prog="x").allow_abbrev is False
+    assert cli.OneLineParser(prog="x").allow_abbrev is False

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import kit
+from runlib import devices, errors
 import train_gpt as tg
 from conftest import BOS, write_shard
 from data.shards import load_shard
@@ -485,14 +485,14 @@ def test_window_blocks_schedule():
 
 
 def test_check_hyperparameters_accepts_the_presets():
-    h100 = kit.GPUInfo("NVIDIA H100 80GB HBM3", 79.2, 78.6, (9, 0))
+    h100 = devices.GPUInfo("NVIDIA H100 80GB HBM3", 79.2, 78.6, (9, 0))
     for name in tg.PRESETS:
         hp = tg.preset_hyperparameters(name)
         for world in (1, 2):
             if name == "auto":  # auto is whatever fit_to_gpus makes of the GPUs found: none, or H100s
                 for gpus in ([], [h100] * world):
                     tg.check_hyperparameters(tg.fit_to_gpus(hp, gpus, world)[0], world)
-                with pytest.raises(kit.ConfigError, match="must be positive"):
+                with pytest.raises(errors.ConfigError, match="must be positive"):
                     tg.check_hyperparameters(hp, world)  # unresolved, its zeros are not settings
                 continue
             tg.check_hyperparameters(hp, world)
@@ -513,7 +513,7 @@ def test_check_hyperparameters_accepts_the_presets():
 ])
 def test_check_hyperparameters_rejects(changes, world, words):
     hp = dataclasses.replace(tg.preset_hyperparameters("tiny"), **changes)
-    with pytest.raises(kit.ConfigError) as exc:
+    with pytest.raises(errors.ConfigError) as exc:
         tg.check_hyperparameters(hp, world)
     assert words in str(exc.value)
 
@@ -525,7 +525,7 @@ def test_dense_attention_accepts_any_seq_len():
 
 
 def test_preset_unknown():
-    with pytest.raises(kit.ConfigError, match="unknown preset"):
+    with pytest.raises(errors.ConfigError, match="unknown preset"):
         tg.preset_hyperparameters("huge")
     assert math.isclose(tg.preset_hyperparameters("a10").global_batch_tokens,
                         tg.preset_hyperparameters("speedrun").global_batch_tokens)

@@ -9,16 +9,16 @@ import sys
 
 import pytest
 
-import kit
+from runlib import devices, errors, runs
 import train_gpt as tg
 from conftest import ROOT, subprocess_env
 
 RECORD = tg.Hyperparameters()
 
 
-def gpus(count: int, total_gib: float, capability=(9, 0), name="GPU") -> list[kit.GPUInfo]:
+def gpus(count: int, total_gib: float, capability=(9, 0), name="GPU") -> list[devices.GPUInfo]:
     """count GPUs of total_gib with what a fresh process finds free on them (the driver keeps about 0.6 GiB)."""
-    return [kit.GPUInfo(name, total_gib, total_gib - 0.6, capability)] * count
+    return [devices.GPUInfo(name, total_gib, total_gib - 0.6, capability)] * count
 
 
 def auto(count: int, total_gib: float, **changes) -> tuple[tg.Hyperparameters, str]:
@@ -28,7 +28,7 @@ def auto(count: int, total_gib: float, **changes) -> tuple[tg.Hyperparameters, s
 
 # Cards by memory: 24 GB (A10, 3090, 4090, L4: 22.5 GiB), A100 40 GB (39.4 GiB), 80 GB (79.2 GiB), H200 (139.8 GiB).
 SIZES = {24: 22.5, 40: 39.4, 80: 79.2, 141: 139.8}
-# The sequence length each is expected to get: the estimate kit.peak_gib x 1.1 + 1 GiB must be at most the free
+# The sequence length each is expected to get: the estimate devices.peak_gib x 1.1 + 1 GiB must be at most the free
 # memory. Compiled: 4.06 + 0.000713 x T GiB: 12,288 -> 15.1 GiB, 24,576 -> 24.7, 49,152 -> 44.0.
 EXPECTED_LEN = {24: 12288, 40: 24576, 80: 49152, 141: 49152}
 
@@ -44,7 +44,8 @@ def test_auto_keeps_the_record_batch_in_the_longest_sequences_that_fit(count, si
     assert hp.val_tokens % hp.val_seq_len == 0 and hp.val_seq_len % tg.FLEX_BLOCK_SIZE == 0
     # validation chunks shrink with the sequences, in the record's proportion (262,144 for 49,152)
     assert hp.val_seq_len == {12288: 65536, 24576: 131072, 49152: 262144}[hp.train_seq_len]
-    assert kit.peak_gib(hp.train_seq_len, True) * kit.PEAK_MARGIN + kit.PEAK_RESERVE_GIB <= SIZES[size] - 0.6
+    peak = devices.peak_gib(hp.train_seq_len, True) * devices.PEAK_MARGIN + devices.PEAK_RESERVE_GIB
+    assert peak <= SIZES[size] - 0.6
     assert why.startswith(f"{count} x GPU ({SIZES[size] - 0.6:.1f} GiB free): {hp.train_seq_len:,}-token sequences, "
                           f"{hp.seqs_per_step // count} micro-step(s) per step")
     tg.check_hyperparameters(hp, count)
@@ -93,12 +94,12 @@ def test_given_values_win_even_when_they_do_not_fit():
 
 
 def test_no_fitting_shape_is_one_clear_error():
-    with pytest.raises(kit.ConfigError, match="no sequence length splits a global batch of 393,216 tokens over 1"):
+    with pytest.raises(errors.ConfigError, match="no sequence length splits a global batch of 393,216 tokens over 1"):
         auto(1, 79.2, train_seq_len=1000)
 
 
 def test_old_gpus_are_refused_with_the_cpu_alternative():
-    with pytest.raises(kit.DeviceError, match=r"compute capability 7\.5; training needs 8\.0.*--device cpu"):
+    with pytest.raises(errors.DeviceError, match=r"compute capability 7\.5; training needs 8\.0.*--device cpu"):
         tg.fit_to_gpus(tg.preset_hyperparameters("auto"), gpus(1, 15, (7, 5), "Tesla T4"), 1)
 
 
@@ -108,7 +109,7 @@ def test_without_a_gpu_auto_is_the_tiny_preset_with_what_was_given():
     assert dataclasses.replace(hp, num_iterations=tiny.num_iterations) == tiny
     assert hp.num_iterations == 7 and why.startswith("no GPU")
     assert hp.preset == "tiny"  # what it runs: the run id and the log say tiny, not auto
-    assert "-tiny-" in kit.new_run_id(hp)
+    assert "-tiny-" in runs.new_run_id(hp.preset)
 
 
 def test_print_config_resolves_auto_and_says_why():
@@ -123,9 +124,9 @@ def test_print_config_resolves_auto_and_says_why():
 
 
 def test_sequence_shapes_are_exact_splits_halvings_first():
-    shapes = kit.sequence_shapes(393_216, 2, 49152, 128)
+    shapes = devices.sequence_shapes(393_216, 2, 49152, 128)
     assert all(n * k == 393_216 and k % 2 == 0 and n % 128 == 0 and 1024 <= n <= 49152 for n, k in shapes)
     assert [n for n, _ in shapes[:6]] == [49152, 24576, 12288, 6144, 3072, 1536]
     rest = [n for n, _ in shapes[6:]]
     assert rest == sorted(rest, reverse=True) and 16384 in rest and len(set(shapes)) == len(shapes)
-    assert kit.sequence_shapes(393_216, 3, 49152, 128)[0] == (32768, 12)
+    assert devices.sequence_shapes(393_216, 3, 49152, 128)[0] == (32768, 12)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import generate as g
-import kit
+from runlib import checkpoints
 import train_gpt as tg
 from conftest import ROOT, default_sigint, subprocess_env, tiny_hp
 
@@ -53,13 +53,13 @@ def random_ckpt(shared_synthetic_data, tmp_path_factory) -> Path:
             else:
                 p.copy_(torch.rand(p.shape, generator=gen) * 0.7 + 0.3)
     path = Path(hp.checkpoint_dir) / "R" / "step_000012.pt"
-    kit.atomic_save(trainer.state_dict("R"), path)
+    checkpoints.atomic_save(trainer.state_dict("R"), path)
     return path
 
 
 @pytest.fixture(scope="module")
-def loaded(random_ckpt) -> g.LoadedModel:
-    return g.load_model(str(random_ckpt), CPU)
+def loaded(random_ckpt) -> tg.LoadedModel:
+    return tg.load_model(str(random_ckpt), CPU)
 
 
 def documents(length: int, seed: int, bos_at=(0, 90, 97, 260)) -> torch.Tensor:
@@ -92,7 +92,7 @@ def unbounded(seq: torch.Tensor) -> int:
 @pytest.mark.parametrize("window", [None, 1, 3])  # None: the final one (4 blocks, short 2); 1: short 0; 3: short 1
 @pytest.mark.parametrize("which", ["random", "trained"])
 def test_decode_logits_equal_training_forward(which, window, loaded, trained):
-    model_info = loaded if which == "random" else g.load_model(str(trained), CPU)
+    model_info = loaded if which == "random" else tg.load_model(str(trained), CPU)
     model = model_info.model
     window = model_info.window_blocks if window is None else window
     assert set(model.window_kinds()) == {"L", "S"}
@@ -338,7 +338,7 @@ def test_cli_prompt_from_stdin_and_world_size_does_not_matter(trained):
 
 
 def test_checkpoint_weights_are_full_whatever_the_process_count(trained):
-    ckpt = kit.load_checkpoint(g.kit.resolve_checkpoint(str(trained)))
+    ckpt = checkpoints.load_checkpoint(checkpoints.resolve_checkpoint(str(trained)))
     full = tg.GPT(tg.GPTConfig(**ckpt["model_config"])).state_dict()
     assert {k: v.shape for k, v in ckpt["model"].items()} == {k: v.shape for k, v in full.items()}
     assert "world_size" not in ckpt["hyperparameters"]
@@ -356,7 +356,7 @@ def test_run_name_picks_a_run_and_the_default_says_it_is_the_newest_of_any(rando
     for run in ("older", "newer"):  # two runs; latest points at the newer one's checkpoint
         (root / run).mkdir(parents=True)
         shutil.copy(random_ckpt, root / run / "step_000012.pt")
-    kit.point_latest(root, root / "newer" / "step_000012.pt")
+    checkpoints.point_latest(root, root / "newer" / "step_000012.pt")
     common = ["--checkpoint-dir", str(root), "--device", "cpu", "--max-tokens", "1", "--temperature", "0"]
     assert g.main(common) == 0
     err = capsys.readouterr().err
@@ -403,7 +403,7 @@ def test_a_checkpoint_with_non_finite_weights_is_one_line(tmp_path, random_ckpt,
     ckpt = torch.load(random_ckpt, weights_only=True)
     ckpt["model"]["lm_head.weight"][0, 0] = float("nan")
     path = tmp_path / "step_000003.pt"
-    kit.atomic_save(ckpt, path)
+    checkpoints.atomic_save(ckpt, path)
     assert g.main(["--checkpoint", str(path), "--device", "cpu", "--max-tokens", "2"]) == 2
     assert capsys.readouterr().err == (f"generate.py: error: {path} holds weights that are not finite "
                                        "(lm_head.weight): nothing can be sampled from it; use an earlier checkpoint "

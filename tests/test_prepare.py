@@ -502,7 +502,7 @@ def test_the_printed_commands_run_as_printed(tmp_path, val_tokens):
     gpu = [str(out) if w == "OUT" else w for w in cmds["./train.sh --data-dir"][1:]]
     hp = tg.parse_args(["--preset", "auto", *gpu])
     for count in (1, 8):
-        h100 = [tg.kit.GPUInfo("NVIDIA H100 80GB HBM3", 79.2, 78.6, (9, 0))] * count
+        h100 = [tg.GPUInfo("NVIDIA H100 80GB HBM3", 79.2, 78.6, (9, 0))] * count
         tg.check_hyperparameters(tg.fit_to_gpus(hp, h100, count)[0], count)
 
 
@@ -923,3 +923,22 @@ def test_trainer_loader_and_validation_set_read_the_output(corpus, tmp_path):
 
 def test_default_workers_is_bounded():
     assert 1 <= prep.default_workers() <= min(8, os.cpu_count() or 1)
+
+
+def test_a_worker_forked_before_its_initializer_ends_at_a_signal():
+    """prepare.py's SIGTERM handler, inherited by a pool worker until its initializer resets it, ends such a worker
+    at once: raised there, it would climb out of the fork into a copy of the caller (the test suite once ran on in one).
+    """
+    replaced = prep._handle_stops()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: the handler must end it here, not raise into this code
+            try:
+                signal.raise_signal(signal.SIGTERM)
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        for s, handler in replaced.items():
+            signal.signal(s, handler)
+    assert os.waitstatus_to_exitcode(status) == 143

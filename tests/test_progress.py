@@ -3,17 +3,14 @@ the last train loss at validations. The log file keeps the record's line format.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
-import kit
-import train_gpt as tg
+from runlib import runlog
 
 
-def report(tmp_path, **changes) -> kit.RunReport:
-    hp = dataclasses.replace(tg.preset_hyperparameters("tiny"), log_dir=str(tmp_path), num_iterations=200, **changes)
-    return kit.RunReport(hp, "p", rank=0, resumed=False)
+def report(tmp_path) -> runlog.RunReport:
+    """Process 0's report of a 200-step run of 2,048 tokens a step."""
+    return runlog.RunReport(tmp_path / "p.txt", 200, 2048)
 
 
 def test_terminal_lines_add_progress_and_the_log_keeps_the_records_format(tmp_path, capsys):
@@ -47,5 +44,5 @@ def test_mfu_shows_where_the_peak_is_known(tmp_path, capsys):
 
 
 def test_durations():
-    assert [kit.duration(s) for s in (0, 42.4, 61, 3599, 3600, 11_045)] == ["0s", "42s", "1m01s", "59m59s", "1h00m",
+    assert [runlog.duration(s) for s in (0, 42.4, 61, 3599, 3600, 11_045)] == ["0s", "42s", "1m01s", "59m59s", "1h00m",
                                                                            "3h04m"]

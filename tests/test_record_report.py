@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import kit
+from runlib import runlog
 import train_gpt as tg
 from records import report
 
@@ -30,7 +30,7 @@ def test_the_record_curves_are_the_records_logs():
     assert track2["curve"][-1][:2] == [5960, 2.91975] and track2["num_iterations"] == 5960
     assert TRACK1["global_batch_tokens"] == tg.Hyperparameters().global_batch_tokens
     assert TRACK1["num_iterations"] == tg.Hyperparameters().num_iterations
-    assert TRACK1["target_val_loss"] == kit.TRACK1_TARGET and track2["target_val_loss"] == kit.TRACK2_TARGET
+    assert TRACK1["target_val_loss"] == runlog.TRACK1_TARGET and track2["target_val_loss"] == runlog.TRACK2_TARGET
     for track in CURVES["tracks"].values():
         assert track["source"].startswith("https://github.com/KellerJordan/modded-nanogpt/blob/")
 
@@ -92,26 +92,35 @@ def test_run_report_markdown_and_figure(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
 
 
-def report_for(tmp_path: Path, hp: tg.Hyperparameters) -> kit.RunReport:
-    hp = dataclasses.replace(hp, log_dir=str(tmp_path / "logs"))
-    rep = kit.RunReport(hp, "run1", rank=0, resumed=False)
-    rep.start("source", torch.device("cpu"), None, 0)
+def log_of(tmp_path: Path, hp: tg.Hyperparameters) -> Path:
+    """The log a run with these settings writes (as RunReport writes it): config, val lines and the summary."""
+    log = tmp_path / "logs" / "run1.txt"
+    rep = runlog.RunReport(log, hp.num_iterations, hp.global_batch_tokens)
+    rep.start("source", {**dataclasses.asdict(hp), "matmul_flops_per_token": 1e9}, torch.device("cpu"), None, 0)
     for step in (0, hp.num_iterations):
         rep.val(step, 4.0 - step / hp.num_iterations, 1000.0 * step)
-    return rep
+    rep.finish(3.0, hp.num_iterations, 1000.0 * hp.num_iterations, torch.device("cpu"), 1, 0, hp.target_val_loss,
+               hp.val_files, hp.val_tokens)
+    return log
 
 
-def test_a_run_on_the_records_validation_set_writes_its_report(tmp_path, capsys):
+def test_a_run_on_the_records_validation_set_gets_its_report(tmp_path, capsys):
+    """The wrappers run records/report.py --run-report LOG after a run: the markdown beside the log."""
     hp = dataclasses.replace(tg.preset_hyperparameters("speedrun"), num_iterations=1695)
-    report_for(tmp_path, hp).finish(3.0, 1695, 1695_000.0, torch.device("cpu"), 1, 0, 1e9)
+    log = log_of(tmp_path, hp)
+    capsys.readouterr()
+    assert report.main(["--run-report", str(log)]) == 0
     md = tmp_path / "logs" / "run1.md"
     assert "| 1695 | 3.0000 | 3.2772 | -0.2772 |" in md.read_text(encoding="utf-8")
-    assert f"run report: {md}" in capsys.readouterr().out
+    assert capsys.readouterr().out == f"run report: {md}\n"
 
 
 @pytest.mark.parametrize("changes", [dict(val_tokens=1_048_576), dict(val_files="mine_val_*.bin"),
                                      dict(target_val_loss=0.0)])
-def test_other_runs_write_no_report(tmp_path, changes):
+def test_other_runs_get_no_report(tmp_path, changes, capsys):
     hp = dataclasses.replace(tg.preset_hyperparameters("speedrun"), num_iterations=10, **changes)
-    report_for(tmp_path, hp).finish(3.0, 10, 1000.0, torch.device("cpu"), 1, 0, 1e9)
-    assert not (tmp_path / "logs" / "run1.md").exists() and (tmp_path / "logs" / "run1.txt").exists()
+    log = log_of(tmp_path, hp)
+    capsys.readouterr()
+    assert report.main(["--run-report", str(log)]) == 0
+    assert not (tmp_path / "logs" / "run1.md").exists()
+    assert capsys.readouterr().out.startswith("no run report: ")

@@ -262,7 +262,7 @@ fineweb.download("fineweb10B", 1, data_dir=out / "fw", quiet=True)  # all there:
 builtin.build(out / "builtin", max_tokens=6_000, val_tokens=2_000, shard_tokens=2_000, quiet=True)
 (out / "doc.txt").write_text("the quick brown fox jumps over the lazy dog\\n" * 200)
 prepare.prepare([out / "doc.txt"], out / "mine", val_tokens=500, shard_tokens=600, workers=1, quiet=True)
-print(sorted(m for m in ("torch", "train_gpt", "kit") if m in sys.modules))
+print(sorted(m for m in ("torch", "train_gpt", "runlib") if m in sys.modules))
 """
 
 

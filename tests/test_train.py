@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-import kit
+from runlib import checkpoints, devices, errors, runlog, runs
 import train_gpt as tg
 from conftest import ROOT, parse_log, subprocess_env, tiny_flags, tiny_hp, wait_for_text, write_shard
 from data.shards import load_shard
@@ -171,7 +171,7 @@ def test_a_second_run_with_the_same_name_is_refused(tmp_path, shared_synthetic_d
     """While a process holds the run's lock (here: this one, as a running trainer would), a second run of the
     same name stops before writing anything; once the holder is gone the name is free again."""
     log_dir, ckpt_dir = tmp_path / "logs", tmp_path / "checkpoints"
-    lock = kit.RunLock(ckpt_dir / "twin", log_dir)
+    lock = runs.RunLock(ckpt_dir / "twin", log_dir)
     flags = tiny_flags(shared_synthetic_data, tmp_path, run_name="twin", num_iterations=2, val_loss_every=0)
     assert tg.main(flags) == 2
     err = capsys.readouterr().err
@@ -189,25 +189,25 @@ def test_the_run_lock_covers_its_checkpoints_and_its_log(tmp_path, shared):
     refused either way (neither may overwrite the other's checkpoints or interleave its log)."""
     (ck_a, log_a), ck_b = (tmp_path / "ck", tmp_path / "la"), tmp_path / ("ck" if shared == "checkpoint_dir" else "cb")
     log_b = tmp_path / ("la" if shared == "log_dir" else "lb")
-    first = kit.RunLock(ck_a / "same", log_a)
+    first = runs.RunLock(ck_a / "same", log_a)
     try:
-        with pytest.raises(kit.ConfigError, match="run 'same' is already training"):
-            kit.RunLock(ck_b / "same", log_b)
+        with pytest.raises(errors.ConfigError, match="run 'same' is already training"):
+            runs.RunLock(ck_b / "same", log_b)
     finally:
         first.release()
-    kit.RunLock(ck_b / "same", log_b).release()  # free again
+    runs.RunLock(ck_b / "same", log_b).release()  # free again
 
 
 def test_the_run_lock_rule(tmp_path):
     """The rule alone: one holder per run name (a second open of the lock is refused, naming the holder), other
     names are free, and releasing frees the name."""
     logs, ckpt = tmp_path / "logs", tmp_path / "checkpoints"
-    first = kit.RunLock(ckpt / "a", logs)
-    with pytest.raises(kit.ConfigError, match=f"run 'a' is already training \\(process {os.getpid()} holds "):
-        kit.RunLock(ckpt / "a", logs)
-    other = kit.RunLock(ckpt / "b", logs)
+    first = runs.RunLock(ckpt / "a", logs)
+    with pytest.raises(errors.ConfigError, match=f"run 'a' is already training \\(process {os.getpid()} holds "):
+        runs.RunLock(ckpt / "a", logs)
+    other = runs.RunLock(ckpt / "b", logs)
     first.release()
-    kit.RunLock(ckpt / "a", logs).release()
+    runs.RunLock(ckpt / "a", logs).release()
     other.release()
     assert sorted(p.name for p in logs.iterdir()) == [".a.lock", ".b.lock"]
     assert sorted(p.name for p in ckpt.iterdir()) == [".a.lock", ".b.lock"]  # beside the run directories
@@ -216,18 +216,18 @@ def test_the_run_lock_rule(tmp_path):
 @pytest.mark.slow
 def test_the_run_lock_is_released_when_its_process_dies(tmp_path):
     """flock belongs to the process: a killed trainer leaves its lock file but no lock."""
-    code = ("import sys, time, pathlib, kit; lock = kit.RunLock(pathlib.Path(sys.argv[1]), "
+    code = ("import sys, time, pathlib; from runlib import runs; lock = runs.RunLock(pathlib.Path(sys.argv[1]), "
             "pathlib.Path(sys.argv[2])); print('locked', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "ck" / "r"), str(tmp_path / "logs")],
                             cwd=ROOT, env=subprocess_env(**FAST_ENV), stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline() == "locked\n"
-        with pytest.raises(kit.ConfigError, match=f"process {proc.pid} holds"):
-            kit.RunLock(tmp_path / "ck" / "r", tmp_path / "logs")
+        with pytest.raises(errors.ConfigError, match=f"process {proc.pid} holds"):
+            runs.RunLock(tmp_path / "ck" / "r", tmp_path / "logs")
     finally:
         proc.kill()
         proc.wait()
-    kit.RunLock(tmp_path / "ck" / "r", tmp_path / "logs").release()
+    runs.RunLock(tmp_path / "ck" / "r", tmp_path / "logs").release()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -251,8 +251,8 @@ def test_divergence_stops_the_run_and_saves_nothing_non_finite(tmp_path, shared_
     assert err.startswith("train_gpt.py: error: training diverged: ") and err.count("\n") == 1, err
     saved = sorted(start.parent.glob("step_*.pt"))
     assert len(saved) < 8 - 3 + 1  # it stopped before the end
-    assert all(not kit.nonfinite_tensors({k: c[k] for k in ("model", "optimizers")})
-               for c in map(kit.load_checkpoint, saved))
+    assert all(not checkpoints.nonfinite_tensors({k: c[k] for k in ("model", "optimizers")})
+               for c in map(checkpoints.load_checkpoint, saved))
     assert (tmp_path / "checkpoints" / "latest").resolve() == saved[-1].resolve()
     assert f"the run's last checkpoint is {saved[-1]}" in err
     log = (tmp_path / "logs" / "healthy.txt").read_text(encoding="utf-8").splitlines()
@@ -320,7 +320,7 @@ def test_the_first_non_finite_step_is_recorded_on_the_device(tmp_path, shared_sy
     trainer.train_step(batch)
     trainer.train_step(batch)
     assert trainer.first_nonfinite.item() == 2  # the first bad step, not the last
-    with pytest.raises(kit.DivergedError, match="the training loss of step 2 was not finite"):
+    with pytest.raises(errors.DivergedError, match="the training loss of step 2 was not finite"):
         trainer.check_finite()
 
 
@@ -335,7 +335,7 @@ def test_the_first_non_finite_step_is_recorded_on_the_device(tmp_path, shared_sy
     (0.0, "fineweb_val_*.bin", 10_485_760, False),  # no target
 ])
 def test_record_targets_compare_only_on_fineweb_validation(target, val_files, val_tokens, expected):
-    assert kit.target_comparable(target, val_files, val_tokens) is expected
+    assert runlog.target_comparable(target, val_files, val_tokens) is expected
 
 
 def test_import_has_no_side_effects(tmp_path):
@@ -379,7 +379,8 @@ def test_log_file_layout(logged_run):
     assert rest[1].startswith("config {")
     end = rest.index(rule, 1)
     config = json.loads("\n".join(rest[1:end])[len("config "):])
-    assert config == asdict(hp)
+    flops = tg.matmul_flops_per_token(tg.GPTConfig.from_hyperparameters(hp))
+    assert config == {**asdict(hp), "matmul_flops_per_token": flops}  # the settings, and the FLOPs for MFU
     env_end = rest.index(rule, end + 1)
     env = rest[end + 1:env_end]
     assert env[0].startswith(f"python {platform.python_version()} ")
@@ -717,27 +718,27 @@ def test_training_refuses_gpus_without_bfloat16(monkeypatch, capability, ok):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
     if ok:
-        assert kit.resolve_device("auto", 1) == torch.device("cuda", 1)
+        assert devices.resolve_device("auto", 1) == torch.device("cuda", 1)
         return
-    with pytest.raises(kit.ConfigError, match=rf"GPU 1 \(Fake GPU\) has compute capability "
+    with pytest.raises(errors.ConfigError, match=rf"GPU 1 \(Fake GPU\) has compute capability "
                                              rf"{capability[0]}\.{capability[1]}; training needs 8\.0"):
-        kit.resolve_device("cuda", 1)
+        devices.resolve_device("cuda", 1)
 
 
 def test_cpu_threads_are_the_cores_other_work_leaves_free(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(kit, "busy_cores", lambda: 1.3)  # one of 2 cores busy with something else
-    assert kit.choose_cpu_threads(2) == (1, "2 core(s), 1.3 busy with other work; OMP_NUM_THREADS=N chooses")
-    monkeypatch.setattr(kit, "busy_cores", lambda: 0.2)
-    assert kit.choose_cpu_threads(2) == (2, "2 core(s) free; OMP_NUM_THREADS=N chooses")
-    monkeypatch.setattr(kit, "busy_cores", lambda: 7.9)  # a loaded machine: still one thread
-    assert kit.choose_cpu_threads(2)[0] == 1
+    monkeypatch.setattr(devices, "busy_cores", lambda: 1.3)  # one of 2 cores busy with something else
+    assert devices.choose_cpu_threads(2) == (1, "2 core(s), 1.3 busy with other work; OMP_NUM_THREADS=N chooses")
+    monkeypatch.setattr(devices, "busy_cores", lambda: 0.2)
+    assert devices.choose_cpu_threads(2) == (2, "2 core(s) free; OMP_NUM_THREADS=N chooses")
+    monkeypatch.setattr(devices, "busy_cores", lambda: 7.9)  # a loaded machine: still one thread
+    assert devices.choose_cpu_threads(2)[0] == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert kit.choose_cpu_threads(2) == (torch.get_num_threads(), "OMP_NUM_THREADS")  # set: it is not second-guessed
+    assert devices.choose_cpu_threads(2) == (torch.get_num_threads(), "OMP_NUM_THREADS")  # set: not second-guessed
 
 
 def test_busy_cores_reads_the_machine():
-    busy = kit.busy_cores(0.05)
+    busy = devices.busy_cores(0.05)
     if os.path.exists("/proc/stat"):
         assert busy is not None and 0 <= busy <= os.cpu_count()
     else:

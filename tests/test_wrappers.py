@@ -759,8 +759,9 @@ def test_train_values_that_look_like_flags_stay_values(kit, bin_dir, runtime):
     local = ["--local"] if runtime == "local" else []
     if local:  # the real trainer answers --print-config, so --resume needs a checkpoint's settings to read
         hp = dataclasses.asdict(train_gpt.preset_hyperparameters("tiny"))
-        train_gpt.kit.atomic_save({"format": train_gpt.kit.CHECKPOINT_FORMAT, "hyperparameters": hp,
-                                   "version": train_gpt.kit.CHECKPOINT_VERSION}, bin_dir / "step_000001.pt")
+        from runlib import checkpoints
+        checkpoints.atomic_save({"format": checkpoints.CHECKPOINT_FORMAT, "hyperparameters": hp,
+                                 "version": checkpoints.CHECKPOINT_VERSION}, bin_dir / "step_000001.pt")
     p = kit.run(TRAIN_SH, "--dry-run", *local, "--data-dir", str(bin_dir), "--run-name=-x", "--seed", "-5",
                 "--set", "no_attn_layer=-1", "--resume", str(bin_dir), "--num-gpus", "2",
                 FAKE_DOCKER_PRINT_CONFIG=shell_config("--preset", "tiny"))
